@@ -1,0 +1,573 @@
+"""CHAI: Clustered Head Attention (Agarwal et al., ICML 2024), the one place a porter needs to read.
+
+The idea: many heads of a layer put nearly the same attention probabilities on the same tokens. CHAI groups
+a layer's H query heads into k clusters, computes softmax(q K^T) once per cluster with a representative head,
+and lets every head of the cluster use those probabilities with its OWN value vectors:
+
+    A_c   = softmax(q_rep(c) . K_rep(c)^T / sqrt(D) + causal_mask)   # k times, not H
+    out_h = A_{c(h)} . V_h                                           # every head, its own V
+
+So member heads need no Q or K projection and no K cache: a clustered layer keeps K for k heads, V for all.
+
+Per request (per sequence), the first W tokens decide the membership:
+  1. Window rows (positions < W) attend densely. Their probabilities over the window, softmax(q_i K_{<=i}^T)
+     for i < W, are both their attention output and the clustering features: [H, W, W] per sequence.
+  2. When position W-1 has been processed, each layer clusters its heads on those features (average-linkage
+     agglomerative clustering on cosine distance, on the device, batched, no host sync), picks each
+     cluster's representative (the medoid, or the lowest index), and keeps the representatives' window K.
+  3. Every later position uses clustered attention with that membership, fixed for the rest of the request.
+Window rows are the same whether the prompt arrives in one chunk or token by token, so a sequence shorter
+than W is dense until it reaches W tokens, and batching never changes a sequence's result.
+
+GQA (several query heads share one KV head, G = H / Hkv): query heads are clustered. A KV head's K must be
+kept while any of its query heads is a representative. With k < Hkv the layer keeps k K "slots", slot c
+holding the K of representative c's KV head (two representatives of one KV head hold a copy each: the
+allocation stays k, always fewer than Hkv); with k >= Hkv every KV head may be needed and K stays whole,
+so such a layer saves Q/K compute but no memory.
+
+Membership is held as fixed-shape index tensors per layer: rep_idx [B, k] (query head of each cluster's
+representative), head_to_cluster [B, H], kv_of_slot [B, n_slots] and slot_of_rep [B, k].
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ALGORITHMS = ("agglomerative", "kmeans")
+REPRESENTATIVES = ("medoid", "first")
+
+# Published per-layer cluster counts of the CHAI reference code (LLaMA, MHA). See shared/CHAI.md.
+PRESETS = {
+    "llama-7b": dict(n_heads=32, clusters=[32] * 18 + [4] * 14),
+    "llama-7b-aggressive": dict(n_heads=32, clusters=[28] * 3 + [18] * 11 + [8] * 2 + [4] * 16),
+    "llama-33b": dict(n_heads=52, clusters=[48] * 18 + [36] * 8 + [24] * 6 + [8] * 2 + [6] * 26),
+}
+
+
+@dataclass
+class ChaiConfig:
+    """Per-layer cluster counts (k == n_heads: that layer stays dense) and how to cluster.
+
+    static_membership: CHAI-static, one head->cluster list per layer (None for a dense layer), fixed
+    offline instead of decided per request; representatives are then the lowest index of each cluster.
+    """
+
+    clusters: list[int]
+    window: int = 5
+    representative: str = "medoid"
+    algorithm: str = "agglomerative"
+    static_membership: list[list[int] | None] | None = None
+    calibration: dict | None = None  # how the counts were obtained (written by calibrate)
+
+    def validate(self, n_layers: int, n_heads: int) -> "ChaiConfig":
+        if len(self.clusters) != n_layers:
+            raise ValueError(f"ChaiConfig has {len(self.clusters)} cluster counts but the model has {n_layers} "
+                             f"layers; give one count per layer ({n_heads} keeps a layer dense)")
+        for i, k in enumerate(self.clusters):
+            if not isinstance(k, int) or not 1 <= k <= n_heads:
+                raise ValueError(f"ChaiConfig.clusters[{i}] = {k!r}: a layer's cluster count must be an int in "
+                                 f"1..{n_heads} (n_heads; {n_heads} means dense)")
+        if not isinstance(self.window, int) or self.window < 1:
+            raise ValueError(f"ChaiConfig.window = {self.window!r}: the clustering window must be an int >= 1")
+        if self.representative not in REPRESENTATIVES:
+            raise ValueError(f"ChaiConfig.representative = {self.representative!r}; use one of {REPRESENTATIVES}")
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"ChaiConfig.algorithm = {self.algorithm!r}; use one of {ALGORITHMS}")
+        if self.static_membership is not None:
+            if len(self.static_membership) != n_layers:
+                raise ValueError(f"ChaiConfig.static_membership has {len(self.static_membership)} entries for "
+                                 f"{n_layers} layers")
+            for i, (k, m) in enumerate(zip(self.clusters, self.static_membership)):
+                if k == n_heads:
+                    continue
+                if m is None or len(m) != n_heads or sorted(set(m)) != list(range(k)):
+                    raise ValueError(f"ChaiConfig.static_membership[{i}] must list a cluster id in 0..{k - 1} "
+                                     f"for each of the {n_heads} heads, every id used; got {m}")
+        return self
+
+    @classmethod
+    def from_spec(cls, spec: str, n_layers: int, n_heads: int, **kw) -> "ChaiConfig":
+        """A config from a short string: a preset name, 'k' (every layer k clusters), 'N:k' (first N layers
+        dense, the rest k), or a comma list of n_layers counts."""
+        spec = spec.strip()
+        if spec in PRESETS:
+            p = PRESETS[spec]
+            if p["n_heads"] != n_heads or len(p["clusters"]) != n_layers:
+                raise ValueError(f"preset {spec!r} is for {len(p['clusters'])} layers of {p['n_heads']} heads; "
+                                 f"this model has {n_layers} layers of {n_heads} heads")
+            return cls(clusters=list(p["clusters"]), **kw).validate(n_layers, n_heads)
+        try:
+            if "," in spec:
+                counts = [int(c) for c in spec.split(",")]
+            elif ":" in spec:
+                n_dense, k = (int(c) for c in spec.split(":"))
+                counts = [n_heads] * n_dense + [k] * (n_layers - n_dense)
+            else:
+                counts = [int(spec)] * n_layers
+        except ValueError:
+            raise ValueError(f"CHAI spec {spec!r} not understood: use a preset ({', '.join(PRESETS)}), 'k', "
+                             "'N:k' or a comma list of per-layer counts") from None
+        return cls(clusters=counts, **kw).validate(n_layers, n_heads)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict, where: str = "chai.json") -> "ChaiConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"{where}: unknown field(s) {unknown}; known: {sorted(known)}")
+        if "clusters" not in d:
+            raise ValueError(f"{where}: missing 'clusters' (one cluster count per layer)")
+        return cls(**d)
+
+    def save(self, path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path) -> "ChaiConfig":
+        path = Path(path)
+        try:
+            return cls.from_json(json.loads(path.read_text()), str(path))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e}); re-run calibration") from e
+
+
+def resolve_chai(chai, model, path=None) -> ChaiConfig | None:
+    """Turns load()'s chai argument into a validated ChaiConfig (or None for dense)."""
+    cfg = model.config
+    if chai is None:
+        return None
+    if isinstance(chai, ChaiConfig):
+        return chai.validate(cfg.n_layers, cfg.n_heads)
+    if chai == "auto":
+        f = Path(path) / "chai.json" if path is not None else None
+        return ChaiConfig.load(f).validate(cfg.n_layers, cfg.n_heads) if f is not None and f.exists() else None
+    if isinstance(chai, str) and chai.endswith(".json"):
+        return ChaiConfig.load(chai).validate(cfg.n_layers, cfg.n_heads)
+    if isinstance(chai, str):
+        return ChaiConfig.from_spec(chai, cfg.n_layers, cfg.n_heads)
+    raise TypeError(f"chai must be None, 'auto', a preset or spec string, a chai.json path or a ChaiConfig; "
+                    f"got {type(chai).__name__}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Projections and attention kernels shared by both models
+
+
+def project_heads(x: torch.Tensor, linear: nn.Linear, head_dim: int, heads: torch.Tensor | None = None):
+    """x [B, S, hidden] -> [B, n, S, D] for the listed heads ([B, n] indices; None: all heads).
+
+    With few heads per sequence (decode at small batch) only their weight rows are read; otherwise the full
+    projection is cheaper than gathering weights per sequence, and its output is gathered.
+    """
+    B, S, _ = x.shape
+    if heads is None:
+        return linear(x).view(B, S, -1, head_dim).transpose(1, 2)
+    n = heads.shape[1]
+    n_all = linear.out_features // head_dim
+    if B * n * 3 <= n_all and S == 1:
+        rows = (heads[:, :, None] * head_dim + torch.arange(head_dim, device=x.device)).reshape(B, n * head_dim)
+        w = linear.weight[rows]  # [B, n*D, hidden]: per-sequence weight rows
+        y = torch.bmm(x, w.transpose(1, 2))  # [B, S, n*D]
+        if linear.bias is not None:
+            y = y + linear.bias[rows][:, None, :]
+        return y.view(B, S, n, head_dim).transpose(1, 2)
+    y = linear(x).view(B, S, n_all, head_dim)  # [B, S, H, D]
+    return y.gather(2, heads[:, None, :, None].expand(B, S, n, head_dim)).transpose(1, 2)  # [B, n, S, D]
+
+
+def expand_kv(t: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """[B, Hkv, T, D] -> [B, H, T, D]: each KV head repeated for its query heads (GQA)."""
+    g = n_heads // t.shape[1]
+    return t if g == 1 else t.repeat_interleave(g, dim=1)
+
+
+def dense_attention(q, k, v, mask, scale):
+    # q [B, H, S, D], k/v [B, Hkv, T, D], mask [S, T] bool or None (causal, S == T) -> [B, H, S, D]
+    H = q.shape[1]
+    k, v = expand_kv(k, H), expand_kv(v, H)
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def clustered_attention(q_rep, k_slots, v, head_to_cluster, slot_of_rep, mask, scale):
+    """Attention with probabilities shared inside clusters.
+
+    q_rep [B, k, S, D] (representatives' queries), k_slots [B, n_slots, T, D], v [B, Hkv, T, D],
+    head_to_cluster [B, H], slot_of_rep [B, k] (None: slot c is representative c), mask [S, T] bool or
+    None (causal) -> [B, H, S, D].
+    """
+    B, k, S, D = q_rep.shape
+    H = head_to_cluster.shape[1]
+    k_rep = k_slots if slot_of_rep is None else batched_index(k_slots, slot_of_rep)  # [B, k, T, D]
+    if S > 1:
+        # prefill: give every head its representative's q and K and run fused attention; the math is the
+        # same as below, without materializing [B, H, S, T] probabilities
+        q_h, k_h = batched_index(q_rep, head_to_cluster), batched_index(k_rep, head_to_cluster)  # [B, H, *, D]
+        return dense_attention(q_h, k_h, expand_kv(v, H), mask, scale)
+    scores = torch.matmul(q_rep, k_rep.transpose(-1, -2)) * scale  # [B, k, S, T]
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)  # [B, k, S, T]: once per cluster
+    probs = batched_index(probs, head_to_cluster)  # [B, H, S, T]: each head takes its cluster's
+    Hkv, T = v.shape[1], v.shape[2]
+    out = torch.matmul(probs.view(B, Hkv, H // Hkv, S, T), v[:, :, None])  # [B, Hkv, G, S, D], own V
+    return out.view(B, H, S, D)
+
+
+def batched_index(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """t [B, N, ...], idx [B, M] -> [B, M, ...] with out[b, m] = t[b, idx[b, m]]."""
+    return t[torch.arange(t.shape[0], device=t.device)[:, None], idx]
+
+
+def window_probs(q, k_win, p0: int, scale):
+    """Causal probabilities of window rows over window keys, in fp32.
+
+    q [B, H, n, D] for positions p0..p0+n-1 (all < W), k_win [B, Hkv, W, D] -> [B, H, n, W], zero past each row.
+    """
+    H, W = q.shape[1], k_win.shape[2]
+    n = q.shape[2]
+    k = expand_kv(k_win, H)
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # [B, H, n, W]
+    keys = torch.arange(W, device=q.device)
+    rows = p0 + torch.arange(n, device=q.device)
+    scores = scores.masked_fill(keys[None, :] > rows[:, None], float("-inf"))
+    return torch.softmax(scores, dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Clustering (batched over sequences, on the device, no host synchronisation)
+
+
+def cosine_distance(features: torch.Tensor) -> torch.Tensor:
+    """features [B, H, F] -> [B, H, H] cosine distances (1 - cosine similarity), in fp32 (fp64 stays)."""
+    f = features if features.dtype == torch.float64 else features.float()
+    f = f / f.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    d = (1 - f @ f.transpose(1, 2)).clamp_min(0)
+    return d * (1 - torch.eye(f.shape[1], device=f.device, dtype=f.dtype))
+
+
+def agglomerative_average(dist: torch.Tensor, k: int) -> torch.Tensor:
+    """Average-linkage agglomerative clustering of H items into k clusters, per batch row.
+
+    dist [B, H, H] symmetric -> labels [B, H], each label the lowest index of its cluster. H - k merges of the
+    closest pair of clusters (ties: the lowest pair in row-major order), with the Lance-Williams update
+    d(i+j, m) = (n_i d(i, m) + n_j d(j, m)) / (n_i + n_j), which is exactly average linkage.
+    """
+    B, H, _ = dist.shape
+    dev = dist.device
+    inf = torch.tensor(float("inf"), device=dev, dtype=dist.dtype)
+    d = dist.clone()
+    eye = torch.eye(H, device=dev, dtype=torch.bool)
+    d = d.masked_fill(eye, float("inf"))
+    size = torch.ones(B, H, device=dev, dtype=dist.dtype)
+    labels = torch.arange(H, device=dev).expand(B, H).clone()
+    rows = torch.arange(B, device=dev)
+    for _ in range(H - k):
+        flat = d.view(B, H * H).argmin(dim=1)
+        i, j = flat // H, flat % H  # i < j: the matrix is symmetric, row-major finds (i, j) before (j, i)
+        ni, nj = size[rows, i], size[rows, j]
+        merged = (ni[:, None] * d[rows, i] + nj[:, None] * d[rows, j]) / (ni + nj)[:, None]  # [B, H]
+        d[rows, i] = merged
+        d[rows, :, i] = merged
+        d[rows, j] = inf
+        d[rows, :, j] = inf
+        d[rows, i, i] = inf
+        size[rows, i] = ni + nj
+        labels = torch.where(labels == j[:, None], i[:, None], labels)
+    return labels
+
+
+def kmeans(features: torch.Tensor, k: int, iters: int = 25) -> torch.Tensor:
+    """Spherical k-means (cosine) per batch row, deterministic farthest-point init from head 0.
+
+    features [B, H, F] -> labels [B, H] (arbitrary ids in 0..k-1; relabel with canonical_labels).
+    Exactly k clusters: an emptied cluster takes the point farthest from its own centre.
+    """
+    B, H, _ = features.shape
+    f = features.float()
+    f = f / f.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    rows = torch.arange(B, device=f.device)
+    centre_idx = torch.zeros(B, k, dtype=torch.long, device=f.device)
+    min_d = 1 - (f * f[:, :1]).sum(-1)  # [B, H]
+    for c in range(1, k):
+        nxt = min_d.argmax(dim=1)
+        centre_idx[:, c] = nxt
+        min_d = torch.minimum(min_d, 1 - (f * f[rows, nxt][:, None]).sum(-1))
+    centres = f[rows[:, None], centre_idx]  # [B, k, F]
+    labels = None
+    for _ in range(iters):
+        sim = f @ centres.transpose(1, 2)  # [B, H, k]
+        labels = sim.argmax(dim=2)
+        onehot = F.one_hot(labels, k).to(f.dtype)  # [B, H, k]
+        counts = onehot.sum(1)  # [B, k]
+        new = onehot.transpose(1, 2) @ f  # [B, k, F]
+        new = new / new.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        centres = torch.where(counts[:, :, None] > 0, new, centres)
+    for c in range(k):  # repair empty clusters without a host sync
+        counts = F.one_hot(labels, k).sum(1)  # [B, k]
+        own = (f * centres[rows[:, None], labels]).sum(-1)  # [B, H] similarity to own centre
+        movable = counts[rows[:, None], labels] > 1
+        far = torch.where(movable, own, torch.full_like(own, float("inf"))).argmin(dim=1)  # [B]
+        empty = counts[:, c] == 0
+        labels[rows, far] = torch.where(empty, torch.full_like(far, c), labels[rows, far])
+    return labels
+
+
+def canonical_labels(labels: torch.Tensor, k: int) -> torch.Tensor:
+    """Relabels clusters 0..k-1 in the order of their lowest member index. labels [B, H] -> [B, H]."""
+    B, H = labels.shape
+    idx = torch.arange(H, device=labels.device).expand(B, H)
+    # lowest member of each head's cluster
+    lowest = torch.full((B, H), H, device=labels.device, dtype=torch.long)
+    lowest = lowest.scatter_reduce(1, labels, idx, reduce="amin")  # [B, H] indexed by old label
+    root = lowest.gather(1, labels)  # [B, H]
+    is_root = root == idx
+    rank = is_root.long().cumsum(1) - 1  # rank of each root among roots
+    return rank.gather(1, root)
+
+
+def representatives(dist: torch.Tensor, head_to_cluster: torch.Tensor, k: int, rule: str) -> torch.Tensor:
+    """One representative query head per cluster -> rep_idx [B, k].
+
+    medoid: the member with the least total cosine distance to its cluster's members; first: the lowest index.
+    Ties go to the lowest index (argmin returns the first minimum).
+    """
+    B, H = head_to_cluster.shape
+    member = head_to_cluster[:, None, :] == torch.arange(k, device=dist.device)[None, :, None]  # [B, k, H]
+    if rule == "first":
+        cost = torch.arange(H, device=dist.device, dtype=dist.dtype).expand(B, k, H)
+    else:
+        same = head_to_cluster[:, :, None] == head_to_cluster[:, None, :]  # [B, H, H]
+        cost = (dist * same).sum(-1)[:, None, :].expand(B, k, H)  # [B, k, H]
+    return torch.where(member, cost, torch.full_like(cost, float("inf"))).argmin(dim=2)
+
+
+def cluster_heads(features: torch.Tensor, k: int, algorithm: str = "agglomerative", rule: str = "medoid"):
+    """features [B, H, F] -> (rep_idx [B, k], head_to_cluster [B, H]); clusters ordered by lowest member."""
+    dist = cosine_distance(features)
+    if algorithm == "agglomerative":
+        labels = agglomerative_average(dist, k)
+    elif algorithm == "kmeans":
+        labels = kmeans(features, k)
+    else:
+        raise ValueError(f"unknown clustering algorithm {algorithm!r}; use one of {ALGORITHMS}")
+    head_to_cluster = canonical_labels(labels, k)
+    return representatives(dist, head_to_cluster, k, rule), head_to_cluster
+
+
+# ----------------------------------------------------------------------------------------------------
+# A clustered layer: its per-sequence state and its forward
+
+
+class ChaiLayer(nn.Module):
+    """CHAI state and forward of one clustered attention layer (k < n_heads).
+
+    The model's attention module supplies project_q / project_k (its own projections, RoPE or scaling
+    included) and its KV cache, whose K holds n_k_slots heads instead of n_kv_heads.
+    """
+
+    def __init__(self, n_heads, n_kv_heads, head_dim, n_clusters, cfg: ChaiConfig, scale, static=None):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.n_clusters, self.window, self.scale = n_clusters, cfg.window, scale
+        self.algorithm, self.rule = cfg.algorithm, cfg.representative
+        self.group = n_heads // n_kv_heads
+        # k < Hkv: one K slot per representative; else K of every KV head stays (no K saving possible)
+        self.n_k_slots = n_clusters if n_clusters < n_kv_heads else n_kv_heads
+        self.static = None if static is None else torch.tensor(static, dtype=torch.long)
+        self.ready = False  # host flag: membership decided for the sequences in the cache
+
+    def setup(self, max_batch_size, dtype, device):
+        B, H, Hkv, W, D, k = max_batch_size, self.n_heads, self.n_kv_heads, self.window, self.head_dim, self.n_clusters
+        z = dict(device=device, dtype=torch.long)
+        self.register_buffer("rep_idx", torch.zeros(B, k, **z), persistent=False)
+        self.register_buffer("head_to_cluster", torch.zeros(B, H, **z), persistent=False)
+        self.register_buffer("kv_of_slot", torch.zeros(B, self.n_k_slots, **z), persistent=False)
+        self.register_buffer("slot_of_rep", torch.zeros(B, k, **z), persistent=False)
+        # the window: full K of positions < W, and the window rows' probabilities (the features)
+        self.register_buffer("k_win", torch.zeros(B, Hkv, W, D, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("p_win", torch.zeros(B, H, W, W, dtype=torch.float32, device=device), persistent=False)
+        self.ready = False
+
+    def release(self):
+        for name in ("rep_idx", "head_to_cluster", "kv_of_slot", "slot_of_rep", "k_win", "p_win"):
+            self._buffers.pop(name, None)
+        self.ready = False
+
+    def window_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for n, b in self._buffers.items() if n in ("k_win", "p_win"))
+
+    def membership(self, probs: torch.Tensor):
+        """probs [B, H, W, W] window probabilities -> rep_idx [B, k], head_to_cluster [B, H], kv_of_slot, slot_of_rep."""
+        B, H = probs.shape[:2]
+        k = self.n_clusters
+        if self.static is not None:
+            head_to_cluster = canonical_labels(self.static.to(probs.device).expand(B, H), k)
+            rep_idx = representatives(cosine_distance(probs.reshape(B, H, -1)), head_to_cluster, k, "first")
+        else:
+            rep_idx, head_to_cluster = cluster_heads(probs.reshape(B, H, -1), k, self.algorithm, self.rule)
+        rep_kv = rep_idx // self.group  # [B, k] KV head of each representative
+        if self.n_k_slots == k:
+            kv_of_slot, slot_of_rep = rep_kv, torch.arange(k, device=probs.device).expand(B, k)
+        else:
+            kv_of_slot, slot_of_rep = torch.arange(self.n_kv_heads, device=probs.device).expand(B, -1), rep_kv
+        return rep_idx, head_to_cluster, kv_of_slot, slot_of_rep
+
+    def forward(self, attn, x, rope, v, input_pos, mask):
+        """x [B, S, hidden], v [B, Hkv, S, D] (already projected) -> [B, H, S, D]."""
+        if attn.kv_cache is None:
+            return self._forward_uncached(attn, x, rope, v)
+        B, S, _ = x.shape
+        cache = attn.kv_cache
+        v_all = cache.update_v(input_pos, v)  # [B, Hkv, T, D]
+        if self.ready and S == 1:  # decode: no host sync
+            return self._clustered(attn, x, rope, input_pos, mask, B)
+        p0 = int(input_pos[0])  # prefill or the first W tokens: one host read per call
+        if p0 == 0:
+            self.ready = False  # a new sequence starts
+        if self.ready:
+            return self._clustered(attn, x, rope, input_pos, mask, B)
+        if p0 >= self.window:
+            raise RuntimeError(f"CHAI layer {attn.layer_idx}: positions start at {p0} but the window "
+                               f"0..{self.window - 1} was never processed; start each sequence at position 0")
+        n_w = min(S, self.window - p0)  # rows of this chunk inside the window
+        w_rope = tuple(r[:n_w] for r in rope)
+        q_w = attn.project_q(x[:, :n_w], w_rope)  # [B, H, n_w, D]
+        self.k_win[:B, :, p0:p0 + n_w] = attn.project_k(x[:, :n_w], w_rope)  # [B, Hkv, n_w, D]
+        probs = window_probs(q_w, self.k_win[:B], p0, self.scale)  # [B, H, n_w, W]
+        self.p_win[:B, :, p0:p0 + n_w] = probs
+        y_w = dense_from_probs(probs.to(v.dtype), v_all[:, :, : self.window])  # [B, H, n_w, D]
+        if p0 + n_w < self.window:
+            return y_w  # still inside the window: dense
+        rep_idx, h2c, kv_of_slot, slot_of_rep = self.membership(self.p_win[:B])
+        self.rep_idx[:B], self.head_to_cluster[:B] = rep_idx, h2c
+        self.kv_of_slot[:B], self.slot_of_rep[:B] = kv_of_slot, slot_of_rep
+        cache.k[:B, :, : self.window] = batched_index(self.k_win[:B], kv_of_slot)  # keep only needed K
+        self.ready = True
+        if S == n_w:
+            return y_w
+        rest_rope = tuple(r[n_w:] for r in rope)
+        y_r = self._clustered(attn, x[:, n_w:], rest_rope, input_pos[n_w:], mask[n_w:], B)
+        return torch.cat([y_w, y_r], dim=2)
+
+    def _clustered(self, attn, x, rope, pos, mask, B):
+        q = attn.project_q(x, rope, self.rep_idx[:B])  # [B, k, S, D]
+        k = attn.project_k(x, rope, self.kv_of_slot[:B])  # [B, n_slots, S, D]
+        k_all = attn.kv_cache.update_k(pos, k)  # [B, n_slots, T, D]
+        slot_of_rep = None if self.n_k_slots == self.n_clusters else self.slot_of_rep[:B]
+        return clustered_attention(q, k_all, attn.kv_cache.v[:B], self.head_to_cluster[:B], slot_of_rep, mask,
+                                   self.scale)
+
+    def _forward_uncached(self, attn, x, rope, v):
+        """Scores a whole sequence from position 0 (no cache): window dense, the rest clustered."""
+        B, S, _ = x.shape
+        W = self.window
+        n_w = min(S, W)
+        w_rope = tuple(r[:n_w] for r in rope)
+        q_w = attn.project_q(x[:, :n_w], w_rope)  # [B, H, n_w, D]
+        k_w = attn.project_k(x[:, :n_w], w_rope)  # [B, Hkv, n_w, D]
+        probs = window_probs(q_w, k_w, 0, self.scale)  # [B, H, n_w, n_w]
+        y_w = dense_from_probs(probs.to(v.dtype), v[:, :, :n_w])
+        if S <= W:
+            return y_w
+        rep_idx, h2c, kv_of_slot, slot_of_rep = self.membership(probs)
+        q = attn.project_q(x[:, W:], tuple(r[W:] for r in rope), rep_idx)  # [B, k, S-W, D]
+        k = attn.project_k(x, rope, kv_of_slot)  # [B, n_slots, S, D]
+        mask = torch.arange(S, device=x.device)[None, :] <= torch.arange(W, S, device=x.device)[:, None]
+        y_r = clustered_attention(q, k, v, h2c, None if self.n_k_slots == self.n_clusters else slot_of_rep,
+                                  mask, self.scale)
+        return torch.cat([y_w, y_r], dim=2)
+
+
+def dense_from_probs(probs, v):
+    """probs [B, H, n, W] (already softmaxed), v [B, Hkv, W, D] -> [B, H, n, D]."""
+    return torch.matmul(probs, expand_kv(v, probs.shape[1]))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model-level helpers (both families call these)
+
+
+def install(model, cfg: ChaiConfig | None) -> None:
+    """Makes the model's clustered layers (k < H) use CHAI; None restores dense attention."""
+    mc = model.config
+    if cfg is not None:
+        cfg.validate(mc.n_layers, mc.n_heads)
+    for i, attn in enumerate(model.attention_layers):
+        k = mc.n_heads if cfg is None else cfg.clusters[i]
+        if k == mc.n_heads:
+            attn.chai = None
+            continue
+        static = None if cfg.static_membership is None else cfg.static_membership[i]
+        attn.chai = ChaiLayer(mc.n_heads, mc.n_kv_heads, attn.head_dim, k, cfg, attn.scale, static)
+    model.chai_config = cfg
+    if model.max_batch_size:
+        model.setup_caches(model.max_batch_size, model.max_seq_len)
+
+
+def reset(model) -> None:
+    """Forgets every sequence's membership (a new request starts)."""
+    for attn in model.attention_layers:
+        if attn.chai is not None:
+            attn.chai.ready = False
+
+
+def check_cache_call(model, B: int, S: int, input_pos: torch.Tensor) -> None:
+    if not model.max_batch_size:
+        raise RuntimeError("forward with input_pos needs a KV cache: call model.setup_caches(max_batch_size, "
+                           "max_seq_len) first, or call forward(tokens) without input_pos to score a sequence")
+    if B > model.max_batch_size:
+        raise ValueError(f"batch of {B} sequences but the cache holds {model.max_batch_size}; call "
+                         f"setup_caches with max_batch_size >= {B}")
+    if S > model.max_seq_len:
+        raise ValueError(f"{S} tokens in one call but the cache holds {model.max_seq_len} positions; call "
+                         f"setup_caches with a larger max_seq_len (at most the model's {model.config.max_seq_len})")
+    if input_pos.dim() != 1 or input_pos.shape[0] != S:
+        raise ValueError(f"input_pos must be a 1-D tensor of the {S} positions of the tokens, got shape "
+                         f"{tuple(input_pos.shape)}")
+
+
+def kv_cache_bytes(model) -> dict:
+    """Allocated KV-cache bytes, measured on the buffers, and what dense attention would allocate."""
+    k = v = win = 0
+    for attn in model.attention_layers:
+        if attn.kv_cache is None:
+            raise RuntimeError("no KV cache is allocated; call model.setup_caches(...) first")
+        k += attn.kv_cache.k.numel() * attn.kv_cache.k.element_size()
+        v += attn.kv_cache.v.numel() * attn.kv_cache.v.element_size()
+        if attn.chai is not None:
+            win += attn.chai.window_bytes()
+    dense_k = v  # dense K has the shape of V
+    return {"k": k, "v": v, "chai_window": win, "total": k + v + win, "dense_total": dense_k + v,
+            "saved": dense_k + v - (k + v + win)}
+
+
+def summary(model) -> str:
+    """One line: clusters per layer and the K-cache saving."""
+    cfg = model.chai_config
+    if cfg is None:
+        return "CHAI off (dense)"
+    H = model.config.n_heads
+    parts, run = [], None
+    for k in cfg.clusters:  # run-length: "18x32 14x4"
+        if run and run[1] == k:
+            run[0] += 1
+        else:
+            run = [1, k]
+            parts.append(run)
+    line = "CHAI clusters per layer: " + " ".join(f"{n}x{k}" for n, k in parts) + f" (of {H} heads)"
+    if model.max_batch_size:
+        b = kv_cache_bytes(model)
+        line += (f"; K cache {b['k'] / 2**20:.2f} MiB vs dense {b['v'] / 2**20:.2f} MiB, "
+                 f"KV saved {b['saved'] / 2**20:.2f} MiB ({100 * b['saved'] / b['dense_total']:.1f}%)")
+    return line
