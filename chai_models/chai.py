@@ -425,7 +425,7 @@ class ChaiLayer(nn.Module):
 
     def forward(self, attn, x, rope, v, input_pos, mask):
         """x [B, S, hidden], v [B, Hkv, S, D] (already projected) -> [B, H, S, D]."""
-        if attn.kv_cache is None:
+        if input_pos is None:
             return self._forward_uncached(attn, x, rope, v)
         B, S, _ = x.shape
         cache = attn.kv_cache

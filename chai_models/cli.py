@@ -1,0 +1,88 @@
+"""Command line: `python -m chai_models generate "prompt"` (the main job) and `... convert SRC DST`."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cmd_generate(a) -> int:
+    from . import chai
+    from .checkpoint import CheckpointError, load
+    from .generate import generate
+    from .tokenizer import load_tokenizer
+
+    if a.model is None:
+        from .default_model import ensure_default_model
+
+        model_dir = ensure_default_model()
+    else:
+        model_dir = a.model
+    device = a.device or _default_device()
+    dtype = a.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    try:
+        model = load(model_dir, device=device, dtype=dtype, chai=a.chai)
+        tok = load_tokenizer(model_dir)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if a.chai is not None and model.chai_config is None:
+        print("error: --chai auto but the checkpoint has no chai.json; calibrate it first "
+              f"(python tools/calibrate.py {model_dir}) or give counts, e.g. --chai 4", file=sys.stderr)
+        return 2
+    chat = not a.raw and tok.chat_template is not None
+
+    def stream(row, piece):
+        print(piece, end="", flush=True)
+
+    try:
+        out = generate(model, tok, [a.prompt], max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+                       top_k=a.top_k, top_p=a.top_p, seed=a.seed, stop=a.stop, chat=chat, callback=stream)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    s = out.stats
+    print()
+    print(f"[{s['prompt_tokens']} prompt tokens, {s['generated_tokens']} generated, "
+          f"{s['tokens_per_s']:.1f} tok/s, prefill {out.prefill_s * 1000:.0f} ms, KV cache "
+          f"{s['kv_cache_bytes'] / 2**20:.2f} MiB, {device} {dtype}]", file=sys.stderr)
+    if model.chai_config is not None:
+        print(f"[{chai.summary(model)}]", file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="chai-models", description="LLaMA and OPT with CHAI, in pure PyTorch")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    g = sub.add_parser("generate", help="generate text from a prompt (default model: SmolLM2-135M-Instruct)")
+    g.add_argument("prompt")
+    g.add_argument("--model", default=None, help="converted checkpoint folder (default: the default model, "
+                                                 "fetched and converted on first use)")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    g.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
+    g.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on GPU, fp32 on CPU)")
+    g.add_argument("--raw", action="store_true", help="do not wrap the prompt in the model's chat template")
+    g.add_argument("--chai", default=None, metavar="SPEC",
+                   help="CHAI on: 'auto' (chai.json beside the checkpoint), a preset name, 'k' (all layers), "
+                        "'N:k' (first N layers dense), or a comma list of per-layer counts")
+    c = sub.add_parser("convert", help="convert a Hugging Face folder or .gguf file into our format",
+                       add_help=False)
+    c.add_argument("args", nargs=argparse.REMAINDER)
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["convert"]:
+        from .convert import main as convert_main
+
+        return convert_main(argv[1:])
+    a = p.parse_args(argv)
+    return cmd_generate(a)

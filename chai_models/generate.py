@@ -1,0 +1,160 @@
+"""The generation loop: prefill, then one token at a time through the static KV cache.
+
+Prompts of different lengths share one position per step (as in Meta's reference loop): the batch is
+prefilled up to the shortest prompt, then each step feeds every row its next prompt token while it still has
+one, or its sampled token once it is past its prompt. So every row sees exactly the positions and tokens it
+would see alone, and no padding ever enters attention.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from . import chai
+from .sampling import sample
+
+
+@dataclass
+class Generation:
+    texts: list[str]  # generated text per prompt (prompt excluded; cut at a stop string)
+    tokens: list[list[int]]  # generated ids per prompt (eos excluded)
+    prompt_tokens: list[int]  # prompt length per prompt
+    finish_reasons: list[str]  # "eos" | "stop" | "length"
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def n_generated(self) -> int:
+        return sum(len(t) for t in self.tokens)
+
+
+class _Streamer:
+    """Turns a row's growing id list into text pieces, holding back an incomplete UTF-8 character."""
+
+    def __init__(self, tokenizer, callback):
+        self.tok, self.callback, self.emitted = tokenizer, callback, {}
+
+    def push(self, row: int, ids: list[int], final: bool = False, text: str | None = None):
+        if self.callback is None:
+            return
+        text = self.tok.decode(ids) if text is None else text
+        if text.endswith("\ufffd") and not final:
+            return
+        done = self.emitted.get(row, 0)
+        if len(text) > done:
+            self.callback(row, text[done:])
+            self.emitted[row] = len(text)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: str | Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int = 128,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+             seed: int | None = None, stop: Sequence[str] | None = None, eos_ids: Sequence[int] | None = None,
+             chat: bool = False, callback: Callable[[int, str], None] | None = None,
+             max_seq_len: int | None = None) -> Generation:
+    """Generates a continuation for each prompt.
+
+    prompts: one string, a list of strings, or a list of token-id lists (used as they are).
+    chat: wrap each string prompt in the tokenizer's chat template as a user turn.
+    stop: strings that end a row's generation (the text is cut before them); eos_ids: default the
+    tokenizer's. callback(row, text_piece) receives text as it is generated.
+    """
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if len(prompts) == 0:
+        raise ValueError("no prompts given")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    ids = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            if not p.strip():
+                raise ValueError(f"prompt {i} is empty; give some text to continue")
+            ids.append(tokenizer.encode(tokenizer.apply_chat_template(p) if chat else p))
+        else:
+            ids.append([int(t) for t in p])
+        if not ids[-1]:
+            raise ValueError(f"prompt {i} has no tokens")
+    eos = set(tokenizer.eos_ids if eos_ids is None else eos_ids)
+    stop = list(stop or [])
+    lengths = [len(x) for x in ids]
+    B, l_min, l_max = len(ids), min(lengths), max(lengths)
+    limit = model.config.max_seq_len
+    total = l_max + max_new_tokens
+    if total > limit:
+        raise ValueError(f"the longest prompt has {l_max} tokens; with max_new_tokens={max_new_tokens} that is "
+                         f"{total} positions but the model's context is {limit}; shorten the prompt or lower "
+                         "max_new_tokens")
+    total = min(limit, max(total, max_seq_len or 0))
+    if model.max_batch_size < B or model.max_seq_len < total:
+        model.setup_caches(max(B, model.max_batch_size), max(total, model.max_seq_len))
+    chai.reset(model)
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed if seed is not None else torch.seed())
+
+    prompt = torch.zeros(B, l_max, dtype=torch.long)
+    for b, x in enumerate(ids):
+        prompt[b, : len(x)] = torch.tensor(x)
+    prompt = prompt.to(device)
+    out_ids: list[list[int]] = [[] for _ in range(B)]
+    reasons: list[str | None] = [None] * B
+    texts: list[str | None] = [None] * B
+    streamer = _Streamer(tokenizer, callback)
+
+    t0 = time.perf_counter()
+    logits = model(prompt[:, :l_min], torch.arange(l_min, device=device))[:, -1]  # [B, vocab]
+    _sync(device)
+    t1 = time.perf_counter()
+    for pos in range(l_min, l_max + max_new_tokens):
+        nxt = sample(logits.float(), temperature, top_k, top_p, gen)  # [B]
+        if pos < l_max:  # rows still inside their prompt take the prompt's token
+            in_prompt = torch.tensor([pos < n for n in lengths], device=device)
+            nxt = torch.where(in_prompt, prompt[:, pos], nxt)
+        nxt_host = nxt.tolist()
+        for b in range(B):
+            if reasons[b] is not None or pos < lengths[b]:
+                continue
+            t = nxt_host[b]
+            if t in eos:
+                reasons[b] = "eos"
+            else:
+                out_ids[b].append(t)
+                text = tokenizer.decode(out_ids[b]) if (stop or callback) else None
+                cut = _first_stop(text, stop) if stop else None
+                if cut is not None:
+                    texts[b], reasons[b] = text[:cut], "stop"
+                    streamer.push(b, out_ids[b], final=True, text=text[:cut])
+                    continue
+                streamer.push(b, out_ids[b], text=text)
+                if len(out_ids[b]) >= max_new_tokens:
+                    reasons[b] = "length"
+        if all(r is not None for r in reasons):
+            break
+        logits = model(nxt[:, None], torch.tensor([pos], device=device))[:, -1]
+    _sync(device)
+    t2 = time.perf_counter()
+    for b in range(B):
+        if texts[b] is None:
+            texts[b] = tokenizer.decode(out_ids[b])
+        streamer.push(b, out_ids[b], final=True, text=texts[b])
+    res = Generation(texts, out_ids, lengths, [r or "length" for r in reasons], t1 - t0, t2 - t1)
+    n_decode = max(res.n_generated - B, 0)  # the first token of each row comes from the prefill
+    res.stats = {"prompt_tokens": sum(lengths), "generated_tokens": res.n_generated,
+                 "tokens_per_s": n_decode / res.decode_s if res.decode_s > 0 else float("nan"),
+                 "kv_cache_bytes": model.kv_cache_bytes()["total"]}
+    return res
+
+
+def _first_stop(text: str, stop: list[str]) -> int | None:
+    hits = [text.find(s) for s in stop if s and s in text]
+    return min(hits) if hits else None
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
