@@ -217,11 +217,15 @@ def clustered_attention(q_rep, k_slots, v, head_to_cluster, slot_of_rep, mask, s
     scores = torch.matmul(q_rep, k_rep.transpose(-1, -2)) * scale  # [B, k, S, T]
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)  # [B, k, S, T]: once per cluster
+    probs = torch.softmax(scores.to(_at_least_fp32(scores.dtype)), dim=-1).to(v.dtype)  # [B, k, S, T]: once per cluster
     probs = batched_index(probs, head_to_cluster)  # [B, H, S, T]: each head takes its cluster's
     Hkv, T = v.shape[1], v.shape[2]
     out = torch.matmul(probs.view(B, Hkv, H // Hkv, S, T), v[:, :, None])  # [B, Hkv, G, S, D], own V
     return out.view(B, H, S, D)
+
+
+def _at_least_fp32(dtype):
+    return torch.promote_types(dtype, torch.float32)
 
 
 def batched_index(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -237,7 +241,8 @@ def window_probs(q, k_win, p0: int, scale):
     H, W = q.shape[1], k_win.shape[2]
     n = q.shape[2]
     k = expand_kv(k_win, H)
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # [B, H, n, W]
+    dt = _at_least_fp32(q.dtype)
+    scores = torch.matmul(q.to(dt), k.to(dt).transpose(-1, -2)) * scale  # [B, H, n, W]
     keys = torch.arange(W, device=q.device)
     rows = p0 + torch.arange(n, device=q.device)
     scores = scores.masked_fill(keys[None, :] > rows[:, None], float("-inf"))
@@ -253,6 +258,7 @@ def cosine_distance(features: torch.Tensor) -> torch.Tensor:
     f = features if features.dtype == torch.float64 else features.float()
     f = f / f.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     d = (1 - f @ f.transpose(1, 2)).clamp_min(0)
+    d = (d + d.transpose(1, 2)) / 2  # exactly symmetric, so equal costs tie exactly and the lowest index wins
     return d * (1 - torch.eye(f.shape[1], device=f.device, dtype=f.dtype))
 
 
@@ -324,7 +330,7 @@ def kmeans(features: torch.Tensor, k: int, iters: int = 25) -> torch.Tensor:
 
 
 def canonical_labels(labels: torch.Tensor, k: int) -> torch.Tensor:
-    """Relabels clusters 0..k-1 in the order of their lowest member index. labels [B, H] -> [B, H]."""
+    """Relabels clusters 0..k-1 in the order of their lowest member. labels [B, H] (ids in 0..H-1) -> [B, H]."""
     B, H = labels.shape
     idx = torch.arange(H, device=labels.device).expand(B, H)
     # lowest member of each head's cluster
@@ -396,7 +402,8 @@ class ChaiLayer(nn.Module):
         self.register_buffer("slot_of_rep", torch.zeros(B, k, **z), persistent=False)
         # the window: full K of positions < W, and the window rows' probabilities (the features)
         self.register_buffer("k_win", torch.zeros(B, Hkv, W, D, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("p_win", torch.zeros(B, H, W, W, dtype=torch.float32, device=device), persistent=False)
+        self.register_buffer("p_win", torch.zeros(B, H, W, W, dtype=_at_least_fp32(dtype), device=device),
+                             persistent=False)
         self.ready = False
 
     def release(self):

@@ -1,0 +1,321 @@
+"""CHAI core: clustering, clustered attention, the compact K cache, against slow obviously-correct references."""
+import random
+
+import pytest
+import torch
+from conftest import rel_err
+
+from chai_models import ChaiConfig, chai
+from chai_models.llama import Llama, LlamaConfig
+
+W = 5
+
+
+def tiny_llama(n_heads=8, n_kv_heads=8, n_layers=4, dtype=torch.float32, seed=0, head_dim=16):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, n_layers=n_layers, n_heads=n_heads,
+                      n_kv_heads=n_kv_heads, head_dim=head_dim, max_seq_len=128)
+    m = Llama(cfg).to(dtype).eval()
+    with torch.no_grad():  # sharper attention than the default init, so heads differ visibly
+        for attn in m.attention_layers:
+            attn.wq.weight.mul_(4)
+            attn.wk.weight.mul_(4)
+    return m
+
+
+def random_static(n_layers, n_heads, counts, seed=0):
+    """A random head->cluster labelling per layer with exactly k clusters (None for dense layers)."""
+    rng = random.Random(seed)
+    out = []
+    for k in counts:
+        if k == n_heads:
+            out.append(None)
+            continue
+        labels = list(range(k)) + [rng.randrange(k) for _ in range(n_heads - k)]
+        rng.shuffle(labels)
+        out.append(labels)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# A slow reference: every head's probabilities computed densely, then each member's rows (positions >= W)
+# overwritten with its representative's.
+
+
+def reference_forward(model, tokens, memberships):
+    """memberships: per layer None (dense) or (rep_idx [B, k], head_to_cluster [B, H])."""
+    originals = {}
+
+    def make(attn, member):
+        def forward(x, rope, input_pos=None, mask=None):
+            B, S, _ = x.shape
+            H = attn.n_heads
+            q = attn.project_q(x, rope)  # [B, H, S, D]
+            k = chai.expand_kv(attn.project_k(x, rope), H)
+            v = chai.expand_kv(chai.project_heads(x, attn.wv, attn.head_dim), H)
+            scores = (q @ k.transpose(-1, -2)) * attn.scale
+            causal = torch.ones(S, S, dtype=torch.bool).tril()
+            probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1).clone()  # [B, H, S, S]
+            if member is not None:
+                rep_idx, h2c = member
+                dense = probs.clone()
+                for b in range(B):
+                    for h in range(H):
+                        r = rep_idx[b, h2c[b, h]].item()
+                        probs[b, h, W:] = dense[b, r, W:]
+            y = probs @ v  # [B, H, S, D]
+            return attn.wo(y.transpose(1, 2).reshape(B, S, -1))
+
+        return forward
+
+    for attn, member in zip(model.attention_layers, memberships):
+        originals[attn] = attn.forward
+        attn.forward = make(attn, member)
+    try:
+        with torch.no_grad():
+            return model(tokens)
+    finally:
+        for attn, f in originals.items():
+            attn.forward = f
+
+
+def membership_of(model, B):
+    out = []
+    for attn in model.attention_layers:
+        c = attn.chai
+        out.append(None if c is None else (c.rep_idx[:B].clone(), c.head_to_cluster[:B].clone()))
+    return out
+
+
+def run_cached(model, x, prefill):
+    B, S = x.shape
+    model.setup_caches(B, S + 4)
+    with torch.no_grad():
+        parts = [model(x[:, :prefill], torch.arange(prefill))]
+        parts += [model(x[:, p:p + 1], torch.tensor([p])) for p in range(prefill, S)]
+    return torch.cat(parts, dim=1)
+
+
+@pytest.mark.parametrize("kv", [8, 2], ids=["mha", "gqa"])
+@pytest.mark.parametrize("static", [True, False], ids=["static", "dynamic"])
+def test_fast_path_equals_reference(kv, static):
+    model = tiny_llama(n_kv_heads=kv, seed=kv)
+    counts = [8, 3, 1, 2]
+    cfg = ChaiConfig(clusters=counts, representative="first" if static else "medoid",
+                     static_membership=random_static(4, 8, counts, seed=kv) if static else None)
+    model.set_chai(cfg)
+    x = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(kv))
+    for prefill in (16, 1):  # one prefill chunk, and token by token from position 0
+        cached = run_cached(model, x, prefill)
+        ref = reference_forward(model, x, membership_of(model, 2))
+        assert rel_err(cached, ref) < 1e-5, prefill
+    with torch.no_grad():
+        assert rel_err(model(x), ref) < 1e-5  # uncached scoring
+    if static:
+        for layer, labels in enumerate(cfg.static_membership):
+            if labels is not None:
+                h2c = model.attention_layers[layer].chai.head_to_cluster[0].tolist()
+                assert same_partition(h2c, labels)
+
+
+def test_counts_equal_heads_is_dense_exactly():
+    model = tiny_llama(n_kv_heads=2)
+    x = torch.randint(0, 96, (2, 20))
+    with torch.no_grad():
+        dense = model(x)
+        dense_cached = run_cached(model, x, 12)
+        model.set_chai(ChaiConfig(clusters=[8] * 4))
+        assert torch.equal(model(x), dense)
+        assert torch.equal(run_cached(model, x, 12), dense_cached)
+
+
+@pytest.mark.parametrize("kv", [8, 2])
+def test_singleton_clusters_through_clustered_path_match_dense(kv):
+    """Every layer forced through ChaiLayer with k = H (each head its own cluster) reproduces dense."""
+    model = tiny_llama(n_kv_heads=kv)
+    x = torch.randint(0, 96, (2, 20))
+    with torch.no_grad():
+        dense = model(x)
+        cfg = ChaiConfig(clusters=[8] * 4)
+        for attn in model.attention_layers:
+            attn.chai = chai.ChaiLayer(8, kv, attn.head_dim, 8, cfg, attn.scale)
+        model.chai_config = cfg
+        assert rel_err(model(x), dense) < 1e-6
+        assert rel_err(run_cached(model, x, 12), dense) < 1e-6
+
+
+def test_short_prompt_is_dense_until_window_then_clustered():
+    model = tiny_llama(n_kv_heads=2)
+    model.set_chai(ChaiConfig(clusters=[8, 2, 1, 3]))
+    x = torch.randint(0, 96, (1, 14))
+    with torch.no_grad():
+        model.set_chai(None)
+        dense = model(x[:, :W - 1])
+        model.set_chai(ChaiConfig(clusters=[8, 2, 1, 3]))
+        assert torch.allclose(model(x[:, :W - 1]), dense, atol=1e-6)  # shorter than W: dense
+        tokenwise = run_cached(model, x, 2)  # prompt of 2 tokens, then one at a time
+        assert rel_err(tokenwise, model(x)) < 1e-5
+        assert rel_err(tokenwise[:, : W - 1], dense) < 1e-6
+
+
+def test_batch_rows_match_alone():
+    model = tiny_llama(n_kv_heads=2, seed=3)
+    model.set_chai(ChaiConfig(clusters=[8, 3, 2, 1]))
+    x = torch.randint(0, 96, (3, 18), generator=torch.Generator().manual_seed(7))
+    batch = run_cached(model, x, 10)
+    members = membership_of(model, 3)
+    for b in range(3):
+        alone = run_cached(model, x[b:b + 1], 10)
+        assert rel_err(batch[b:b + 1], alone) < 1e-5
+        for layer, m in enumerate(membership_of(model, 1)):
+            if m is not None:
+                assert torch.equal(m[0][0], members[layer][0][b]) and torch.equal(m[1][0], members[layer][1][b])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Planted duplicate heads
+
+
+def plant_duplicates(model, groups_per_layer):
+    """Makes each group's query heads exact duplicates (same wq rows; same wk rows for MHA)."""
+    D = model.config.head_dim
+    with torch.no_grad():
+        for attn, groups in zip(model.attention_layers, groups_per_layer):
+            for g in groups:
+                for h in g[1:]:
+                    attn.wq.weight[h * D:(h + 1) * D] = attn.wq.weight[g[0] * D:(g[0] + 1) * D]
+                    if attn.n_kv_heads == attn.n_heads:
+                        attn.wk.weight[h * D:(h + 1) * D] = attn.wk.weight[g[0] * D:(g[0] + 1) * D]
+
+
+PLANTED = [[[h] for h in range(8)], [[0, 3, 5], [1, 2], [4, 6, 7]], [[0, 1, 2, 3, 4, 5, 6, 7]],
+           [[0, 7], [1, 6], [2, 5], [3, 4]]]
+
+
+def same_partition(labels, other) -> bool:
+    def parts(lab):
+        d = {}
+        for h, c in enumerate(lab):
+            d.setdefault(c, set()).add(h)
+        return {frozenset(s) for s in d.values()}
+
+    return parts(labels) == parts(other)
+
+
+@pytest.mark.parametrize("algorithm", ["agglomerative", "kmeans"])
+def test_planted_groups_recovered_and_logits_dense(algorithm):
+    model = tiny_llama(n_kv_heads=8, dtype=torch.float64, seed=11)
+    plant_duplicates(model, PLANTED)
+    x = torch.randint(0, 96, (2, 20))
+    with torch.no_grad():
+        dense = model(x)
+        model.set_chai(ChaiConfig(clusters=[len(g) for g in PLANTED], algorithm=algorithm))
+        chai_logits = run_cached(model, x, 12)
+        assert rel_err(model(x), dense) < 1e-12
+    assert rel_err(chai_logits, dense) < 1e-12
+    for attn, groups in zip(model.attention_layers, PLANTED):
+        if attn.chai is None:
+            continue
+        planted = [next(i for i, g in enumerate(groups) if h in g) for h in range(8)]
+        for b in range(2):
+            assert same_partition(attn.chai.head_to_cluster[b].tolist(), planted)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Clustering against the scikit-learn oracle, representatives by hand
+
+
+def test_agglomerative_matches_sklearn():
+    from sklearn.cluster import AgglomerativeClustering
+
+    gen = torch.Generator().manual_seed(0)
+    checked = 0
+    for trial in range(150):
+        H = [4, 8, 9, 12, 32][trial % 5]
+        k = int(torch.randint(1, H + 1, (1,), generator=gen))
+        feats = torch.rand(3, H, 25, generator=gen, dtype=torch.float64) ** 3  # probabilities-like, skewed
+        dist = chai.cosine_distance(feats)
+        labels = chai.canonical_labels(chai.agglomerative_average(dist, k), k)
+        for b in range(3):
+            if k == 1 or k == H:
+                assert len(set(labels[b].tolist())) == k
+                continue
+            sk = AgglomerativeClustering(n_clusters=k, metric="precomputed", linkage="average")
+            ref = sk.fit_predict(dist[b].numpy())
+            assert same_partition(labels[b].tolist(), ref.tolist()), (trial, b)
+            checked += 1
+    assert checked > 300
+
+
+def test_canonical_labels_order_by_lowest_member():
+    labels = torch.tensor([[4, 4, 3, 5, 3, 5]])  # any ids in 0..H-1
+    assert chai.canonical_labels(labels, 3).tolist() == [[0, 0, 1, 2, 1, 2]]
+
+
+def test_medoid_by_hand():
+    # one cluster of 3 on a line: distances 0-1: 0.1, 1-2: 0.1, 0-2: 0.2 -> the middle one (1) is the medoid
+    dist = torch.tensor([[[0.0, 0.1, 0.2, 0.9], [0.1, 0.0, 0.1, 0.9], [0.2, 0.1, 0.0, 0.9], [0.9, 0.9, 0.9, 0.0]]])
+    h2c = torch.tensor([[0, 0, 0, 1]])
+    assert chai.representatives(dist, h2c, 2, "medoid").tolist() == [[1, 3]]
+    assert chai.representatives(dist, h2c, 2, "first").tolist() == [[0, 3]]
+    # a tie (two members, equal cost): the lowest index wins, every time
+    tie = torch.tensor([[[0.0, 0.5], [0.5, 0.0]]])
+    for _ in range(3):
+        assert chai.representatives(tie, torch.tensor([[0, 0]]), 1, "medoid").tolist() == [[0]]
+
+
+def test_clustering_is_deterministic_with_ties():
+    feats = torch.tensor([[[1.0, 0], [1.0, 0], [0, 1.0], [0, 1.0], [1.0, 1.0]]])  # exact duplicates
+    results = {tuple(t.flatten().tolist()) for _ in range(5) for t in chai.cluster_heads(feats, 2)}
+    assert len(results) == 2  # one rep_idx and one head_to_cluster result, identical each run
+
+
+# ----------------------------------------------------------------------------------------------------
+# Memory and configuration
+
+
+@pytest.mark.parametrize("kv", [8, 2])
+def test_kv_cache_bytes_match_formula(kv):
+    model = tiny_llama(n_kv_heads=kv, dtype=torch.bfloat16)
+    counts = [8, 1, 2, 5]
+    model.set_chai(ChaiConfig(clusters=counts))
+    B, T, D = 3, 40, model.config.head_dim
+    model.setup_caches(B, T)
+    measured = model.kv_cache_bytes()
+    k_heads = sum(kv if k == 8 else (k if k < kv else kv) for k in counts)
+    assert measured["k"] == k_heads * B * T * D * 2
+    assert measured["v"] == 4 * kv * B * T * D * 2  # V stays whole
+    allocated_k = sum(a.kv_cache.k.untyped_storage().nbytes() for a in model.attention_layers)
+    assert allocated_k == measured["k"]
+    clustered = [k for k in counts if k < 8]
+    assert measured["chai_window"] == sum(B * kv * W * D * 2 + B * 8 * W * W * 4 for _ in clustered)
+    model.set_chai(None)
+    assert model.kv_cache_bytes()["k"] == 4 * kv * B * T * D * 2
+
+
+@pytest.mark.parametrize("bad, msg", [
+    (dict(clusters=[8, 0, 8, 8]), "clusters\\[1\\] = 0"),
+    (dict(clusters=[8, 9, 8, 8]), "clusters\\[1\\] = 9"),
+    (dict(clusters=[8, 8, 8]), "3 cluster counts but the model has 4"),
+    (dict(clusters=[8] * 4, window=0), "window"),
+    (dict(clusters=[8] * 4, representative="centroid"), "representative"),
+    (dict(clusters=[8] * 4, algorithm="dbscan"), "algorithm"),
+    (dict(clusters=[8, 2, 8, 8], static_membership=[None, [0, 1, 0], None, None]), "static_membership\\[1\\]"),
+    (dict(clusters=[8, 2, 8, 8], static_membership=[None] * 3), "static_membership has 3"),
+])
+def test_bad_chai_config(bad, msg):
+    model = tiny_llama()
+    with pytest.raises(ValueError, match=msg):
+        model.set_chai(ChaiConfig(**bad))
+
+
+def test_specs_and_presets():
+    cfg = ChaiConfig.from_spec("llama-7b", 32, 32)
+    assert cfg.clusters == [32] * 18 + [4] * 14
+    assert ChaiConfig.from_spec("llama-33b", 60, 52).clusters[-1] == 6
+    assert ChaiConfig.from_spec("2:3", 4, 8).clusters == [8, 8, 3, 3]
+    assert ChaiConfig.from_spec("4", 3, 8).clusters == [4, 4, 4]
+    with pytest.raises(ValueError, match="preset 'llama-7b' is for 32 layers"):
+        ChaiConfig.from_spec("llama-7b", 30, 32)
+    with pytest.raises(ValueError, match="not understood"):
+        ChaiConfig.from_spec("lots", 4, 8)
