@@ -14,7 +14,7 @@ def _default_device() -> str:
 def cmd_generate(a) -> int:
     from . import chai
     from .checkpoint import CheckpointError, load
-    from .generate import generate
+    from .generation import generate
     from .tokenizer import load_tokenizer
 
     if a.model is None:

@@ -33,17 +33,24 @@ class Generation:
 
 
 class _Streamer:
-    """Turns a row's growing id list into text pieces, holding back an incomplete UTF-8 character."""
+    """Turns a row's growing id list into text pieces.
 
-    def __init__(self, tokenizer, callback):
-        self.tok, self.callback, self.emitted = tokenizer, callback, {}
+    Holds back an incomplete UTF-8 character, and any tail that could be the start of a stop string (it may
+    yet be cut), until the text is final.
+    """
+
+    def __init__(self, tokenizer, callback, stop):
+        self.tok, self.callback, self.stop, self.emitted = tokenizer, callback, stop, {}
 
     def push(self, row: int, ids: list[int], final: bool = False, text: str | None = None):
         if self.callback is None:
             return
         text = self.tok.decode(ids) if text is None else text
-        if text.endswith("\ufffd") and not final:
-            return
+        if not final:
+            if text.endswith("\ufffd"):
+                return
+            hold = max((n for s in self.stop for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+            text = text[: len(text) - hold]
         done = self.emitted.get(row, 0)
         if len(text) > done:
             self.callback(row, text[done:])
@@ -104,7 +111,7 @@ def generate(model, tokenizer, prompts: str | Sequence[str] | Sequence[Sequence[
     out_ids: list[list[int]] = [[] for _ in range(B)]
     reasons: list[str | None] = [None] * B
     texts: list[str | None] = [None] * B
-    streamer = _Streamer(tokenizer, callback)
+    streamer = _Streamer(tokenizer, callback, stop)
 
     t0 = time.perf_counter()
     logits = model(prompt[:, :l_min], torch.arange(l_min, device=device))[:, -1]  # [B, vocab]
