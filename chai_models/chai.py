@@ -162,25 +162,48 @@ def resolve_chai(chai, model, path=None) -> ChaiConfig | None:
 # Projections and attention kernels shared by both models
 
 
-def project_heads(x: torch.Tensor, linear: nn.Linear, head_dim: int, heads: torch.Tensor | None = None):
-    """x [B, S, hidden] -> [B, n, S, D] for the listed heads ([B, n] indices; None: all heads).
+@dataclass
+class HeadRows:
+    """Heads to project given by their pre-gathered weight rows, one set per sequence.
 
-    With few heads per sequence (decode at small batch) only their weight rows are read; otherwise the full
-    projection is cheaper than gathering weights per sequence, and its output is gathered.
+    weight [B, n*D, hidden], bias [B, n*D] or None. Decode at small batch reads only these rows: for LLaMA-7B's
+    4-of-32 clusters that is 1/8 of the Q and K weights of a clustered layer.
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+
+def gather_rows(linear: nn.Linear, heads: torch.Tensor, head_dim: int, out: HeadRows | None = None) -> HeadRows:
+    """The weight (and bias) rows of the listed heads ([B, n] indices), written into out if given."""
+    B, n = heads.shape
+    rows = (heads[:, :, None] * head_dim + torch.arange(head_dim, device=heads.device)).reshape(B, n * head_dim)
+    w = linear.weight[rows]  # [B, n*D, hidden]
+    b = None if linear.bias is None else linear.bias[rows]  # [B, n*D]
+    if out is None:
+        return HeadRows(w, b)
+    out.weight[:B] = w
+    if b is not None:
+        out.bias[:B] = b
+    return out
+
+
+def project_heads(x: torch.Tensor, linear: nn.Linear, head_dim: int, heads=None):
+    """x [B, S, hidden] -> [B, n, S, D] for the selected heads.
+
+    heads: None (all heads), a [B, n] index tensor (full projection, then each sequence's heads gathered),
+    or HeadRows (only those weight rows are read).
     """
     B, S, _ = x.shape
     if heads is None:
         return linear(x).view(B, S, -1, head_dim).transpose(1, 2)
+    if isinstance(heads, HeadRows):
+        y = torch.bmm(x, heads.weight[:B].transpose(1, 2))  # [B, S, n*D]
+        if heads.bias is not None:
+            y = y + heads.bias[:B, None, :]
+        return y.view(B, S, -1, head_dim).transpose(1, 2)
     n = heads.shape[1]
-    n_all = linear.out_features // head_dim
-    if B * n * 3 <= n_all and S == 1:
-        rows = (heads[:, :, None] * head_dim + torch.arange(head_dim, device=x.device)).reshape(B, n * head_dim)
-        w = linear.weight[rows]  # [B, n*D, hidden]: per-sequence weight rows
-        y = torch.bmm(x, w.transpose(1, 2))  # [B, S, n*D]
-        if linear.bias is not None:
-            y = y + linear.bias[rows][:, None, :]
-        return y.view(B, S, n, head_dim).transpose(1, 2)
-    y = linear(x).view(B, S, n_all, head_dim)  # [B, S, H, D]
+    y = linear(x).view(B, S, -1, head_dim)  # [B, S, H, D]
     return y.gather(2, heads[:, None, :, None].expand(B, S, n, head_dim)).transpose(1, 2)  # [B, n, S, D]
 
 
@@ -192,11 +215,10 @@ def expand_kv(t: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 def dense_attention(q, k, v, mask, scale):
     # q [B, H, S, D], k/v [B, Hkv, T, D], mask [S, T] bool or None (causal, S == T) -> [B, H, S, D]
-    H = q.shape[1]
-    k, v = expand_kv(k, H), expand_kv(v, H)
+    gqa = k.shape[1] != q.shape[1]  # SDPA maps query heads to their KV head itself: no copy of K and V
     if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
 def clustered_attention(q_rep, k_slots, v, head_to_cluster, slot_of_rep, mask, scale):
@@ -213,7 +235,7 @@ def clustered_attention(q_rep, k_slots, v, head_to_cluster, slot_of_rep, mask, s
         # prefill: give every head its representative's q and K and run fused attention; the math is the
         # same as below, without materializing [B, H, S, T] probabilities
         q_h, k_h = batched_index(q_rep, head_to_cluster), batched_index(k_rep, head_to_cluster)  # [B, H, *, D]
-        return dense_attention(q_h, k_h, expand_kv(v, H), mask, scale)
+        return dense_attention(q_h, k_h, expand_kv(v, H), mask, scale)  # K per query head, so V is too
     scores = torch.matmul(q_rep, k_rep.transpose(-1, -2)) * scale  # [B, k, S, T]
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
@@ -392,6 +414,8 @@ class ChaiLayer(nn.Module):
         self.n_k_slots = n_clusters if n_clusters < n_kv_heads else n_kv_heads
         self.static = None if static is None else torch.tensor(static, dtype=torch.long)
         self.ready = False  # host flag: membership decided for the sequences in the cache
+        self.q_rows: HeadRows | None = None  # representatives' weight rows, when that reads fewer bytes
+        self.k_rows: HeadRows | None = None
 
     def setup(self, max_batch_size, dtype, device):
         B, H, Hkv, W, D, k = max_batch_size, self.n_heads, self.n_kv_heads, self.window, self.head_dim, self.n_clusters
@@ -405,14 +429,31 @@ class ChaiLayer(nn.Module):
         self.register_buffer("p_win", torch.zeros(B, H, W, W, dtype=_at_least_fp32(dtype), device=device),
                              persistent=False)
         self.ready = False
+        self.q_rows = self.k_rows = None
+        # per-sequence weight rows pay off when B*k rows are fewer than the H rows of the full projection
+        self.use_rows = B * k < H
+
+    def _store_rows(self, attn, B):
+        """Copies the representatives' Q and K weight rows into static buffers (allocated once per setup)."""
+        if self.q_rows is None:
+            self.q_rows = gather_rows(attn.wq, self.rep_idx, self.head_dim)  # [B_max, k*D, hidden]
+            self.k_rows = gather_rows(attn.wk, self.kv_of_slot, self.head_dim)
+        else:
+            gather_rows(attn.wq, self.rep_idx[:B], self.head_dim, out=self.q_rows)
+            gather_rows(attn.wk, self.kv_of_slot[:B], self.head_dim, out=self.k_rows)
 
     def release(self):
         for name in ("rep_idx", "head_to_cluster", "kv_of_slot", "slot_of_rep", "k_win", "p_win"):
             self._buffers.pop(name, None)
         self.ready = False
+        self.q_rows = self.k_rows = None
 
     def window_bytes(self) -> int:
         return sum(b.numel() * b.element_size() for n, b in self._buffers.items() if n in ("k_win", "p_win"))
+
+    def rows_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for r in (self.q_rows, self.k_rows) if r is not None
+                   for t in (r.weight, r.bias) if t is not None)
 
     def membership(self, probs: torch.Tensor):
         """probs [B, H, W, W] window probabilities -> rep_idx [B, k], head_to_cluster [B, H], kv_of_slot, slot_of_rep."""
@@ -460,6 +501,8 @@ class ChaiLayer(nn.Module):
         self.rep_idx[:B], self.head_to_cluster[:B] = rep_idx, h2c
         self.kv_of_slot[:B], self.slot_of_rep[:B] = kv_of_slot, slot_of_rep
         cache.k[:B, :, : self.window] = batched_index(self.k_win[:B], kv_of_slot)  # keep only needed K
+        if self.use_rows:
+            self._store_rows(attn, B)
         self.ready = True
         if S == n_w:
             return y_w
@@ -468,8 +511,9 @@ class ChaiLayer(nn.Module):
         return torch.cat([y_w, y_r], dim=2)
 
     def _clustered(self, attn, x, rope, pos, mask, B):
-        q = attn.project_q(x, rope, self.rep_idx[:B])  # [B, k, S, D]
-        k = attn.project_k(x, rope, self.kv_of_slot[:B])  # [B, n_slots, S, D]
+        rows = self.use_rows and x.shape[1] == 1  # decode reads the stored rows; prefill projects all heads
+        q = attn.project_q(x, rope, self.q_rows if rows else self.rep_idx[:B])  # [B, k, S, D]
+        k = attn.project_k(x, rope, self.k_rows if rows else self.kv_of_slot[:B])  # [B, n_slots, S, D]
         k_all = attn.kv_cache.update_k(pos, k)  # [B, n_slots, T, D]
         slot_of_rep = None if self.n_k_slots == self.n_clusters else self.slot_of_rep[:B]
         return clustered_attention(q, k_all, attn.kv_cache.v[:B], self.head_to_cluster[:B], slot_of_rep, mask,

@@ -62,13 +62,15 @@ def generate(model, tokenizer, prompts: str | Sequence[str] | Sequence[Sequence[
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              seed: int | None = None, stop: Sequence[str] | None = None, eos_ids: Sequence[int] | None = None,
              chat: bool = False, callback: Callable[[int, str], None] | None = None,
-             max_seq_len: int | None = None) -> Generation:
+             max_seq_len: int | None = None, compile: bool = False) -> Generation:
     """Generates a continuation for each prompt.
 
     prompts: one string, a list of strings, or a list of token-id lists (used as they are).
     chat: wrap each string prompt in the tokenizer's chat template as a user turn.
     stop: strings that end a row's generation (the text is cut before them); eos_ids: default the
     tokenizer's. callback(row, text_piece) receives text as it is generated.
+    compile: run the one-token decode step through torch.compile (CUDA graphs on GPU); prefill stays eager
+    (fused SDPA). The first call's compile time is reported in stats["compile_s"], outside tokens/s.
     """
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -113,6 +115,9 @@ def generate(model, tokenizer, prompts: str | Sequence[str] | Sequence[Sequence[
     texts: list[str | None] = [None] * B
     streamer = _Streamer(tokenizer, callback, stop)
 
+    step = decode_step(model, compile)
+    pos_t = torch.zeros(1, dtype=torch.long, device=device)  # the decode position, updated in place
+    compile_s = 0.0
     t0 = time.perf_counter()
     logits = model(prompt[:, :l_min], torch.arange(l_min, device=device))[:, -1]  # [B, vocab]
     _sync(device)
@@ -142,19 +147,44 @@ def generate(model, tokenizer, prompts: str | Sequence[str] | Sequence[Sequence[
                     reasons[b] = "length"
         if all(r is not None for r in reasons):
             break
-        logits = model(nxt[:, None], torch.tensor([pos], device=device))[:, -1]
+        pos_t.fill_(pos)
+        ts = time.perf_counter()
+        logits = step(nxt[:, None], pos_t)
+        if compile and pos == l_min:  # the first compiled call traces, compiles and captures
+            _sync(device)
+            compile_s = time.perf_counter() - ts
     _sync(device)
-    t2 = time.perf_counter()
+    t2 = time.perf_counter() - compile_s
     for b in range(B):
         if texts[b] is None:
             texts[b] = tokenizer.decode(out_ids[b])
         streamer.push(b, out_ids[b], final=True, text=texts[b])
     res = Generation(texts, out_ids, lengths, [r or "length" for r in reasons], t1 - t0, t2 - t1)
     n_decode = max(res.n_generated - B, 0)  # the first token of each row comes from the prefill
-    res.stats = {"prompt_tokens": sum(lengths), "generated_tokens": res.n_generated,
+    res.stats = {"prompt_tokens": sum(lengths), "generated_tokens": res.n_generated, "compile_s": compile_s,
                  "tokens_per_s": n_decode / res.decode_s if res.decode_s > 0 else float("nan"),
                  "kv_cache_bytes": model.kv_cache_bytes()["total"]}
     return res
+
+
+def decode_step(model, compile: bool = False):
+    """The one-token decode step: tokens [B, 1], position [1] -> next-token logits [B, vocab].
+
+    compile=True: torch.compile with CUDA graphs (mode reduce-overhead), static shapes, built once per model and
+    reused across requests: prompt length and CHAI membership live in buffers, so they never recompile.
+    """
+    if not compile:
+        return lambda tok, pos: model(tok, pos)[:, -1]
+    compiled = model.__dict__.get("_compiled_decode")  # kept outside nn.Module's registry (not a submodule)
+    if compiled is None:
+        compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True, dynamic=False)
+        model.__dict__["_compiled_decode"] = compiled
+
+    def step(tok, pos):
+        torch.compiler.cudagraph_mark_step_begin()
+        return compiled(tok, pos)[:, -1].clone()  # the graph's output buffer is reused on the next replay
+
+    return step
 
 
 def _first_stop(text: str, stop: list[str]) -> int | None:

@@ -1,0 +1,305 @@
+"""Decode / prefill / capacity benchmark on random weights of real shapes, dense vs CHAI, eager vs compiled.
+
+Decode at small batch is memory-bound: a step reads every weight once plus the KV cache, so
+    floor(step) = (weight_bytes + kv_bytes_read) / measured_copy_bandwidth
+and we report achieved bandwidth (bytes per step / time) as a fraction of the measured device copy bandwidth.
+CHAI reads fewer bytes (K of the representatives only; at small batch only the representatives' Q/K weight
+rows), so its ideal decode speedup over dense is the ratio of the two byte counts; we print measured next to
+ideal. The static cache is read whole each step (positions past the current one are masked), as in gpt-fast,
+so "context" is the cache length T.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from . import chai
+from .chai import ChaiConfig
+from .llama import Llama, LlamaConfig
+
+SHAPES = {
+    # LLaMA-1 7B and LLaMA-2 7B share this shape; the published CHAI counts (preset llama-7b) fit it
+    "llama-2-7b": dict(family="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008, n_layers=32,
+                       n_heads=32, n_kv_heads=32, head_dim=128, max_seq_len=16384, norm_eps=1e-5),
+    "smollm2-135m": dict(family="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, n_layers=30,
+                         n_heads=9, n_kv_heads=3, head_dim=64, max_seq_len=8192, norm_eps=1e-5,
+                         tie_word_embeddings=True),
+    "tiny": dict(family="llama", vocab_size=512, hidden_size=256, intermediate_size=688, n_layers=4, n_heads=8,
+                 n_kv_heads=8, head_dim=32, max_seq_len=4096),
+}
+
+
+def random_model(shape: str, device, dtype) -> torch.nn.Module:
+    """A model of a real shape with random weights, built without a CPU copy."""
+    if shape.startswith("opt-"):
+        from .opt import opt_config, OPT
+
+        cfg, cls = opt_config(shape[4:]), OPT
+    else:
+        fields = {k: v for k, v in SHAPES[shape].items() if k != "family"}
+        cfg, cls = LlamaConfig(**fields), Llama
+    with torch.device("meta"):
+        model = cls(cfg)
+    model = model.to_empty(device=device).to(dtype)
+    gen = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and "bias" not in name:  # norm weights
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+    model.init_buffers(device)
+    return model.eval()
+
+
+def weight_bytes(model) -> int:
+    """Bytes of weights a decode step reads: all parameters but the embedding table (only B rows of it are
+    read), unless the table is also the (tied) output projection."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    emb = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Embedding)]
+    tied = getattr(model.config, "tie_word_embeddings", True)
+    for i, m in enumerate(emb):
+        if not (i == 0 and tied):  # the token table is read whole when it is the output projection
+            total -= m.weight.numel() * m.weight.element_size()
+    return total
+
+
+def step_bytes(model, B: int) -> int:
+    """Bytes one decode step must read: weights (CHAI: representatives' Q/K rows where stored) + the KV cache."""
+    total = weight_bytes(model)
+    for attn in model.attention_layers:
+        c = attn.kv_cache
+        es = c.k.element_size()
+        total += c.k[:B].numel() * es + c.v[:B].numel() * es
+        if attn.chai is not None and attn.chai.use_rows:
+            for lin, n in ((attn.wq, attn.chai.n_clusters), (attn.wk, attn.chai.n_k_slots)):
+                full = lin.weight.numel() * lin.weight.element_size()
+                total -= full - full * B * n // (lin.out_features // attn.head_dim)
+    return total
+
+
+def copy_bandwidth(device) -> float:
+    """Measured device-to-device copy bandwidth in bytes/s (bytes read + bytes written)."""
+    if device.type != "cuda":
+        x = torch.empty(256 * 2**20 // 4, dtype=torch.float32)
+        y = torch.empty_like(x)
+        t = _median([_time_cpu(lambda: y.copy_(x)) for _ in range(5)])
+        return 2 * x.numel() * 4 / t
+    x = torch.empty(2 * 2**30, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    return 2 * x.numel() / _median([_time_cuda(lambda: y.copy_(x)) for _ in range(10)])
+
+
+def _time_cuda(fn) -> float:
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    fn()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b) / 1000
+
+
+def _time_cpu(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def _median(xs):
+    return statistics.median(xs)
+
+
+@torch.no_grad()
+def bench_decode(model, B: int, T: int, compiled: bool, steps: int = 32, repeats: int = 5) -> dict:
+    """Sets up a cache of T positions, clusters on a short prefill, then times decode steps near position T."""
+    from .generation import decode_step
+
+    device = next(model.parameters()).device
+    timer = _time_cuda if device.type == "cuda" else _time_cpu
+    model.setup_caches(B, T)
+    chai.reset(model)
+    W = model.chai_config.window if model.chai_config else 1
+    prompt = torch.randint(0, model.config.vocab_size, (B, W), device=device)
+    model(prompt, torch.arange(W, device=device))  # decides CHAI membership (the cache content is irrelevant)
+    step = decode_step(model, compiled)
+    tok = torch.randint(0, model.config.vocab_size, (B, 1), device=device)
+    pos = torch.tensor([T - steps - 1], device=device)
+    t0 = time.perf_counter()
+    step(tok, pos)  # warm-up; compiles on the first compiled call
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    first = time.perf_counter() - t0
+    for _ in range(3):
+        step(tok, pos)
+
+    def run():
+        for i in range(steps):
+            pos.fill_(T - steps + i)
+            step(tok, pos)
+
+    t = _median([timer(run) for _ in range(repeats)]) / steps
+    return {"s_per_step": t, "first_call_s": first, "bytes": step_bytes(model, B),
+            "kv_bytes": model.kv_cache_bytes()["total"]}
+
+
+@torch.no_grad()
+def bench_prefill(model, S: int, repeats: int = 5) -> float:
+    """Time to first token for one prompt of S tokens (CHAI clustering included), eager."""
+    device = next(model.parameters()).device
+    timer = _time_cuda if device.type == "cuda" else _time_cpu
+    model.setup_caches(1, S + 1)
+    prompt = torch.randint(0, model.config.vocab_size, (1, S), device=device)
+    pos = torch.arange(S, device=device)
+    model(prompt, pos)
+    return _median([timer(lambda: model(prompt, pos)[:, -1].argmax(-1)) for _ in range(repeats)])
+
+
+@torch.no_grad()
+def capacity(model, T: int, budget_bytes: int, b_max: int = 4096) -> int:
+    """Largest batch whose cache of T positions fits beside the weights in budget_bytes, found by allocating the
+    caches and running one decode step (binary search)."""
+    device = next(model.parameters()).device
+
+    def fits(B):
+        model.clear_caches()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            model.setup_caches(B, T)
+            W = model.chai_config.window if model.chai_config else 1
+            model(torch.zeros(B, W, dtype=torch.long, device=device), torch.arange(W, device=device))
+            model(torch.zeros(B, 1, dtype=torch.long, device=device), torch.tensor([T - 1], device=device))
+            torch.cuda.synchronize()
+            ok = torch.cuda.max_memory_allocated() <= budget_bytes
+        except torch.OutOfMemoryError:
+            ok = False
+        model.clear_caches()
+        torch.cuda.empty_cache()
+        return ok
+
+    lo, hi = 0, b_max
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def hf_decode(shape: str, B: int, T: int, device, dtype, steps: int = 32) -> float | None:
+    """Seconds per decode step of transformers' model of the same shape, static cache + torch.compile."""
+    try:
+        import transformers
+    except ImportError:
+        return None
+    s = SHAPES[shape]
+    cfg = transformers.LlamaConfig(vocab_size=s["vocab_size"], hidden_size=s["hidden_size"],
+                                   intermediate_size=s["intermediate_size"], num_hidden_layers=s["n_layers"],
+                                   num_attention_heads=s["n_heads"], num_key_value_heads=s["n_kv_heads"],
+                                   head_dim=s["head_dim"], max_position_embeddings=s["max_seq_len"],
+                                   tie_word_embeddings=s.get("tie_word_embeddings", False))
+    with torch.device(device):
+        hf = transformers.LlamaForCausalLM(cfg).to(dtype).eval()
+    prompt = torch.randint(0, s["vocab_size"], (B, T - steps - 1), device=device)
+
+    def run(n):
+        return hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                           cache_implementation="static", pad_token_id=0)
+
+    with torch.no_grad():
+        run(steps), run(steps)  # compile and warm up
+        timer = _time_cuda if device.type == "cuda" else _time_cpu
+        t_long = _median([timer(lambda: run(steps)) for _ in range(3)])
+        t_short = _median([timer(lambda: run(1)) for _ in range(3)])
+    del hf
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return (t_long - t_short) / (steps - 1)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", default="tiny", help=f"one of {sorted(SHAPES)} or opt-<size>")
+    p.add_argument("--chai", nargs="+", default=["dense"], help="'dense' and/or CHAI specs (preset, 'k', 'N:k')")
+    p.add_argument("--batch", nargs="+", type=int, default=[1])
+    p.add_argument("--context", nargs="+", type=int, default=[512])
+    p.add_argument("--mode", nargs="+", default=["eager"], choices=["eager", "compiled"])
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--ttft", type=int, default=0, help="also time a prefill of this many tokens")
+    p.add_argument("--capacity-gb", type=float, default=0, help="also find the largest batch at each context "
+                                                                "within this memory budget (GPU)")
+    p.add_argument("--hf", action="store_true", help="also time transformers (static cache + compile)")
+    p.add_argument("--steps", type=int, default=32)
+    a = p.parse_args(argv)
+    from .checkpoint import dtype_from_name
+
+    import torch._dynamo as dynamo
+
+    dynamo.config.cache_size_limit = 64  # one graph per (batch, cache length, CHAI layout)
+    device, dtype = torch.device(a.device), dtype_from_name(a.dtype)
+    model = random_model(a.shape, device, dtype)
+    bw = copy_bandwidth(device)
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"# {a.shape} {a.dtype} on {card}, torch {torch.__version__}, copy bandwidth {bw / 1e12:.2f} TB/s, "
+          f"weights {weight_bytes(model) / 1e9:.2f} GB")
+    rows = []
+    hdr = (f"{'config':<22}{'B':>4}{'T':>7}{'mode':>10}{'tok/s':>10}{'ms/tok':>9}{'GB/s':>8}{'%bw':>6}"
+           f"{'KV MB':>9}{'vs dense':>9}{'ideal':>7}")
+    print(hdr)
+    dense_ref = {}
+    for spec in a.chai:
+        cfg = None if spec == "dense" else ChaiConfig.from_spec(spec, model.config.n_layers, model.config.n_heads)
+        model.set_chai(cfg)
+        for B in a.batch:
+            for T in a.context:
+                for mode in a.mode:
+                    try:
+                        r = bench_decode(model, B, T, mode == "compiled", steps=a.steps)
+                    except torch.OutOfMemoryError:
+                        print(f"{spec:<22}{B:>4}{T:>7}{mode:>10}  out of memory")
+                        model.clear_caches()
+                        torch.cuda.empty_cache()
+                        continue
+                    t = r["s_per_step"]
+                    gbs = r["bytes"] / t / 1e9
+                    key = (B, T, mode)
+                    if cfg is None:
+                        dense_ref[key] = r
+                    ref = dense_ref.get(key)
+                    speed = f"{ref['s_per_step'] / t:>8.3f}x" if ref and cfg is not None else f"{'':>9}"
+                    ideal = f"{ref['bytes'] / r['bytes']:>6.3f}x" if ref and cfg is not None else f"{'':>7}"
+                    line = (f"{spec:<22}{B:>4}{T:>7}{mode:>10}{B / t:>10.1f}{t * 1000:>9.3f}{gbs:>8.0f}"
+                            f"{100 * gbs * 1e9 / bw:>6.1f}{r['kv_bytes'] / 1e6:>9.1f}{speed}{ideal}")
+                    print(line + (f"   (first call {r['first_call_s']:.1f} s)" if mode == "compiled" else ""),
+                          flush=True)
+                    rows.append((spec, B, T, mode, r))
+        if a.ttft:
+            print(f"{spec:<22} time to first token at {a.ttft}: {bench_prefill(model, a.ttft) * 1000:.1f} ms "
+                  f"(clustering included)", flush=True)
+        if a.capacity_gb and device.type == "cuda":
+            for T in a.context:
+                n = capacity(model, T, int(a.capacity_gb * 2**30))
+                print(f"{spec:<22} capacity within {a.capacity_gb:g} GiB at T={T}: batch {n}", flush=True)
+        model.clear_caches()
+    if a.hf:
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        for B in a.batch:
+            for T in a.context:
+                try:
+                    t = hf_decode(a.shape, B, T, device, dtype, a.steps)
+                except Exception as e:  # report, don't hide: HF's compile path changes between releases
+                    print(f"{'transformers':<22}{B:>4}{T:>7}  failed: {type(e).__name__}: {e}"[:300])
+                    continue
+                if t is not None:
+                    print(f"{'transformers static+compile':<22}{B:>4}{T:>7}{'compiled':>10}{B / t:>10.1f}"
+                          f"{t * 1000:>9.3f}", flush=True)
+    return 0
