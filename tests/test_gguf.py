@@ -255,3 +255,37 @@ def test_unknown_tensor_is_a_clear_error(tmp_path):
     write_gguf(tmp_path / "m.gguf", weights)
     with pytest.raises(CheckpointError, match="attn_sinks"):
         convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
+
+
+def write_with_tokenizer(path, model: str, pre: str):
+    """A tiny F32 GGUF carrying a byte-level-style tokenizer header (tokens are just placeholders)."""
+    w = gguf.GGUFWriter(str(path), "llama")
+    for key, value in [("block_count", 1), ("context_length", 128), ("embedding_length", HIDDEN),
+                       ("feed_forward_length", FFN), ("head_count", HEADS), ("head_count_kv", KV_HEADS)]:
+        getattr(w, f"add_{key}")(value)
+    w.add_tokenizer_model(model)
+    w.add_tokenizer_pre(pre)
+    w.add_token_list([f"t{i}" for i in range(VOCAB)])
+    for name, x in hf_weights(tied=True).items():
+        w.add_tensor(name, x)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("model, pre, match", [("gpt2", "qwen2", "tokenizer.ggml.pre is 'qwen2'"),
+                                               ("llama", "default", "sentencepiece")])
+def test_unsupported_tokenizer_is_a_clear_error(tmp_path, model, pre, match):
+    write_with_tokenizer(tmp_path / "m.gguf", model, pre)
+    with pytest.raises(CheckpointError, match=match):
+        convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
+
+
+def test_gguf_tokenizer_files_load(tmp_path):
+    from chai_models import load_tokenizer
+
+    write_with_tokenizer(tmp_path / "m.gguf", "gpt2", "llama-bpe")
+    convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
+    tok = load_tokenizer(tmp_path / "out")
+    assert tok.vocab_size == VOCAB and tok.decode([3, 4]) == "t3t4"

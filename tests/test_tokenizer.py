@@ -243,3 +243,18 @@ def test_sentencepiece_streaming(sp_folder):
 def test_missing_tokenizer_is_a_clear_error(tmp_path):
     with pytest.raises(TokenizerError, match="no tokenizer files"):
         load_tokenizer(tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pre", ["llama-bpe", "gpt2", "smollm"])
+def test_gguf_pre_tokenizers_match_hf(smol_dir, tmp_path, pre):
+    # SmolLM2's vocabulary under each pre-tokenizer the GGUF converter can write; HF reads the same JSON
+    tokenizers = pytest.importorskip("tokenizers")
+    from chai_models.convert_gguf import PRE_TOKENIZERS
+
+    doc = json.loads((smol_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    doc["pre_tokenizer"] = PRE_TOKENIZERS[pre]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(doc))
+    ours, ref = load_tokenizer(tmp_path), tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    text = real_text()[:150_000] + " ".join(ODD_TEXTS + SPECIAL_TEXTS)
+    assert ours.encode(text) == ref.encode(text, add_special_tokens=False).ids
