@@ -93,13 +93,20 @@ def test_greedy_chat_names_paris(smol_dir, smol):
     tok = load_tokenizer(smol_dir)
     ids = tok.encode_chat("What is the capital of France?")
     out = []
-    with torch.no_grad():
-        for _ in range(24):  # no cache: re-scores the whole sequence each step, fine for a 135M model
-            nxt = int(smol(torch.tensor([ids + out]))[0, -1].argmax())
-            if nxt in tok.eos_ids:
-                break
-            out.append(nxt)
+    smol.setup_caches(1, len(ids) + 24)
+    try:
+        with torch.no_grad():
+            logits = smol(torch.tensor([ids]), input_pos=torch.arange(len(ids)))  # prefill: [1, S, vocab]
+            for step in range(24):
+                nxt = int(logits[0, -1].argmax())
+                if nxt in tok.eos_ids:
+                    break
+                out.append(nxt)
+                logits = smol(torch.tensor([[nxt]]), input_pos=torch.tensor([len(ids) + step]))  # [1, 1, vocab]
+    finally:
+        smol.clear_caches()
     answer = tok.decode(out)
+    print(answer)
     assert "Paris" in answer, answer
 
 
