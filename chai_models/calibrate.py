@@ -327,7 +327,8 @@ class CalibrationResult:
                 "errors": _rounded(self.errors)}
         if self.null_errors is not None:
             info["null_errors"] = _rounded(self.null_errors)
-        if self.static_agreement is not None:
+        if self.static_membership is not None:  # kept here too: chai.json itself must stay dynamic CHAI
+            info["static_membership"] = self.static_membership
             info["static_agreement"] = self.static_agreement
         return info
 

@@ -184,6 +184,7 @@ def test_chai_json_drives_the_model_to_dense_logits(folder, text_file, model):
     cal = cfg.calibration
     assert cal["n_sequences"] == 24 and cal["tolerance"] == 0.05 and cal["data"] == str(text_file)
     assert len(cal["errors"]) == 3 and len(cal["errors"][0]) == H and "date" in cal and "rule" in cal
+    assert cal["static_membership"][1] == [0, 1, 2, 0, 1, 2, 0, 1]
     static = ChaiConfig.load(folder / CHAI_STATIC_JSON)
     assert static.static_membership == [None, [0, 1, 2, 0, 1, 2, 0, 1], [0] * 8]
     tokens = random_tokens(3, 12, seed=5)
