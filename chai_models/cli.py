@@ -47,7 +47,7 @@ def cmd_generate(a) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     s = out.stats
-    print()
+    print(flush=True)
     print(f"[{s['prompt_tokens']} prompt tokens, {s['generated_tokens']} generated, "
           f"{s['tokens_per_s']:.1f} tok/s, prefill {out.prefill_s * 1000:.0f} ms, KV cache "
           f"{s['kv_cache_bytes'] / 2**20:.2f} MiB, {device} {dtype}]", file=sys.stderr)

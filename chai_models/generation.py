@@ -83,7 +83,7 @@ def generate(model, tokenizer, prompts: str | Sequence[str] | Sequence[Sequence[
         if isinstance(p, str):
             if not p.strip():
                 raise ValueError(f"prompt {i} is empty; give some text to continue")
-            ids.append(tokenizer.encode(tokenizer.apply_chat_template(p) if chat else p))
+            ids.append(tokenizer.encode(tokenizer.apply_chat_template(p), bos=False) if chat else tokenizer.encode(p))
         else:
             ids.append([int(t) for t in p])
         if not ids[-1]:
