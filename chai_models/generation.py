@@ -177,6 +177,10 @@ def decode_step(model, compile: bool = False):
         return lambda tok, pos: model(tok, pos)[:, -1]
     compiled = model.__dict__.get("_compiled_decode")  # kept outside nn.Module's registry (not a submodule)
     if compiled is None:
+        import torch._dynamo as dynamo
+
+        # one graph per (batch size, cache length, CHAI layout) and per model instance: allow many
+        dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 64)
         compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True, dynamic=False)
         model.__dict__["_compiled_decode"] = compiled
 

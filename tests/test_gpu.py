@@ -19,6 +19,9 @@ class Bytes:
 
 
 def cuda_model(n_kv_heads=4, dtype=torch.bfloat16):
+    import torch._dynamo as dynamo
+
+    dynamo.reset()  # each test compiles its own model from scratch
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, n_layers=4, n_heads=8,
                       n_kv_heads=n_kv_heads, head_dim=32, max_seq_len=512)
