@@ -201,8 +201,7 @@ def opt_key(key: str, cfg: dict):
     """HF key -> our key, IGNORED, or None (unknown).
 
     OPTForCausalLM saves `model.decoder.*`; OPTModel and the original facebook/opt-* files save `decoder.*`.
-    Keys that the config rules out (project_in without a 350m-style projection, a final LayerNorm in a
-    post-LN model, ...) map to names the model lacks, and the writer rejects them with the config's reason.
+    A key that the config rules out is an error naming both (the weights and config.json disagree).
     """
     if key == "lm_head.weight":
         return IGNORED  # tied: it is the token embedding (opt_config refuses untied models)
@@ -211,6 +210,16 @@ def opt_key(key: str, cfg: dict):
         return None
     rest = m.group(1)
     if rest in _OPT_TOP:
+        why = None
+        if rest.startswith("project_") and cfg["word_embed_proj_dim"] == cfg["hidden_size"]:
+            why = f"word_embed_proj_dim == hidden_size ({cfg['hidden_size']}), so there is no {rest.split('.')[0]}"
+        elif rest.startswith("final_layer_norm") and not cfg["do_layer_norm_before"]:
+            why = "do_layer_norm_before is false (post-LN blocks), so there is no final LayerNorm"
+        elif rest.startswith("final_layer_norm") and not cfg["layer_norm_elementwise_affine"]:
+            why = "layer_norm_elementwise_affine is false, so LayerNorms have no weights"
+        if why:
+            raise CheckpointError(f"the source has {key!r} but its config.json says {why}; the weights and "
+                                  "config.json come from different models")
         return _OPT_TOP[rest]
     m = re.fullmatch(r"layers\.(\d+)\.(.+)\.(weight|bias)", rest)
     if m:
