@@ -153,7 +153,7 @@ class Attention(nn.Module):
             y = self.chai(self, x, rope, v, input_pos, mask)  # [B, H, S, D]
         else:
             q, k = self.project_q(x, rope), self.project_k(x, rope)  # [B, H, S, D]
-            if self.kv_cache is not None:
+            if input_pos is not None:
                 k, v = self.kv_cache.update_k(input_pos, k), self.kv_cache.update_v(input_pos, v)  # [B, H, T, D]
             y = chai.dense_attention(q, k, v, mask, self.scale)
         return self.wo(y.transpose(1, 2).reshape(B, S, -1))

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
+from conftest import rel_err  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from chai_models import ChaiConfig, CheckpointError, load  # noqa: E402
@@ -45,10 +46,6 @@ VARIANTS = {
                                                                max_position_embeddings=128, enable_bias=False,
                                                                layer_norm_elementwise_affine=False)),
 }
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def random_hf_opt(hf_kwargs, seed=0):
@@ -229,6 +226,21 @@ def test_cached_decode_equals_uncached_forward(converted, variant):
         finally:
             model.clear_caches()
     assert rel_err(torch.cat(parts, 1), full) < TOL
+
+
+def test_forward_without_input_pos_ignores_an_allocated_cache(converted):
+    _, model, _, _ = converted("tiny")
+    x = tokens(model.config.vocab_size, B=2, S=20)
+    with torch.no_grad():
+        full = model(x)
+        model.setup_caches(2, 32)
+        try:
+            head = model(x[:, :12], torch.arange(12))
+            assert torch.equal(model(x), full)  # scoring in between leaves the cache as it was
+            tail = torch.cat([model(x[:, i:i + 1], torch.tensor([i])) for i in range(12, 20)], 1)
+        finally:
+            model.clear_caches()
+    assert rel_err(torch.cat([head, tail], 1), full) < TOL
 
 
 # ----------------------------------------------------------------------------------------------------
