@@ -281,6 +281,20 @@ def test_chai_with_one_cluster_per_head_matches_dense(converted):
             model.set_chai(None)
 
 
+@pytest.mark.parametrize("variant", ["tiny", "tiny-post-ln"])
+def test_calibration_features_are_hf_attention_probabilities(converted, variant):
+    # the features CHAI clusters on are OPT's own attention probabilities (q scaled once, as in HF)
+    from chai_models.calibrate import collect_features
+
+    hf, model, _, _ = converted(variant)
+    x = tokens(hf.config.vocab_size, B=2, S=5)
+    feats = collect_features(model, [x], window=5, show_progress=False)  # [L, B, H, 25]
+    with torch.no_grad():
+        attn = hf(x, output_attentions=True).attentions  # L x [B, H, 5, 5]
+    ref = torch.stack([a.flatten(2) for a in attn])
+    assert rel_err(feats, ref) < TOL
+
+
 @pytest.mark.parametrize("variant,clusters", [("tiny", [8, 3, 1]), ("tiny-post-ln", [2, 5, 8]),
                                               ("125m", [12, 3]), ("350m", [5, 16])])
 def test_chai_cached_equals_uncached(converted, variant, clusters):
