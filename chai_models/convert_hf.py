@@ -147,9 +147,92 @@ def llama_key(key: str, cfg: dict):
     return None
 
 
-# family name -> (config mapping, key mapping); the OPT entries are added by opt's conversion code
+# ----------------------------------------------------------------------------------------------------
+# OPT
+
+
+def opt_config(hf: dict) -> dict:
+    if hf.get("model_type") != "opt":
+        raise CheckpointError(f"config.json has model_type {hf.get('model_type')!r}, not 'opt'")
+    act = hf.get("activation_function", "relu")
+    if act != "relu":
+        raise CheckpointError(f"activation_function {act!r} is not supported for OPT (only relu)")
+    if not hf.get("tie_word_embeddings", True):
+        raise CheckpointError("tie_word_embeddings is false: an untied OPT lm_head is not supported (every "
+                              "public OPT ties it to the token embedding)")
+    pre_ln = bool(hf.get("do_layer_norm_before", True))
+    if pre_ln and hf.get("_remove_final_layer_norm", False):
+        raise CheckpointError("_remove_final_layer_norm with do_layer_norm_before (a legacy transformers "
+                              "layout) is not supported: a pre-LN OPT here always has its final LayerNorm")
+    hidden = hf["hidden_size"]
+    eos = hf.get("eos_token_id", 2)
+    return {
+        "family": "opt",
+        "vocab_size": hf["vocab_size"],
+        "hidden_size": hidden,
+        "ffn_dim": hf["ffn_dim"],
+        "n_layers": hf["num_hidden_layers"],
+        "n_heads": hf["num_attention_heads"],
+        "max_seq_len": hf.get("max_position_embeddings", 2048),
+        "word_embed_proj_dim": hf.get("word_embed_proj_dim") or hidden,
+        "do_layer_norm_before": pre_ln,
+        "enable_bias": bool(hf.get("enable_bias", True)),
+        "layer_norm_elementwise_affine": bool(hf.get("layer_norm_elementwise_affine", True)),
+        "activation": act,
+        "bos_token_id": hf.get("bos_token_id", 2),
+        "eos_token_ids": [] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
+        "pad_token_id": hf.get("pad_token_id", 1),
+    }
+
+
+_OPT_LAYER = {
+    "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
+    "self_attn.out_proj": "attention.wo", "self_attn_layer_norm": "attention_norm", "fc1": "feed_forward.fc1",
+    "fc2": "feed_forward.fc2", "final_layer_norm": "ffn_norm",
+}
+_OPT_TOP = {
+    "embed_tokens.weight": "tok_embeddings.weight", "embed_positions.weight": "pos_embeddings.weight",
+    "project_in.weight": "project_in.weight", "project_out.weight": "project_out.weight",
+    "final_layer_norm.weight": "norm.weight", "final_layer_norm.bias": "norm.bias",
+}
+
+
+def opt_key(key: str, cfg: dict):
+    """HF key -> our key, IGNORED, or None (unknown).
+
+    OPTForCausalLM saves `model.decoder.*`; OPTModel and the original facebook/opt-* files save `decoder.*`.
+    A key that the config rules out is an error naming both (the weights and config.json disagree).
+    """
+    if key == "lm_head.weight":
+        return IGNORED  # tied: it is the token embedding (opt_config refuses untied models)
+    m = re.fullmatch(r"(?:model\.)?decoder\.(.+)", key)
+    if not m:
+        return None
+    rest = m.group(1)
+    if rest in _OPT_TOP:
+        why = None
+        if rest.startswith("project_") and cfg["word_embed_proj_dim"] == cfg["hidden_size"]:
+            why = f"word_embed_proj_dim == hidden_size ({cfg['hidden_size']}), so there is no {rest.split('.')[0]}"
+        elif rest.startswith("final_layer_norm") and not cfg["do_layer_norm_before"]:
+            why = "do_layer_norm_before is false (post-LN blocks), so there is no final LayerNorm"
+        elif rest.startswith("final_layer_norm") and not cfg["layer_norm_elementwise_affine"]:
+            why = "layer_norm_elementwise_affine is false, so LayerNorms have no weights"
+        if why:
+            raise CheckpointError(f"the source has {key!r} but its config.json says {why}; the weights and "
+                                  "config.json come from different models")
+        return _OPT_TOP[rest]
+    m = re.fullmatch(r"layers\.(\d+)\.(.+)\.(weight|bias)", rest)
+    if m:
+        i, mod, kind = m.groups()
+        if int(i) < cfg["n_layers"] and mod in _OPT_LAYER:
+            return f"layers.{i}.{_OPT_LAYER[mod]}.{kind}"
+    return None
+
+
+# family name -> (config mapping, key mapping)
 FAMILIES: dict[str, tuple[Callable[[dict], dict], Callable[[str, dict], object]]] = {
     "llama": (llama_config, llama_key),
+    "opt": (opt_config, opt_key),
 }
 
 
