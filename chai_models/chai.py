@@ -213,8 +213,19 @@ def expand_kv(t: torch.Tensor, n_heads: int) -> torch.Tensor:
     return t if g == 1 else t.repeat_interleave(g, dim=1)
 
 
+DECODE_MATMUL = False  # experiment switch: one-token attention as two matmuls instead of SDPA
+
+
 def dense_attention(q, k, v, mask, scale):
     # q [B, H, S, D], k/v [B, Hkv, T, D], mask [S, T] bool or None (causal, S == T) -> [B, H, S, D]
+    if DECODE_MATMUL and q.shape[2] == 1:
+        B, H, _, D = q.shape
+        Hkv, T = k.shape[1], k.shape[2]
+        qg = q.view(B, Hkv, H // Hkv, D)  # query heads grouped by their KV head
+        scores = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [B, Hkv, G, T]
+        scores = scores.masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+        return torch.matmul(probs, v).view(B, H, 1, D)
     gqa = k.shape[1] != q.shape[1]  # SDPA maps query heads to their KV head itself: no copy of K and V
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
@@ -382,9 +393,12 @@ def representatives(dist: torch.Tensor, head_to_cluster: torch.Tensor, k: int, r
 
 def cluster_heads(features: torch.Tensor, k: int, algorithm: str = "agglomerative", rule: str = "medoid"):
     """features [B, H, F] -> (rep_idx [B, k], head_to_cluster [B, H]); clusters ordered by lowest member."""
+    from . import kernels
+
     dist = cosine_distance(features)
     if algorithm == "agglomerative":
-        labels = agglomerative_average(dist, k)
+        # on CUDA a fused Triton kernel (one launch per layer) runs the same merges
+        labels = kernels.agglomerative_average(dist, k) if kernels.available(dist) else agglomerative_average(dist, k)
     elif algorithm == "kmeans":
         labels = kmeans(features, k)
     else:
@@ -414,6 +428,7 @@ class ChaiLayer(nn.Module):
         self.n_k_slots = n_clusters if n_clusters < n_kv_heads else n_kv_heads
         self.static = None if static is None else torch.tensor(static, dtype=torch.long)
         self.ready = False  # host flag: membership decided for the sequences in the cache
+        self.chunk_start = 0  # first position of the current cached call (set by prepare_cache_call)
         self.q_rows: HeadRows | None = None  # representatives' weight rows, when that reads fewer bytes
         self.k_rows: HeadRows | None = None
 
@@ -480,7 +495,7 @@ class ChaiLayer(nn.Module):
         v_all = cache.update_v(input_pos, v)  # [B, Hkv, T, D]
         if self.ready and S == 1:  # decode: no host sync
             return self._clustered(attn, x, rope, input_pos, mask, B)
-        p0 = int(input_pos[0])  # prefill or the first W tokens: one host read per call
+        p0 = self.chunk_start  # read once per call by prepare_cache_call
         if p0 == 0:
             self.ready = False  # a new sequence starts
         if self.ready:
@@ -511,7 +526,7 @@ class ChaiLayer(nn.Module):
         return torch.cat([y_w, y_r], dim=2)
 
     def _clustered(self, attn, x, rope, pos, mask, B):
-        rows = self.use_rows and x.shape[1] == 1  # decode reads the stored rows; prefill projects all heads
+        rows = self.use_rows  # the representatives' own weight rows: fewer bytes and FLOPs than all heads
         q = attn.project_q(x, rope, self.q_rows if rows else self.rep_idx[:B])  # [B, k, S, D]
         k = attn.project_k(x, rope, self.k_rows if rows else self.kv_of_slot[:B])  # [B, n_slots, S, D]
         k_all = attn.kv_cache.update_k(pos, k)  # [B, n_slots, T, D]
@@ -573,7 +588,12 @@ def reset(model) -> None:
             attn.chai.ready = False
 
 
-def check_cache_call(model, B: int, S: int, input_pos: torch.Tensor) -> None:
+def prepare_cache_call(model, B: int, S: int, input_pos: torch.Tensor) -> None:
+    """Checks a cached forward's arguments, and tells CHAI layers where the chunk starts.
+
+    The start position is read from the device once per call, and only while some layer still needs it
+    (prefill or the first W tokens); decode after clustering never synchronises with the host.
+    """
     if not model.max_batch_size:
         raise RuntimeError("forward with input_pos needs a KV cache: call model.setup_caches(max_batch_size, "
                            "max_seq_len) first, or call forward(tokens) without input_pos to score a sequence")
@@ -586,6 +606,11 @@ def check_cache_call(model, B: int, S: int, input_pos: torch.Tensor) -> None:
     if input_pos.dim() != 1 or input_pos.shape[0] != S:
         raise ValueError(f"input_pos must be a 1-D tensor of the {S} positions of the tokens, got shape "
                          f"{tuple(input_pos.shape)}")
+    layers = [a.chai for a in model.attention_layers if a.chai is not None]
+    if layers and (S > 1 or not all(c.ready for c in layers)):
+        start = int(input_pos[0])
+        for c in layers:
+            c.chunk_start = start
 
 
 def kv_cache_bytes(model) -> dict:

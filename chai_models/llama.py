@@ -255,7 +255,7 @@ class Llama(nn.Module):
             pos = torch.arange(S, device=tokens.device)
             mask = None  # causal
         else:
-            chai.check_cache_call(self, B, S, input_pos)
+            chai.prepare_cache_call(self, B, S, input_pos)
             pos = input_pos
             # a query at position p sees cache slots 0..p
             mask = torch.arange(self.max_seq_len, device=tokens.device)[None, :] <= pos[:, None]  # [S, T]

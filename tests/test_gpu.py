@@ -57,3 +57,16 @@ def test_no_recompilation_across_requests():
     for prompts in (["x" * 7, "different length prompt"], ["abc" * 11, "zz"], PROMPTS[1:]):
         generate(model, Bytes(), prompts, max_new_tokens=8, compile=True)
     assert dynamo.utils.counters["stats"]["unique_graphs"] == frames  # other lengths and memberships: same graph
+
+
+def test_triton_clustering_matches_torch():
+    from chai_models import chai, kernels
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for H in (4, 9, 32, 52, 72):
+        for k in (1, 2, H // 3 + 1, H - 1, H):
+            feats = torch.rand(16, H, 25, device="cuda", generator=gen) ** 3
+            dist = chai.cosine_distance(feats)
+            fast = kernels.agglomerative_average(dist, k)
+            ref = chai.agglomerative_average(dist, k)
+            assert torch.equal(fast, ref), (H, k)

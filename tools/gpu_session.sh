@@ -11,7 +11,7 @@ B="python tools/bench.py --shape llama-2-7b --chai dense llama-7b"
 for step in "$@"; do
   echo "=== $step $(date +%T)"
   case $step in
-    tests) python -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tail -30 ;;
+    tests) python -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -W ignore::DeprecationWarning 2>&1 ;;
     b1_512) $B --batch 1 --context 512 --mode eager compiled --ttft 2048 ;;
     b1_8192) $B --batch 1 --context 8192 --mode compiled ;;
     b8_2048) $B --batch 8 --context 2048 --mode compiled ;;
@@ -19,5 +19,8 @@ for step in "$@"; do
     capacity) $B --batch 1 --context 2048 --mode eager --capacity-gb 60 --steps 4 ;;
     opt) python tools/bench.py --shape opt-6.7b --chai dense --batch 1 --context 512 --mode eager compiled ;;
     calib) python tools/calibrate_timing.py ;;
+    prof) P="python tools/profile_decode.py --shape llama-2-7b"
+          $P; $P --cdt; $P --matmul; $P --context 8192; $P --context 8192 --matmul
+          $P --chai llama-7b --context 8192; $P --chai llama-7b --context 8192 --matmul ;;
   esac 2>&1 | tee "$OUT/$step.log"
 done
