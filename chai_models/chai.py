@@ -213,19 +213,8 @@ def expand_kv(t: torch.Tensor, n_heads: int) -> torch.Tensor:
     return t if g == 1 else t.repeat_interleave(g, dim=1)
 
 
-DECODE_MATMUL = False  # experiment switch: one-token attention as two matmuls instead of SDPA
-
-
 def dense_attention(q, k, v, mask, scale):
     # q [B, H, S, D], k/v [B, Hkv, T, D], mask [S, T] bool or None (causal, S == T) -> [B, H, S, D]
-    if DECODE_MATMUL and q.shape[2] == 1:
-        B, H, _, D = q.shape
-        Hkv, T = k.shape[1], k.shape[2]
-        qg = q.view(B, Hkv, H // Hkv, D)  # query heads grouped by their KV head
-        scores = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [B, Hkv, G, T]
-        scores = scores.masked_fill(~mask, float("-inf"))
-        probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
-        return torch.matmul(probs, v).view(B, H, 1, D)
     gqa = k.shape[1] != q.shape[1]  # SDPA maps query heads to their KV head itself: no copy of K and V
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)

@@ -178,9 +178,13 @@ def decode_step(model, compile: bool = False):
     compiled = model.__dict__.get("_compiled_decode")  # kept outside nn.Module's registry (not a submodule)
     if compiled is None:
         import torch._dynamo as dynamo
+        import torch._inductor.config as inductor
 
         # one graph per (batch size, cache length, CHAI layout) and per model instance: allow many
         dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 64)
+        # decode is a chain of matrix-vector products; tuned Triton reductions read the weights faster than
+        # the library GEMV (measured on H200: 4.64 vs 4.98 ms per 7B step, see README)
+        inductor.coordinate_descent_tuning = True
         compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True, dynamic=False)
         model.__dict__["_compiled_decode"] = compiled
 

@@ -22,7 +22,7 @@ def available(t: torch.Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _agglomerative_kernel(dist_ptr, labels_ptr, H, n_merges, BH: tl.constexpr):
+    def _agglomerative_kernel(dist_ptr, labels_ptr, H: tl.constexpr, n_merges: tl.constexpr, BH: tl.constexpr):
         b = tl.program_id(0)
         r = tl.arange(0, BH)
         rows, cols = r[:, None], r[None, :]
@@ -32,9 +32,10 @@ if triton is not None:
         size = tl.where(r < H, 1.0, 0.0)
         labels = r
         for _ in range(n_merges):
-            idx = tl.argmin(tl.reshape(d, [BH * BH]), axis=0, tie_break_left=True)  # first minimum
-            i = idx // BH  # i < j: d is symmetric, so row-major order meets (i, j) before (j, i)
-            j = idx % BH
+            # the closest pair, first in row-major order: i is the first row holding the minimum, j the first
+            # column of row i holding it; d is symmetric, so i < j
+            i = tl.argmin(tl.min(d, axis=1), axis=0, tie_break_left=True)
+            j = tl.argmin(tl.sum(tl.where(rows == i, d, 0.0), axis=0), axis=0, tie_break_left=True)
             ni = tl.sum(tl.where(r == i, size, 0.0), axis=0)
             nj = tl.sum(tl.where(r == j, size, 0.0), axis=0)
             # row i and row j of d as vectors over columns, and as vectors over rows (same values)

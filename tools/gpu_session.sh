@@ -20,7 +20,6 @@ for step in "$@"; do
     opt) python tools/bench.py --shape opt-6.7b --chai dense --batch 1 --context 512 --mode eager compiled ;;
     calib) python tools/calibrate_timing.py ;;
     prof) P="python tools/profile_decode.py --shape llama-2-7b"
-          $P; $P --cdt; $P --matmul; $P --context 8192; $P --context 8192 --matmul
-          $P --chai llama-7b --context 8192; $P --chai llama-7b --context 8192 --matmul ;;
+          $P; $P --chai llama-7b; $P --context 8192; $P --chai llama-7b --context 8192 ;;
   esac 2>&1 | tee "$OUT/$step.log"
 done
