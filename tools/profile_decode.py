@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Where does a compiled decode step spend its time? Kernel time per step vs wall time per step, top kernels.
 
-    python tools/profile_decode.py --shape llama-2-7b [--chai llama-7b] [--batch 1] [--context 512] [--cdt]
+    python tools/profile_decode.py --shape llama-2-7b [--chai llama-7b] [--batch 1] [--context 512]
 """
 import argparse
 import sys
@@ -24,11 +24,7 @@ def main():
     p.add_argument("--chai", default=None)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--context", type=int, default=512)
-    p.add_argument("--no-cdt", dest="cdt", action="store_false", help="inductor without coordinate descent tuning")
     a = p.parse_args()
-    import torch._inductor.config as ic
-
-    ic.coordinate_descent_tuning = a.cdt  # decode_step turns it on only if nobody set it
     model = random_model(a.shape, torch.device("cuda"), torch.bfloat16)
     if a.chai:
         model.set_chai(ChaiConfig.from_spec(a.chai, model.config.n_layers, model.config.n_heads))
@@ -57,7 +53,7 @@ def main():
             torch.cuda.synchronize()
     events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
     gpu = sum(e.self_device_time_total for e in events) / n / 1e6
-    print(f"{a.shape} chai={a.chai} B={B} T={T} cdt={a.cdt}: wall {wall * 1e3:.3f} ms/step, kernels "
+    print(f"{a.shape} chai={a.chai} B={B} T={T}: wall {wall * 1e3:.3f} ms/step, kernels "
           f"{gpu * 1e3:.3f} ms/step, bytes {step_bytes(model, B) / 1e9:.2f} GB -> "
           f"{step_bytes(model, B) / wall / 1e9:.0f} GB/s wall, {step_bytes(model, B) / gpu / 1e9:.0f} GB/s kernels")
     for e in sorted(events, key=lambda e: -e.self_device_time_total)[:12]:
