@@ -577,6 +577,11 @@ def reset(model) -> None:
             attn.chai.ready = False
 
 
+def ready(model) -> bool:
+    """True when every clustered layer has its membership (decode can run without host reads)."""
+    return all(a.chai.ready for a in model.attention_layers if a.chai is not None)
+
+
 def prepare_cache_call(model, B: int, S: int, input_pos: torch.Tensor) -> None:
     """Checks a cached forward's arguments, and tells CHAI layers where the chunk starts.
 

@@ -167,6 +167,9 @@ def generate(model, tokenizer, prompts: str | Sequence[str] | Sequence[Sequence[
     return res
 
 
+TUNE_DECODE = True  # coordinate-descent tuning of the compiled decode kernels (slower first compile)
+
+
 def decode_step(model, compile: bool = False):
     """The one-token decode step: tokens [B, 1], position [1] -> next-token logits [B, vocab].
 
@@ -184,11 +187,13 @@ def decode_step(model, compile: bool = False):
         dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 64)
         # decode is a chain of matrix-vector products; tuned Triton reductions read the weights faster than
         # the library GEMV (measured on H200: 4.64 vs 4.98 ms per 7B step, see README)
-        inductor.coordinate_descent_tuning = True
+        inductor.coordinate_descent_tuning = TUNE_DECODE
         compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True, dynamic=False)
         model.__dict__["_compiled_decode"] = compiled
 
     def step(tok, pos):
+        if not chai.ready(model):  # a prompt shorter than CHAI's window: dense steps run eagerly until it fills
+            return model(tok, pos)[:, -1]
         torch.compiler.cudagraph_mark_step_begin()
         return compiled(tok, pos)[:, -1].clone()  # the graph's output buffer is reused on the next replay
 
