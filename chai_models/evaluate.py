@@ -697,6 +697,8 @@ def main(argv=None) -> int:
     try:
         if not a.text and not a.task:
             raise EvaluationError("nothing to evaluate: give --text (perplexity) and/or --task (zero-shot tasks)")
+        for spec in a.task:  # a bad task file fails here, before minutes of model work
+            load_task(spec, a.task_limit)
         model = load(a.model_dir, device=a.device, dtype=a.dtype)
         tok = load_tokenizer(a.model_dir)
         methods = build_methods(model, a.model_dir, a.chai or ["auto"], a.static, a.random, a.seed)

@@ -187,7 +187,7 @@ def test_loader_errors(tmp_path):
 
 def test_cli_reports_errors(capsys):
     assert main([str(SMOL), "--task", "/nonexistent/piqa.jsonl"]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    assert "task file /nonexistent/piqa.jsonl does not exist" in capsys.readouterr().err
     assert main([str(SMOL)]) == 2
     assert "nothing to evaluate" in capsys.readouterr().err
 
