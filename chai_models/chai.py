@@ -236,21 +236,14 @@ def clustered_attention(q_rep, k_slots, v, head_to_cluster, slot_of_rep, mask, s
         # same as below, without materializing [B, H, S, T] probabilities
         q_h, k_h = batched_index(q_rep, head_to_cluster), batched_index(k_rep, head_to_cluster)  # [B, H, *, D]
         return dense_attention(q_h, k_h, expand_kv(v, H), mask, scale)  # K per query head, so V is too
-    Hkv, T = v.shape[1], v.shape[2]
-    compiled = torch.compiler.is_compiling()
-    if compiled:  # inductor fuses these into reductions that stream K and V once (faster than batched GEMV)
-        scores = (q_rep.float() * k_rep.float()).sum(-1)[:, :, None, :] * scale  # [B, k, 1, T]
-    else:
-        scores = torch.matmul(q_rep, k_rep.transpose(-1, -2)) * scale  # [B, k, 1, T]
+    scores = torch.matmul(q_rep, k_rep.transpose(-1, -2)) * scale  # [B, k, S, T]
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores.to(_at_least_fp32(scores.dtype)), dim=-1).to(v.dtype)  # [B, k, 1, T]: per cluster
-    probs = batched_index(probs, head_to_cluster).view(B, Hkv, H // Hkv, T)  # [B, Hkv, G, T]: each head its cluster's
-    if compiled:
-        out = (probs[..., None].float() * v[:, :, None].float()).sum(-2).to(v.dtype)  # [B, Hkv, G, D], own V
-    else:
-        out = torch.matmul(probs, v)  # [B, Hkv, G, D]: every head with its own V
-    return out.view(B, H, 1, D)
+    probs = torch.softmax(scores.to(_at_least_fp32(scores.dtype)), dim=-1).to(v.dtype)  # [B, k, S, T]: once per cluster
+    probs = batched_index(probs, head_to_cluster)  # [B, H, S, T]: each head takes its cluster's
+    Hkv, T = v.shape[1], v.shape[2]
+    out = torch.matmul(probs.view(B, Hkv, H // Hkv, S, T), v[:, :, None])  # [B, Hkv, G, S, D], own V
+    return out.view(B, H, S, D)
 
 
 def _at_least_fp32(dtype):
