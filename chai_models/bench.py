@@ -223,6 +223,22 @@ def hf_decode(shape: str, B: int, T: int, device, dtype, steps: int = 32) -> flo
     return (t_long - t_short) / (steps - 1)
 
 
+def time_calibration(model, n: int, length: int, device) -> int:
+    """Times calibrate_model end to end (features, k-means curves for k = 1..H, elbow, static membership)."""
+    from .calibrate import calibrate_model
+
+    tokens = torch.randint(0, model.config.vocab_size, (n, length), device=device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    res = calibrate_model(model, tokens, show_progress=False)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter() - t
+    print(f"calibration of {n} sequences x {length} tokens: {t:.1f} s; counts {res.clusters}")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="tiny", help=f"one of {sorted(SHAPES)} or opt-<size>")
@@ -237,6 +253,9 @@ def main(argv=None) -> int:
                                                                 "within this memory budget (GPU)")
     p.add_argument("--hf", action="store_true", help="also time transformers (static cache + compile)")
     p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--calibrate", type=int, default=0, metavar="N",
+                   help="instead: time the offline calibration on N random sequences of --calibrate-len tokens")
+    p.add_argument("--calibrate-len", type=int, default=512)
     a = p.parse_args(argv)
     from .checkpoint import dtype_from_name
 
@@ -249,6 +268,8 @@ def main(argv=None) -> int:
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"# {a.shape} {a.dtype} on {card}, torch {torch.__version__}, copy bandwidth {bw / 1e12:.2f} TB/s, "
           f"weights {weight_bytes(model) / 1e9:.2f} GB")
+    if a.calibrate:
+        return time_calibration(model, a.calibrate, a.calibrate_len, device)
     rows = []
     hdr = (f"{'config':<22}{'B':>4}{'T':>7}{'mode':>10}{'tok/s':>10}{'ms/tok':>9}{'GB/s':>8}{'%bw':>6}"
            f"{'KV MB':>9}{'vs dense':>9}{'ideal':>7}")

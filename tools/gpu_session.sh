@@ -15,10 +15,11 @@ for step in "$@"; do
     b1_512) $B --batch 1 --context 512 --mode eager compiled --ttft 2048 ;;
     b1_8192) $B --batch 1 --context 8192 --mode compiled ;;
     b8_2048) $B --batch 8 --context 2048 --mode compiled ;;
+    chai_long) $B --batch 1 8 --context 2048 8192 --mode compiled ;;
     hf) $B --batch 1 --context 512 --mode compiled --hf --chai dense ;;
     capacity) $B --batch 1 --context 2048 --mode eager --capacity-gb 60 --steps 4 ;;
     opt) python tools/bench.py --shape opt-6.7b --chai dense --batch 1 --context 512 --mode eager compiled ;;
-    calib) python tools/calibrate_timing.py ;;
+    calib) python tools/bench.py --shape llama-2-7b --calibrate 1024 --calibrate-len 512 ;;
     prof) P="python tools/profile_decode.py --shape llama-2-7b"
           $P; $P --chai llama-7b; $P --context 8192; $P --chai llama-7b --context 8192 ;;
   esac 2>&1 | tee "$OUT/$step.log"
