@@ -22,5 +22,7 @@ for step in "$@"; do
     calib) python tools/bench.py --shape llama-2-7b --calibrate 1024 --calibrate-len 512 ;;
     prof) P="python tools/profile_decode.py --shape llama-2-7b"
           $P; $P --chai llama-7b; $P --context 8192; $P --chai llama-7b --context 8192 ;;
+    prof8) P="python tools/profile_decode.py --shape llama-2-7b --batch 8 --context 2048"
+           $P; $P --chai llama-7b ;;
   esac 2>&1 | tee "$OUT/$step.log"
 done

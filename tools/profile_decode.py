@@ -56,7 +56,7 @@ def main():
     print(f"{a.shape} chai={a.chai} B={B} T={T}: wall {wall * 1e3:.3f} ms/step, kernels "
           f"{gpu * 1e3:.3f} ms/step, bytes {step_bytes(model, B) / 1e9:.2f} GB -> "
           f"{step_bytes(model, B) / wall / 1e9:.0f} GB/s wall, {step_bytes(model, B) / gpu / 1e9:.0f} GB/s kernels")
-    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:12]:
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:25]:
         print(f"  {e.self_device_time_total / n / 1e3:8.3f} ms  x{e.count // n:<4} {e.key[:110]}")
 
 
