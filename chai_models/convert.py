@@ -7,7 +7,6 @@ Every tensor is checked against the shapes that config.json implies before anyth
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib
 import sys
 from pathlib import Path

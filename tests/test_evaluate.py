@@ -17,7 +17,6 @@ from chai_models.evaluate import (Doc, EvaluationError, Method, Request, Task, b
 from chai_models.llama import Llama, LlamaConfig
 
 FIXTURES = Path(__file__).parent / "fixtures"
-SMOL = Path("/work/main/weights/smollm2-135m-instruct")
 
 
 def tiny_llama(seed=0, chai=None):
@@ -185,10 +184,10 @@ def test_loader_errors(tmp_path):
         load_task(str(unlabelled))
 
 
-def test_cli_reports_errors(capsys):
-    assert main([str(SMOL), "--task", "/nonexistent/piqa.jsonl"]) == 2
+def test_cli_reports_errors(capsys, smol_dir):
+    assert main([str(smol_dir), "--task", "/nonexistent/piqa.jsonl"]) == 2
     assert "task file /nonexistent/piqa.jsonl does not exist" in capsys.readouterr().err
-    assert main([str(SMOL)]) == 2
+    assert main([str(smol_dir)]) == 2
     assert "nothing to evaluate" in capsys.readouterr().err
 
 
@@ -275,12 +274,10 @@ def test_build_requests_split_and_truncation():
 
 
 @pytest.fixture(scope="module")
-def smol():
+def smol(smol_dir):
     from chai_models import load, load_tokenizer
 
-    if not (SMOL / "config.json").is_file():
-        pytest.skip(f"{SMOL} is not converted (chai_models.default_model.ensure_default_model())")
-    return load(SMOL), load_tokenizer(SMOL)
+    return load(smol_dir), load_tokenizer(smol_dir)
 
 
 @pytest.fixture(scope="module")
@@ -290,29 +287,6 @@ def license_ids(smol):
     return tok.encode(text, bos=False)
 
 
-@pytest.fixture(scope="module")
-def hf_smol():
-    """transformers' LlamaForCausalLM from the SmolLM2 GGUF, through transformers' own GGUF reader (as test_gguf)."""
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("gguf")
-    from chai_models.default_model import GGUF_NAME, cache_dir
-
-    folder = cache_dir()
-    if not (folder / GGUF_NAME).is_file():
-        pytest.skip(f"no {GGUF_NAME} in {folder}")
-    try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_NAME, dtype=torch.float32)
-    except ValueError as e:
-        if "accelerate" not in str(e):
-            raise
-        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-        cfg = transformers.AutoConfig.from_pretrained(folder, gguf_file=GGUF_NAME)
-        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-        sd = load_gguf_checkpoint(str(folder / GGUF_NAME), return_tensors=True, model_to_load=model)["tensors"]
-        model.load_state_dict(sd, strict=False)
-        model.tie_weights()
-    return model.eval()
 
 
 @pytest.mark.slow

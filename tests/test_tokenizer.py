@@ -33,14 +33,6 @@ def real_text() -> str:
     return text
 
 
-@pytest.fixture(scope="module")
-def smol_dir():
-    from chai_models.default_model import ensure_default_model
-
-    try:
-        return ensure_default_model()
-    except RuntimeError as e:
-        pytest.skip(str(e))
 
 
 @pytest.fixture(scope="module")
