@@ -450,8 +450,8 @@ class ChaiLayer(nn.Module):
                              persistent=False)
         self.ready = False
         self.q_rows = self.k_rows = None
-        # per-sequence weight rows pay off when B*k rows are fewer than the H rows of the full projection
-        self.use_rows = B * k < H
+        # per-sequence weight rows pay off when they are fewer than the rows of the full projections
+        self.use_rows = B * k < H and B * self.n_k_slots <= Hkv
 
     def _store_rows(self, attn, B):
         """Copies the representatives' Q and K weight rows into static buffers (allocated once per setup)."""
