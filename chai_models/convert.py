@@ -1,6 +1,7 @@
 """`convert_weights SRC DST`: detects the source format and writes our checkpoint format to DST.
 
-Sources: a Hugging Face folder (LLaMA or OPT; safetensors or .bin, sharded or not) or a .gguf file (llama).
+Sources: a Hugging Face folder (LLaMA or OPT; safetensors or .bin, sharded or not), a Meta consolidated folder
+(params.json + consolidated.NN.pth + tokenizer.model) or a .gguf file (llama).
 Writes into a temporary folder beside DST and renames it at the end; refuses to overwrite without --force.
 Every tensor is checked against the shapes that config.json implies before anything is renamed into place.
 """
@@ -92,15 +93,21 @@ def convert(src, dst, dtype: str | torch.dtype | None = None, force: bool = Fals
         return write_checkpoint(dst, cfg, tensors, None, dtype, force, max_shard_bytes,
                                 extra_files=lambda tmp: convert_hf.copy_tokenizer_files(src, tmp))
     if src.is_dir() and (src / "params.json").exists():
-        raise CheckpointError(f"{src} looks like a Meta consolidated checkpoint; convert it to a Hugging Face "
-                              "folder first (transformers' convert_llama_weights_to_hf.py), then convert that")
+        from . import convert_meta
+
+        if not convert_meta.is_meta_folder(src):
+            raise CheckpointError(f"{src} has params.json but no consolidated.*.pth shards")
+        cfg, tensors = convert_meta.read_meta(src)
+        return write_checkpoint(dst, cfg, tensors, None, dtype, force, max_shard_bytes,
+                                extra_files=lambda tmp: convert_meta.copy_tokenizer(src, tmp))
     raise CheckpointError(f"{src}: unrecognised source; expected a Hugging Face folder (config.json + "
-                          "model*.safetensors or pytorch_model*.bin) or a .gguf file")
+                          "model*.safetensors or pytorch_model*.bin), a Meta folder (params.json + "
+                          "consolidated.*.pth) or a .gguf file")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="convert_weights", description=__doc__.splitlines()[0])
-    p.add_argument("src", help="Hugging Face folder or .gguf file")
+    p.add_argument("src", help="Hugging Face folder, Meta consolidated folder or .gguf file")
     p.add_argument("dst", help="output folder (our format)")
     p.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: the source's; GGUF "
                                                   "quantized weights: float32)")

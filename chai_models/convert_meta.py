@@ -1,0 +1,110 @@
+"""Meta's consolidated checkpoints (params.json + consolidated.NN.pth + tokenizer.model) -> our format.
+
+Meta's tensor names are already ours. Two things differ:
+- RoPE: Meta rotates interleaved pairs (2i, 2i+1); we rotate halves (i, i + D/2) like Hugging Face, so the rows
+  of wq and wk are permuted within each head (the permutation transformers' converter applies).
+- Model parallelism: with N shards each tensor is split along the dimension its layer is parallel in. Shards are
+  memory-mapped and each tensor is concatenated on its own, so peak memory is about one tensor.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .checkpoint import CheckpointError
+
+# split dimension of each tensor kind across model-parallel shards (None: replicated)
+_SPLIT = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1,
+          "attention_norm": None, "ffn_norm": None, "norm": None}
+
+
+def is_meta_folder(src: Path) -> bool:
+    return src.is_dir() and (src / "params.json").exists() and bool(sorted(src.glob("consolidated.*.pth")))
+
+
+def rotate_half_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """wq/wk rows from interleaved-pair order to rotate-half order, head by head. w [n_heads*D, hidden]."""
+    rows, hidden = w.shape
+    D = rows // n_heads
+    return w.view(n_heads, D // 2, 2, hidden).transpose(1, 2).reshape(rows, hidden)
+
+
+def _kind(name: str) -> str:
+    return name.split(".")[-2] if name.endswith(".weight") else name
+
+
+def meta_config(params: dict, shapes: dict[str, torch.Size], n_shards: int) -> dict:
+    """Our config from params.json; the sizes params.json leaves implicit come from the tensor shapes."""
+    dim, n_heads = params["dim"], params["n_heads"]
+    vocab = params.get("vocab_size", -1)
+    emb = shapes["tok_embeddings.weight"]
+    if vocab is None or vocab < 0:  # LLaMA-1/2 write -1: the embedding knows (split along dim 1, or along vocab)
+        vocab = emb[0] if emb[1] * n_shards == dim else emb[0] * n_shards
+    scaling = None
+    if params.get("use_scaled_rope"):  # LLaMA-3.1's published constants
+        scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                   "original_max_position_embeddings": 8192}
+    return {
+        "family": "llama",
+        "vocab_size": int(vocab),
+        "hidden_size": dim,
+        "intermediate_size": int(shapes["layers.0.feed_forward.w1.weight"][0] * n_shards),
+        "n_layers": params["n_layers"],
+        "n_heads": n_heads,
+        "n_kv_heads": params.get("n_kv_heads") or n_heads,
+        "head_dim": dim // n_heads,
+        "max_seq_len": params.get("max_seq_len", 2048),
+        "norm_eps": params.get("norm_eps", 1e-5),
+        "rope_theta": float(params.get("rope_theta", 10000.0)),
+        "rope_scaling": scaling,
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_ids": [2],
+        "pad_token_id": None,
+    }
+
+
+def read_meta(src: Path) -> tuple[dict, Iterator[tuple[str, torch.Tensor]]]:
+    """(our config, stream of (our name, tensor)) for a Meta consolidated folder."""
+    try:
+        params = json.loads((src / "params.json").read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{src / 'params.json'} is not valid JSON ({e})") from e
+    files = sorted(src.glob("consolidated.*.pth"))
+    try:
+        shards = [torch.load(str(f), map_location="cpu", weights_only=True, mmap=True) for f in files]
+    except Exception as e:
+        raise CheckpointError(f"{src}: a consolidated shard could not be read ({type(e).__name__}: {e})") from e
+    names = [k for k in shards[0] if k != "rope.freqs"]  # rope.freqs: a buffer we recompute
+    for f, sd in zip(files, shards):
+        if sorted(k for k in sd if k != "rope.freqs") != sorted(names):
+            raise CheckpointError(f"{f} does not hold the same tensors as {files[0]}; the shards are incomplete")
+    cfg = meta_config(params, {k: shards[0][k].shape for k in names}, len(shards))
+
+    def tensors():
+        for name in names:
+            parts = [sd[name] for sd in shards]
+            if len(parts) == 1:
+                t = parts[0]
+            elif name == "tok_embeddings.weight":  # LLaMA-1/2 split the embedding dim, LLaMA-3 the vocabulary
+                t = torch.cat(parts, dim=1 if parts[0].shape[1] * len(parts) == cfg["hidden_size"] else 0)
+            else:
+                split = _SPLIT.get(_kind(name))
+                t = parts[0] if split is None else torch.cat(parts, dim=split)
+            if name.endswith("attention.wq.weight"):
+                t = rotate_half_rows(t, cfg["n_heads"])
+            elif name.endswith("attention.wk.weight"):
+                t = rotate_half_rows(t, cfg["n_kv_heads"])
+            yield name, t
+
+    return cfg, tensors()
+
+
+def copy_tokenizer(src: Path, dst: Path) -> None:
+    import shutil
+
+    if (src / "tokenizer.model").exists():
+        shutil.copyfile(src / "tokenizer.model", dst / "tokenizer.model")
