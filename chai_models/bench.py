@@ -267,7 +267,6 @@ def main(argv=None) -> int:
           f"weights {weight_bytes(model) / 1e9:.2f} GB")
     if a.calibrate:
         return time_calibration(model, a.calibrate, a.calibrate_len, device)
-    rows = []
     hdr = (f"{'config':<22}{'B':>4}{'T':>7}{'mode':>10}{'tok/s':>10}{'ms/tok':>9}{'GB/s':>8}{'%bw':>6}"
            f"{'KV MB':>9}{'vs dense':>9}{'ideal':>7}")
     print(hdr)
@@ -297,7 +296,6 @@ def main(argv=None) -> int:
                             f"{100 * gbs * 1e9 / bw:>6.1f}{r['kv_bytes'] / 1e6:>9.1f}{speed}{ideal}")
                     print(line + (f"   (first call {r['first_call_s']:.1f} s)" if mode == "compiled" else ""),
                           flush=True)
-                    rows.append((spec, B, T, mode, r))
         if a.ttft:
             print(f"{spec:<22} time to first token at {a.ttft}: {bench_prefill(model, a.ttft) * 1000:.1f} ms "
                   f"(clustering included)", flush=True)

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from .chai import ChaiConfig, cluster_heads, window_probs
+from .chai import ChaiConfig, cluster_heads, k_slots, window_probs
 from .progress import progress
 
 CHAI_JSON = "chai.json"
@@ -264,10 +264,6 @@ def null_features(features: torch.Tensor, seed: int = 0) -> torch.Tensor:
     perm = torch.rand(features.shape, generator=gen, device=features.device).argsort(dim=1)  # [M, H, F]
     return features.gather(1, perm)
 
-
-def k_slots(k: int, n_heads: int, n_kv_heads: int) -> int:
-    """K heads a layer keeps per sequence with k clusters (ChaiLayer.n_k_slots; dense keeps all Hkv)."""
-    return n_kv_heads if k == n_heads or k >= n_kv_heads else k
 
 
 # ----------------------------------------------------------------------------------------------------

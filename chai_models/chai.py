@@ -416,6 +416,12 @@ def cluster_heads(features: torch.Tensor, k: int, algorithm: str = "agglomerativ
 # A clustered layer: its per-sequence state and its forward
 
 
+def k_slots(k: int, n_heads: int, n_kv_heads: int) -> int:
+    """K heads a layer keeps per sequence with k clusters: one slot per representative when k < Hkv, else every
+    KV head (no K saving possible; dense layers, k == n_heads, keep all too)."""
+    return k if k < n_kv_heads and k < n_heads else n_kv_heads
+
+
 class ChaiLayer(nn.Module):
     """CHAI state and forward of one clustered attention layer (k < n_heads).
 
@@ -429,8 +435,7 @@ class ChaiLayer(nn.Module):
         self.n_clusters, self.window, self.scale = n_clusters, cfg.window, scale
         self.algorithm, self.rule = cfg.algorithm, cfg.representative
         self.group = n_heads // n_kv_heads
-        # k < Hkv: one K slot per representative; else K of every KV head stays (no K saving possible)
-        self.n_k_slots = n_clusters if n_clusters < n_kv_heads else n_kv_heads
+        self.n_k_slots = k_slots(n_clusters, n_heads, n_kv_heads)
         self.static = None if static is None else torch.tensor(static, dtype=torch.long)
         self.ready = False  # host flag: membership decided for the sequences in the cache
         self.chunk_start = 0  # first position of the current cached call (set by prepare_cache_call)
@@ -471,9 +476,6 @@ class ChaiLayer(nn.Module):
     def window_bytes(self) -> int:
         return sum(b.numel() * b.element_size() for n, b in self._buffers.items() if n in ("k_win", "p_win"))
 
-    def rows_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for r in (self.q_rows, self.k_rows) if r is not None
-                   for t in (r.weight, r.bias) if t is not None)
 
     def membership(self, probs: torch.Tensor):
         """probs [B, H, W, W] window probabilities -> rep_idx [B, k], head_to_cluster [B, H], kv_of_slot, slot_of_rep."""

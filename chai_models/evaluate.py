@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .chai import ChaiConfig
+from .chai import ChaiConfig, k_slots
 from .progress import progress
 
 
@@ -58,10 +58,6 @@ class Method:
     chai: ChaiConfig | None  # None: dense attention
     kind: str = "chai"  # dense | chai | static | random
 
-
-def k_slots(k: int, n_heads: int, n_kv_heads: int) -> int:
-    """K heads one layer keeps with k clusters (dense keeps all; GQA with k >= Hkv keeps all: see chai.py)."""
-    return n_kv_heads if k == n_heads or k >= n_kv_heads else k
 
 
 def savings(cfg: ChaiConfig | None, n_heads: int, n_kv_heads: int) -> dict:
