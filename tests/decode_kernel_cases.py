@@ -82,6 +82,40 @@ def case(B, H, Hkv, k, D, T, pos, dense=False, seed=0, op=False, **launch):
     return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
+def check_decode(B, H, Hkv, k, D, T, pos, dtype, device):
+    """The op in dtype on device vs an fp64 reference -> (its relative error, that of the torch path in dtype)."""
+    gen = torch.Generator().manual_seed(0)
+    dense = k == H
+    h2c, slot_of_rep, n_slots = membership(gen, B, H, Hkv, k, dense)
+    q = torch.randn(B, k, D, generator=gen)
+    k_slots = torch.randn(B, n_slots, T, D, generator=gen)
+    v = torch.randn(B, Hkv, T, D, generator=gen)
+    k_slots[:, :, pos + 1:] = STALE
+    v[:, :, pos + 1:] = STALE
+    if dense:
+        members, start = torch.arange(H).expand(B, H), torch.arange(H + 1).expand(B, H + 1)
+    else:
+        members, start = chai.cluster_lists(h2c, k)
+    q, k_slots, v = (t.to(device, dtype) for t in (q, k_slots, v))  # the reference sees the same rounded inputs
+    h2c, slot_of_rep, members, start = (t.to(device) for t in (h2c, slot_of_rep, members, start))
+    scale = D ** -0.5
+    mask = torch.arange(T, device=device)[None, :] <= pos
+
+    def torch_path(dt):
+        return chai.clustered_attention(q[:, :, None].to(dt), k_slots.to(dt), v.to(dt), h2c, slot_of_rep, mask,
+                                        scale)[:, :, 0].double()
+
+    ref = torch_path(torch.float64)
+    out = kernels.clustered_decode(q, k_slots, v, members, start, slot_of_rep, torch.tensor([pos], device=device),
+                                   scale)
+    assert out.dtype == dtype and out.shape == (B, H, D)
+
+    def rel(x):
+        return ((x.double() - ref).norm() / ref.norm()).item()
+
+    return rel(out), rel(torch_path(dtype))
+
+
 def model_case(n_kv_heads, spec, T, seed=0):
     """A tiny CHAI Llama, prefill (W + 1 tokens: the last row is clustered, S == 1) then decode steps: logits with
     the kernel in ChaiLayer (kernels.available forced on) vs the torch path. B = 2: each row its own membership."""
