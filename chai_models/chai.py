@@ -553,8 +553,8 @@ class ChaiLayer(nn.Module):
         q = attn.project_q(x, rope, self.q_rows if rows else self.rep_idx[:B])  # [B, k, S, D]
         k = attn.project_k(x, rope, self.k_rows if rows else self.kv_of_slot[:B])  # [B, n_slots, S, D]
         k_all = attn.kv_cache.update_k(pos, k)  # [B, n_slots, T, D]
-        if x.shape[1] == 1 and kernels.available(q):
-            # decode on CUDA: one fused split-T kernel; the mask is keys <= pos, which the kernel reads from pos
+        if x.shape[1] == 1 and kernels.available(q) and q.dtype != torch.float64:
+            # decode on CUDA: one fused split-T kernel (sums in fp32); the mask is keys <= pos, read from pos
             return kernels.clustered_decode(q[:, :, 0], k_all, attn.kv_cache.v[:B], self.members[:B],
                                             self.cluster_start[:B], self.slot_of_rep[:B], pos, self.scale)[:, :, None]
         slot_of_rep = None if self.n_k_slots == self.n_clusters else self.slot_of_rep[:B]

@@ -15,6 +15,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from chai_models import chai, kernels  # noqa: E402
+
+STALE = 1e4  # what the cache holds past pos: any leak of it shows as a huge error
+
 
 def _fix_interpreter_range():
     """Triton 3.6's interpreter turns a scalar into a loop bound with int() of a 1-element array, which NumPy >= 2.4
@@ -32,11 +36,6 @@ def _fix_interpreter_range():
         scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
 
     interp._patch_lang_tensor, interp._chai_range_fix = patched, True
-
-
-from chai_models import chai, kernels  # noqa: E402
-
-STALE = 1e4  # what the cache holds past pos: any leak of it shows as a huge error
 
 
 def membership(gen, B, H, Hkv, k, dense=False):
@@ -58,46 +57,47 @@ def membership(gen, B, H, Hkv, k, dense=False):
     return h2c, slot_of_rep, n_slots
 
 
-def case(B, H, Hkv, k, D, T, pos, dense=False, seed=0, op=False, **launch):
+def inputs(B, H, Hkv, k, D, T, pos, dense=False, strided=False, seed=0):
+    """Random decode inputs (fp32, CPU), stale values past pos, and the membership in both layouts."""
     gen = torch.Generator().manual_seed(seed)
     h2c, slot_of_rep, n_slots = membership(gen, B, H, Hkv, k, dense)
-    q = torch.randn(B, k, D, generator=gen)
-    k_slots = torch.randn(B, n_slots, T, D, generator=gen)
-    v = torch.randn(B, Hkv, T, D, generator=gen)
+    if strided:  # views with other strides, as slices of larger tensors and a transposed cache would give
+        q = torch.randn(B, k, 2 * D, generator=gen)[..., :D]
+        k_slots = torch.randn(B + 1, n_slots, T, D, generator=gen)[1:]
+        v = torch.randn(B, T, Hkv, D, generator=gen).transpose(1, 2)
+    else:
+        q = torch.randn(B, k, D, generator=gen)
+        k_slots = torch.randn(B, n_slots, T, D, generator=gen)
+        v = torch.randn(B, Hkv, T, D, generator=gen)
     k_slots[:, :, pos + 1:] = STALE
     v[:, :, pos + 1:] = STALE
-    scale = D ** -0.5
-    mask = torch.arange(T)[None, :] <= pos  # [1, T], as the models build it
-    ref = chai.clustered_attention(q[:, :, None], k_slots, v, h2c, slot_of_rep, mask, scale)[:, :, 0]
     if dense:
         members, start = torch.arange(H).expand(B, H), torch.arange(H + 1).expand(B, H + 1)
     else:
         members, start = chai.cluster_lists(h2c, k)
-    p = torch.tensor([pos])
-    if op:
-        out = torch.ops.chai_models.clustered_decode(q, k_slots, v, members, start, slot_of_rep, p, scale)
-    else:
-        out = kernels.clustered_decode_launch(q, k_slots, v, members, start, slot_of_rep, p, scale, **launch)
-    assert out.shape == (B, H, D) and out.dtype == v.dtype
+    return dict(q=q, k_slots=k_slots, v=v, h2c=h2c, slot_of_rep=slot_of_rep, members=members, start=start)
+
+
+def case(B, H, Hkv, k, D, T, pos, dense=False, strided=False, op=False, **launch):
+    x = inputs(B, H, Hkv, k, D, T, pos, dense, strided)
+    scale = D ** -0.5
+    mask = torch.arange(T)[None, :] <= pos  # [1, T], as the models build it
+    ref = chai.clustered_attention(x["q"][:, :, None], x["k_slots"], x["v"], x["h2c"], x["slot_of_rep"], mask,
+                                   scale)[:, :, 0]
+    args = (x["q"], x["k_slots"], x["v"], x["members"], x["start"], x["slot_of_rep"], torch.tensor([pos]), scale)
+    if op == "opcheck":  # schema, fake tensor (torch.compile) and dispatch checks of the custom op
+        r = torch.library.opcheck(torch.ops.chai_models.clustered_decode.default, args)
+        assert all(x == "SUCCESS" for x in r.values()), r
+    out = torch.ops.chai_models.clustered_decode(*args) if op else kernels.clustered_decode_launch(*args, **launch)
+    assert out.shape == (B, H, D) and out.dtype == x["v"].dtype
     return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def check_decode(B, H, Hkv, k, D, T, pos, dtype, device):
     """The op in dtype on device vs an fp64 reference -> (its relative error, that of the torch path in dtype)."""
-    gen = torch.Generator().manual_seed(0)
-    dense = k == H
-    h2c, slot_of_rep, n_slots = membership(gen, B, H, Hkv, k, dense)
-    q = torch.randn(B, k, D, generator=gen)
-    k_slots = torch.randn(B, n_slots, T, D, generator=gen)
-    v = torch.randn(B, Hkv, T, D, generator=gen)
-    k_slots[:, :, pos + 1:] = STALE
-    v[:, :, pos + 1:] = STALE
-    if dense:
-        members, start = torch.arange(H).expand(B, H), torch.arange(H + 1).expand(B, H + 1)
-    else:
-        members, start = chai.cluster_lists(h2c, k)
-    q, k_slots, v = (t.to(device, dtype) for t in (q, k_slots, v))  # the reference sees the same rounded inputs
-    h2c, slot_of_rep, members, start = (t.to(device) for t in (h2c, slot_of_rep, members, start))
+    x = inputs(B, H, Hkv, k, D, T, pos, dense=k == H)
+    q, k_slots, v = (x[n].to(device, dtype) for n in ("q", "k_slots", "v"))  # the reference: same rounded inputs
+    h2c, slot_of_rep, members, start = (x[n].to(device) for n in ("h2c", "slot_of_rep", "members", "start"))
     scale = D ** -0.5
     mask = torch.arange(T, device=device)[None, :] <= pos
 
@@ -110,8 +110,8 @@ def check_decode(B, H, Hkv, k, D, T, pos, dtype, device):
                                    scale)
     assert out.dtype == dtype and out.shape == (B, H, D)
 
-    def rel(x):
-        return ((x.double() - ref).norm() / ref.norm()).item()
+    def rel(y):
+        return ((y.double() - ref).norm() / ref.norm()).item()
 
     return rel(out), rel(torch_path(dtype))
 
@@ -176,7 +176,9 @@ CASES = {
     "tiles_splits_hpb4": (2, 12, 12, 2, 16, 100, 93, dict(split=32, block_t=16, hpb=4)),
     "one_split": (2, 8, 4, 3, 16, 100, 61, dict(split=128, block_t=32)),
     "one_split_dense": (2, 8, 8, 8, 24, 100, 61, dict(split=128, dense=True)),
+    "strided_views": (2, 8, 2, 3, 24, 100, 57, dict(strided=True)),
     "custom_op": (2, 8, 2, 3, 24, 100, 57, dict(op=True)),
+    "custom_op_opcheck": (2, 8, 2, 3, 24, 100, 57, dict(op="opcheck")),
 }
 
 
