@@ -151,12 +151,13 @@ def fmt(B, T, k, row, bytes_, base):
 def sweep(case, ref, calls, iters):
     """Times the kernel over block sizes, warps, pipeline stages and split lengths; prints the best 8."""
     cfg = kernels.decode_config(case.B, H, case.k, D, case.T, kernels._n_sms(torch.device("cuda")))
-    hpbs = sorted({cfg["hpb"], 1, 2, 4}) if not case.dense else [1]
-    splits = sorted({max(64, cfg["split"] // 2), cfg["split"], cfg["split"] * 2, cfg["split"] * 4})
+    hpbs = sorted({cfg["hpb"], 2, 4, 8}) if not case.dense else [1]
+    splits = sorted({max(64, cfg["split"] // 2), cfg["split"], cfg["split"] * 2})
+    configs = [c for c in itertools.product(hpbs, (16, 32, 64), (4, 8), (1, 2, 3), splits)
+               if c[4] % c[1] == 0 and c[0] * c[1] * D <= 32768]  # (hpb, block_t, warps, stages, split)
+    print(f"  sweeping {len(configs)} launch configs (first use of each block shape compiles)", flush=True)
     results = []
-    for hpb, bt, nw, st, sp in itertools.product(hpbs, (16, 32, 64), (4, 8), (1, 2, 3), splits):
-        if sp % bt or hpb * bt * D > 32768:
-            continue
+    for hpb, bt, nw, st, sp in configs:
         launch = dict(hpb=hpb, block_t=bt, num_warps=nw, num_stages=st, split=sp)
         row = measure(case, "sweep", lambda b, launch=launch: case.triton(b, **launch), ref, calls, iters)
         if "us" in row and row["err"] < 0.05:

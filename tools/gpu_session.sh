@@ -24,7 +24,7 @@ for step in "$@"; do
     prof) P="python tools/profile_decode.py --shape llama-2-7b"
           $P; $P --chai llama-7b; $P --context 8192; $P --chai llama-7b --context 8192 ;;
     decode_kernel) python tools/bench_decode_kernel.py ;;
-    decode_sweep) python tools/bench_decode_kernel.py --sweep --batch 1 8 --context 2048 8192 ;;
+    decode_sweep) python tools/bench_decode_kernel.py --sweep --batch 1 8 --context 8192 ;;
     prof8) P="python tools/profile_decode.py --shape llama-2-7b --batch 8 --context 2048"
            $P; $P --chai llama-7b ;;
   esac 2>&1 | tee "$OUT/$step.log"
