@@ -26,7 +26,8 @@ allocation stays k, always fewer than Hkv); with k >= Hkv every KV head may be n
 so such a layer saves Q/K compute but no memory.
 
 Membership is held as fixed-shape index tensors per layer: rep_idx [B, k] (query head of each cluster's
-representative), head_to_cluster [B, H], kv_of_slot [B, n_slots] and slot_of_rep [B, k].
+representative), head_to_cluster [B, H], kv_of_slot [B, n_slots] and slot_of_rep [B, k]; for the fused decode
+kernel on CUDA (kernels.clustered_decode) also members [B, H] and cluster_start [B, k+1] (cluster_lists).
 """
 from __future__ import annotations
 
@@ -38,6 +39,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from . import kernels
 
 ALGORITHMS = ("agglomerative", "kmeans")
 REPRESENTATIVES = ("medoid", "first")
@@ -262,6 +265,17 @@ def _(probs, v):
     return probs.new_empty(probs.shape[0], probs.shape[1], v.shape[2])
 
 
+def cluster_lists(head_to_cluster: torch.Tensor, k: int):
+    """head_to_cluster [B, H] -> (members [B, H], cluster_start [B, k+1]), the layout of kernels.clustered_decode.
+
+    members[b] lists the query heads cluster by cluster (ascending head index inside a cluster); cluster c's
+    heads are members[b, cluster_start[b, c]:cluster_start[b, c+1]]. Once per request, not per step.
+    """
+    labels, members = head_to_cluster.sort(dim=1, stable=True)
+    ids = torch.arange(k + 1, device=head_to_cluster.device).expand(labels.shape[0], k + 1).contiguous()
+    return members, torch.searchsorted(labels.contiguous(), ids)  # first entry of each cluster; k -> H
+
+
 def _at_least_fp32(dtype):
     return torch.promote_types(dtype, torch.float32)
 
@@ -398,8 +412,6 @@ def representatives(dist: torch.Tensor, head_to_cluster: torch.Tensor, k: int, r
 
 def cluster_heads(features: torch.Tensor, k: int, algorithm: str = "agglomerative", rule: str = "medoid"):
     """features [B, H, F] -> (rep_idx [B, k], head_to_cluster [B, H]); clusters ordered by lowest member."""
-    from . import kernels
-
     dist = cosine_distance(features)
     if algorithm == "agglomerative":
         # on CUDA a fused Triton kernel (one launch per layer) runs the same merges
@@ -449,6 +461,8 @@ class ChaiLayer(nn.Module):
         self.register_buffer("head_to_cluster", torch.zeros(B, H, **z), persistent=False)
         self.register_buffer("kv_of_slot", torch.zeros(B, self.n_k_slots, **z), persistent=False)
         self.register_buffer("slot_of_rep", torch.zeros(B, k, **z), persistent=False)
+        self.register_buffer("members", torch.zeros(B, H, **z), persistent=False)  # decode kernel's lists
+        self.register_buffer("cluster_start", torch.zeros(B, k + 1, **z), persistent=False)
         # the window: full K of positions < W, and the window rows' probabilities (the features)
         self.register_buffer("k_win", torch.zeros(B, Hkv, W, D, dtype=dtype, device=device), persistent=False)
         self.register_buffer("p_win", torch.zeros(B, H, W, W, dtype=_at_least_fp32(dtype), device=device),
@@ -468,7 +482,8 @@ class ChaiLayer(nn.Module):
             gather_rows(attn.wk, self.kv_of_slot[:B], self.head_dim, out=self.k_rows)
 
     def release(self):
-        for name in ("rep_idx", "head_to_cluster", "kv_of_slot", "slot_of_rep", "k_win", "p_win"):
+        for name in ("rep_idx", "head_to_cluster", "kv_of_slot", "slot_of_rep", "members", "cluster_start", "k_win",
+                     "p_win"):
             self._buffers.pop(name, None)
         self.ready = False
         self.q_rows = self.k_rows = None
@@ -522,6 +537,7 @@ class ChaiLayer(nn.Module):
         rep_idx, h2c, kv_of_slot, slot_of_rep = self.membership(self.p_win[:B])
         self.rep_idx[:B], self.head_to_cluster[:B] = rep_idx, h2c
         self.kv_of_slot[:B], self.slot_of_rep[:B] = kv_of_slot, slot_of_rep
+        self.members[:B], self.cluster_start[:B] = cluster_lists(h2c, self.n_clusters)
         cache.k[:B, :, : self.window] = batched_index(self.k_win[:B], kv_of_slot)  # keep only needed K
         if self.use_rows:
             self._store_rows(attn, B)
@@ -537,6 +553,10 @@ class ChaiLayer(nn.Module):
         q = attn.project_q(x, rope, self.q_rows if rows else self.rep_idx[:B])  # [B, k, S, D]
         k = attn.project_k(x, rope, self.k_rows if rows else self.kv_of_slot[:B])  # [B, n_slots, S, D]
         k_all = attn.kv_cache.update_k(pos, k)  # [B, n_slots, T, D]
+        if x.shape[1] == 1 and kernels.available(q) and q.dtype != torch.float64:
+            # decode on CUDA: one fused split-T kernel (sums in fp32); the mask is keys <= pos, read from pos
+            return kernels.clustered_decode(q[:, :, 0], k_all, attn.kv_cache.v[:B], self.members[:B],
+                                            self.cluster_start[:B], self.slot_of_rep[:B], pos, self.scale)[:, :, None]
         slot_of_rep = None if self.n_k_slots == self.n_clusters else self.slot_of_rep[:B]
         return clustered_attention(q, k_all, attn.kv_cache.v[:B], self.head_to_cluster[:B], slot_of_rep, mask,
                                    self.scale)

@@ -1,10 +1,17 @@
-"""Fused GPU kernels (Triton) for CHAI's clustering. Optional: used on CUDA when triton is importable.
+"""Fused GPU kernels (Triton) for CHAI. Optional: used on CUDA when triton is importable.
 
-The reference math is chai.agglomerative_average; this is the same algorithm in one kernel launch per layer
-instead of ~15 launches per merge (H - k merges), which is what keeps CHAI's prefill from being slower than
-dense attention. One program clusters one sequence: the H x H distance matrix lives in registers.
+- agglomerative_average: the clustering (reference: chai.agglomerative_average) in one kernel launch per layer
+  instead of ~15 launches per merge (H - k merges), which is what keeps CHAI's prefill from being slower than
+  dense attention. One program clusters one sequence: the H x H distance matrix lives in registers.
+- clustered_decode: one-token clustered attention (reference: the S == 1 branch of chai.clustered_attention),
+  split over the cache length like flash-decoding, so the K slots and every head's V are streamed once.
+
+Both launchers also run on CPU tensors under TRITON_INTERPRET=1 (how the tests check them without a GPU).
 """
 from __future__ import annotations
+
+import functools
+import math
 
 import torch
 
@@ -61,3 +68,193 @@ def agglomerative_average(dist: torch.Tensor, k: int) -> torch.Tensor:
     BH = max(16, triton.next_power_of_2(H))
     _agglomerative_kernel[(B,)](d, labels, H, H - k, BH=BH, num_warps=4 if BH <= 32 else 8)
     return labels
+
+
+# ----------------------------------------------------------------------------------------------------
+# One-token clustered attention (decode), split over the cache length
+#
+# Stage 1, grid (chunk j, split s, row b): a chunk is up to HPB heads of ONE cluster (consecutive entries of
+# members); chunks are numbered per row in cluster order, so chunks of a cluster are adjacent programs and
+# share their representative's K block through L2. A program walks its split's positions <= pos in tiles of
+# BLOCK_T: scores of the representative (fp32, log2 domain), running max m and sum l, and for its heads
+# acc_h += p @ V_h (all its heads' V tiles in one [HPB, BLOCK_T, D] load). It stores unnormalised acc [D]
+# and (m, l) per (b, head, split). Splits past pos exit at once and stage 2 never reads them.
+# Stage 2, grid (head, row): combines the valid splits (log-sum-exp rescaling), normalises, writes v.dtype.
+# With one split stage 1 normalises and writes the output itself (no stage 2).
+# pos is read from device memory by both stages, so the grid depends on T only (CUDA graphs, no host sync).
+
+DECODE_MAX_SPLITS = 128  # stage 2 combines at most this many partials per head
+DECODE_MIN_SPLIT = 64  # fewer positions per split: the partials (8 D bytes per head) cost > 6% of V's bytes
+
+if triton is not None:
+
+    @triton.jit
+    def _decode_split_kernel(q_ptr, k_ptr, v_ptr, members_ptr, start_ptr, slot_ptr, pos_ptr,
+                             acc_ptr, m_ptr, l_ptr, out_ptr,
+                             sq_b, sq_c, sk_b, sk_s, sk_t, sv_b, sv_h, sv_t, so_b, so_h,
+                             qk_scale, T, SPLIT, N_SPLITS,
+                             H: tl.constexpr, K: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+                             HPB: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                             BLOCK_K: tl.constexpr, ONE_SPLIT: tl.constexpr, STAGES: tl.constexpr):
+        j, s, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)  # int64: cache offsets
+        pos = tl.load(pos_ptr)
+        t_lo = s * SPLIT
+        if t_lo > pos:  # the whole split is past the current position
+            return
+        t_hi = tl.minimum(tl.minimum(t_lo + SPLIT, pos + 1), T)
+        # chunk j of row b -> cluster c and its member entries lo..hi-1 (chunks per cluster: ceil(size / HPB))
+        cs = tl.arange(0, BLOCK_K)
+        c_lo = tl.load(start_ptr + b * (K + 1) + cs, mask=cs < K, other=0)  # [BLOCK_K] first entry of cluster
+        c_hi = tl.load(start_ptr + b * (K + 1) + cs + 1, mask=cs < K, other=0)
+        n_chunks = (c_hi - c_lo + HPB - 1) // HPB
+        chunk_end = tl.cumsum(n_chunks, axis=0)  # chunks of clusters 0..c
+        c = tl.sum((chunk_end <= j).to(tl.int32), axis=0)
+        if c >= K:  # the grid is sized for the worst case: spare chunks exit
+            return
+        first = tl.sum(tl.where(cs == c, chunk_end - n_chunks, 0), axis=0)
+        lo = tl.sum(tl.where(cs == c, c_lo, 0), axis=0) + (j - first) * HPB
+        hi = tl.minimum(tl.sum(tl.where(cs == c, c_hi, 0), axis=0), lo + HPB)
+        e = lo + tl.arange(0, HPB)
+        e_ok = e < hi
+        heads = tl.load(members_ptr + b * H + e, mask=e_ok, other=0)  # [HPB] query heads
+        kv = heads // G  # [HPB] their KV heads (GQA)
+
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        q = tl.load(q_ptr + b * sq_b + c * sq_c + d, mask=d_ok, other=0.0).to(tl.float32)  # [BLOCK_D]
+        slot = tl.load(slot_ptr + b * K + c)
+        k_base = k_ptr + b * sk_b + slot * sk_s
+        v_base = v_ptr + b * sv_b + kv[:, None, None] * sv_h + d[None, None, :]  # [HPB, 1, BLOCK_D]
+        v_ok = e_ok[:, None, None] & d_ok[None, None, :]
+
+        m = -float("inf")  # running max of the scores (log2 domain)
+        l = 0.0  # running sum of exp2(score - m)
+        acc = tl.zeros([HPB, BLOCK_D], dtype=tl.float32)  # running sum of p V per head
+        for t0 in tl.range(t_lo, t_hi, BLOCK_T, num_stages=STAGES):  # STAGES > 1: cp.async prefetch of tiles
+            t = t0 + tl.arange(0, BLOCK_T)
+            t_ok = t < t_hi
+            kt = tl.load(k_base + t[:, None] * sk_t + d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+            sc = tl.sum(kt.to(tl.float32) * q[None, :], axis=1) * qk_scale  # [BLOCK_T]
+            sc = tl.where(t_ok, sc, -float("inf"))
+            m_new = tl.maximum(m, tl.max(sc, axis=0))  # finite: t0 <= pos, so the tile has a valid key
+            alpha = tl.exp2(m - m_new)
+            p = tl.exp2(sc - m_new)  # [BLOCK_T], 0 past t_hi
+            l = l * alpha + tl.sum(p, axis=0)
+            vt = tl.load(v_base + t[None, :, None] * sv_t, mask=v_ok & t_ok[None, :, None], other=0.0)
+            acc = acc * alpha + tl.sum(p[None, :, None] * vt.to(tl.float32), axis=1)  # [HPB, BLOCK_D]
+            m = m_new
+
+        if ONE_SPLIT:
+            o = acc / l
+            tl.store(out_ptr + b * so_b + heads[:, None] * so_h + d[None, :], o.to(out_ptr.dtype.element_ty),
+                     mask=e_ok[:, None] & d_ok[None, :])
+        else:
+            row = (b * H + heads) * N_SPLITS + s  # [HPB] partial index (b, head, s)
+            tl.store(acc_ptr + row[:, None] * D + d[None, :], acc, mask=e_ok[:, None] & d_ok[None, :])
+            tl.store(m_ptr + row, tl.zeros([HPB], dtype=tl.float32) + m, mask=e_ok)
+            tl.store(l_ptr + row, tl.zeros([HPB], dtype=tl.float32) + l, mask=e_ok)
+
+    @triton.jit
+    def _decode_combine_kernel(acc_ptr, m_ptr, l_ptr, pos_ptr, out_ptr, so_b, so_h, SPLIT, N_SPLITS,
+                               H: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+        h, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+        n_valid = tl.minimum(tl.load(pos_ptr) // SPLIT + 1, N_SPLITS)  # splits holding positions <= pos
+        base = (b * H + h) * N_SPLITS
+        ss = tl.arange(0, BLOCK_S)
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        # global max over the valid splits first, then the rescaled sums, BLOCK_S splits at a time
+        m_all = tl.full([BLOCK_S], -float("inf"), dtype=tl.float32)
+        for s0 in range(0, n_valid, BLOCK_S):
+            m_all = tl.maximum(m_all, tl.load(m_ptr + base + s0 + ss, mask=s0 + ss < n_valid, other=-float("inf")))
+        m_max = tl.max(m_all, axis=0)
+        l_sum = 0.0
+        o = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for s0 in range(0, n_valid, BLOCK_S):
+            s_ok = s0 + ss < n_valid
+            w = tl.exp2(tl.load(m_ptr + base + s0 + ss, mask=s_ok, other=-float("inf")) - m_max)  # 0 if invalid
+            l_sum += tl.sum(w * tl.load(l_ptr + base + s0 + ss, mask=s_ok, other=0.0), axis=0)
+            a = tl.load(acc_ptr + (base + s0 + ss)[:, None] * D + d[None, :], mask=s_ok[:, None] & d_ok[None, :],
+                        other=0.0)
+            o += tl.sum(w[:, None] * a, axis=0)
+        tl.store(out_ptr + b * so_b + h * so_h + d, (o / l_sum).to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+@functools.lru_cache(maxsize=None)
+def _n_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
+def decode_config(B: int, H: int, k: int, D: int, T: int, n_sms: int = 132) -> dict:
+    """Block sizes and split length of clustered_decode for a shape (a pure function of the shapes).
+
+    HPB, heads per program: about the mean cluster size H / k, at most 4 (1 in the dense special case, so no
+    lane of the [HPB, BLOCK_T, D] V tile is wasted on padding there). BLOCK_T keeps that tile at 8K elements.
+    split: the longest power-of-2 multiple of BLOCK_T (>= DECODE_MIN_SPLIT) that still gives >= 4 programs per
+    SM, so that enough loads are in flight to reach peak bandwidth, but no shorter than needed: every split
+    costs a [D] fp32 partial per head and more launched programs.
+    """
+    hpb = min(4, triton.next_power_of_2(max(1, round(H / k))))
+    block_d = triton.next_power_of_2(D)
+    block_t = max(16, min(64, 8192 // (hpb * block_d)))
+    n_chunks = min(H, (H + k * (hpb - 1)) // hpb)  # upper bound of sum over clusters of ceil(size / hpb)
+    split = max(block_t, DECODE_MIN_SPLIT)
+    while split < T and (B * n_chunks * triton.cdiv(T, 2 * split) >= 4 * n_sms
+                         or triton.cdiv(T, split) > DECODE_MAX_SPLITS):
+        split *= 2
+    return dict(hpb=hpb, block_t=block_t, split=split, num_warps=4, num_stages=2)
+
+
+def clustered_decode_launch(q_rep, k_slots, v, members, cluster_start, slot_of_rep, pos, scale, *, hpb=None,
+                            block_t=None, split=None, num_warps=None, num_stages=None):
+    """The launcher behind clustered_decode (keyword overrides for tests and tuning; see decode_config)."""
+    B, k, D = q_rep.shape
+    H, Hkv, T = members.shape[1], v.shape[1], v.shape[2]
+    cfg = decode_config(B, H, k, D, T, _n_sms(q_rep.device))
+    hpb, block_t = hpb or cfg["hpb"], block_t or cfg["block_t"]
+    split, num_warps, num_stages = split or cfg["split"], num_warps or cfg["num_warps"], num_stages or cfg["num_stages"]
+    n_splits = triton.cdiv(T, split)
+    n_chunks = min(H, (H + k * (hpb - 1)) // hpb)
+    q_rep, k_slots, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q_rep, k_slots, v))
+    members, cluster_start, slot_of_rep = members.contiguous(), cluster_start.contiguous(), slot_of_rep.contiguous()
+    out = torch.empty(B, H, D, dtype=v.dtype, device=v.device)
+    if n_splits == 1:
+        acc = m = l = out  # unused
+    else:
+        acc = torch.empty(B, H, n_splits, D, dtype=torch.float32, device=v.device)
+        m = torch.empty(B, H, n_splits, dtype=torch.float32, device=v.device)
+        l = torch.empty_like(m)
+    block_d = triton.next_power_of_2(D)
+    _decode_split_kernel[(n_chunks, n_splits, B)](
+        q_rep, k_slots, v, members, cluster_start, slot_of_rep, pos, acc, m, l, out,
+        q_rep.stride(0), q_rep.stride(1), k_slots.stride(0), k_slots.stride(1), k_slots.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1),
+        scale * math.log2(math.e), T, split, n_splits,
+        H=H, K=k, G=H // Hkv, D=D, HPB=hpb, BLOCK_T=block_t, BLOCK_D=block_d,
+        BLOCK_K=triton.next_power_of_2(k), ONE_SPLIT=n_splits == 1, STAGES=num_stages, num_warps=num_warps)
+    if n_splits > 1:
+        _decode_combine_kernel[(H, B)](acc, m, l, pos, out, out.stride(0), out.stride(1), split, n_splits,
+                                       H=H, D=D, BLOCK_S=min(32, triton.next_power_of_2(n_splits)),
+                                       BLOCK_D=block_d, num_warps=4)
+    return out
+
+
+@torch.library.custom_op("chai_models::clustered_decode", mutates_args=())
+def clustered_decode(q_rep: torch.Tensor, k_slots: torch.Tensor, v: torch.Tensor, members: torch.Tensor,
+                     cluster_start: torch.Tensor, slot_of_rep: torch.Tensor, pos: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """One-token clustered attention -> out [B, H, D] (v.dtype).
+
+    q_rep [B, k, D] (representatives' queries, RoPE applied), k_slots [B, n_slots, T, D], v [B, Hkv, T, D],
+    members [B, H] (query heads sorted by cluster, see chai.cluster_lists), cluster_start [B, k+1],
+    slot_of_rep [B, k], pos [1] int64 on the device (keys 0..pos are valid; the rest of the cache is ignored).
+    out[b, h] = softmax(q_rep[b, c] . K[b, slot_of_rep[b, c], :pos+1]^T * scale) @ V[b, h // G, :pos+1] for h's
+    cluster c, softmax and sums in fp32. Dense attention is k == H with members = arange(H). An opaque op, so
+    torch.compile keeps it one node and CUDA graphs capture its two launches.
+    """
+    return clustered_decode_launch(q_rep, k_slots, v, members, cluster_start, slot_of_rep, pos, scale)
+
+
+@clustered_decode.register_fake
+def _(q_rep, k_slots, v, members, cluster_start, slot_of_rep, pos, scale):
+    return v.new_empty(q_rep.shape[0], members.shape[1], q_rep.shape[2])

@@ -73,3 +73,51 @@ def test_triton_clustering_matches_torch():
             fast = kernels.agglomerative_average(dist, k)
             ref = chai.agglomerative_average(dist, k)
             assert torch.equal(fast, ref), (H, k)
+
+
+DECODE_SHAPES = {  # name: (B, H, Hkv, k, D, T, pos)
+    "llama7b_b1_t8192": (1, 32, 32, 4, 128, 8192, 8191),
+    "llama7b_b1_t8192_mid": (1, 32, 32, 4, 128, 8192, 5000),
+    "llama7b_b8_t2048": (8, 32, 32, 4, 128, 2048, 1500),
+    "llama7b_dense": (2, 32, 32, 32, 128, 2048, 2047),
+    "gqa_slots": (4, 32, 8, 4, 128, 4096, 3000),  # k < Hkv: K slots
+    "gqa_whole_k": (2, 32, 4, 6, 128, 1024, 700),  # k >= Hkv: K whole
+    "smollm2_like": (3, 9, 3, 3, 64, 1024, 100),
+    "d24_short": (2, 8, 4, 3, 24, 40, 0),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", list(DECODE_SHAPES))
+def test_triton_decode_matches_torch(shape, dtype):
+    from decode_kernel_cases import check_decode
+
+    err, torch_err = check_decode(*DECODE_SHAPES[shape], dtype, "cuda")
+    assert err < (1e-5 if dtype == torch.float32 else 1e-2), err
+    if dtype == torch.bfloat16:  # as close to fp64 as the torch bf16 decode path, or closer
+        assert err <= 1.5 * torch_err + 1e-4, (err, torch_err)
+
+
+@pytest.mark.parametrize("kv", [8, 2], ids=["mha", "gqa"])
+def test_decode_kernel_logits_match_torch_path(kv):
+    from chai_models import chai, kernels
+
+    model = cuda_model(kv)
+    model.set_chai(ChaiConfig.from_spec("8,2,3,1", 4, 8))
+    tokens = torch.randint(0, 256, (3, 40), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    available = kernels.available
+
+    def logits(kernel):
+        kernels.available = available if kernel else (lambda t: False)
+        try:
+            model.setup_caches(3, 512)
+            chai.reset(model)
+            out = [model(tokens[:, :6], torch.arange(6, device="cuda"))]
+            out += [model(tokens[:, p:p + 1], torch.tensor([p], device="cuda")) for p in range(6, tokens.shape[1])]
+            return torch.cat(out, 1)
+        finally:
+            kernels.available = available
+
+    with torch.no_grad():
+        fast, ref = logits(True), logits(False)
+    assert ((fast - ref).norm() / ref.norm()).item() < 1e-5

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU work in few calls: the GPU tests and the benchmark tables. Logs go under $OUT (the device tool brings them
 # back). Usage: bash tools/gpu_session.sh STEP... with STEP in: tests b1_512 b1_8192 b8_2048 hf capacity opt calib
+# decode_kernel decode_sweep prof prof8
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -22,6 +23,8 @@ for step in "$@"; do
     calib) python tools/bench.py --shape llama-2-7b --calibrate 1024 --calibrate-len 512 ;;
     prof) P="python tools/profile_decode.py --shape llama-2-7b"
           $P; $P --chai llama-7b; $P --context 8192; $P --chai llama-7b --context 8192 ;;
+    decode_kernel) python tools/bench_decode_kernel.py ;;
+    decode_sweep) python tools/bench_decode_kernel.py --sweep --batch 1 8 --context 8192 ;;
     prof8) P="python tools/profile_decode.py --shape llama-2-7b --batch 8 --context 2048"
            $P; $P --chai llama-7b ;;
   esac 2>&1 | tee "$OUT/$step.log"

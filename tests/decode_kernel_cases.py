@@ -1,0 +1,203 @@
+"""Cases for tests/test_decode_kernel.py, run in a subprocess with TRITON_INTERPRET=1 (the Triton kernel on CPU).
+
+    TRITON_INTERPRET=1 python tests/decode_kernel_cases.py [CASE ...]
+
+Prints one JSON object: case name -> relative error of kernels.clustered_decode vs the torch decode path of
+chai.clustered_attention (fp32), or an error message.
+"""
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from chai_models import chai, kernels  # noqa: E402
+
+STALE = 1e4  # what the cache holds past pos: any leak of it shows as a huge error
+
+
+def _fix_interpreter_range():
+    """Triton 3.6's interpreter turns a scalar into a loop bound with int() of a 1-element array, which NumPy >= 2.4
+    refuses ("only 0-dimensional arrays ..."): a `for` over a range with a tensor bound fails. Patch that one
+    conversion (test harness only; compiled kernels are unaffected)."""
+    import numpy as np
+    import triton.runtime.interpreter as interp
+
+    if np.lib.NumpyVersion(np.__version__) < "2.4.0" or getattr(interp, "_chai_range_fix", False):
+        return
+    patch = interp._patch_lang_tensor
+
+    def patched(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+
+    interp._patch_lang_tensor, interp._chai_range_fix = patched, True
+
+
+def membership(gen, B, H, Hkv, k, dense=False):
+    """Per row: head_to_cluster [B, H] with exactly k (uneven) clusters, slot_of_rep [B, k], n_slots."""
+    G = H // Hkv
+    if dense:
+        h2c = torch.arange(H).expand(B, H)
+        return h2c, (torch.arange(H) // G).expand(B, H), Hkv
+    rows = []
+    for _ in range(B):
+        labels = torch.cat([torch.arange(k), torch.randint(0, k, (H - k,), generator=gen)])
+        rows.append(labels[torch.randperm(H, generator=gen)])
+    h2c = chai.canonical_labels(torch.stack(rows), k)
+    n_slots = chai.k_slots(k, H, Hkv)
+    if n_slots == k:  # slot c holds representative c's K (ChaiLayer's rule), here in a shuffled order
+        slot_of_rep = torch.stack([torch.randperm(k, generator=gen) for _ in range(B)])
+    else:  # K whole: representative c reads its KV head
+        slot_of_rep = torch.randint(0, Hkv, (B, k), generator=gen)
+    return h2c, slot_of_rep, n_slots
+
+
+def inputs(B, H, Hkv, k, D, T, pos, dense=False, strided=False, seed=0):
+    """Random decode inputs (fp32, CPU), stale values past pos, and the membership in both layouts."""
+    gen = torch.Generator().manual_seed(seed)
+    h2c, slot_of_rep, n_slots = membership(gen, B, H, Hkv, k, dense)
+    if strided:  # views with other strides, as slices of larger tensors and a transposed cache would give
+        q = torch.randn(B, k, 2 * D, generator=gen)[..., :D]
+        k_slots = torch.randn(B + 1, n_slots, T, D, generator=gen)[1:]
+        v = torch.randn(B, T, Hkv, D, generator=gen).transpose(1, 2)
+    else:
+        q = torch.randn(B, k, D, generator=gen)
+        k_slots = torch.randn(B, n_slots, T, D, generator=gen)
+        v = torch.randn(B, Hkv, T, D, generator=gen)
+    k_slots[:, :, pos + 1:] = STALE
+    v[:, :, pos + 1:] = STALE
+    if dense:
+        members, start = torch.arange(H).expand(B, H), torch.arange(H + 1).expand(B, H + 1)
+    else:
+        members, start = chai.cluster_lists(h2c, k)
+    return dict(q=q, k_slots=k_slots, v=v, h2c=h2c, slot_of_rep=slot_of_rep, members=members, start=start)
+
+
+def case(B, H, Hkv, k, D, T, pos, dense=False, strided=False, op=False, **launch):
+    x = inputs(B, H, Hkv, k, D, T, pos, dense, strided)
+    scale = D ** -0.5
+    mask = torch.arange(T)[None, :] <= pos  # [1, T], as the models build it
+    ref = chai.clustered_attention(x["q"][:, :, None], x["k_slots"], x["v"], x["h2c"], x["slot_of_rep"], mask,
+                                   scale)[:, :, 0]
+    args = (x["q"], x["k_slots"], x["v"], x["members"], x["start"], x["slot_of_rep"], torch.tensor([pos]), scale)
+    if op == "opcheck":  # schema, fake tensor (torch.compile) and dispatch checks of the custom op
+        r = torch.library.opcheck(torch.ops.chai_models.clustered_decode.default, args)
+        assert all(x == "SUCCESS" for x in r.values()), r
+    out = torch.ops.chai_models.clustered_decode(*args) if op else kernels.clustered_decode_launch(*args, **launch)
+    assert out.shape == (B, H, D) and out.dtype == x["v"].dtype
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def check_decode(B, H, Hkv, k, D, T, pos, dtype, device):
+    """The op in dtype on device vs an fp64 reference -> (its relative error, that of the torch path in dtype)."""
+    x = inputs(B, H, Hkv, k, D, T, pos, dense=k == H)
+    q, k_slots, v = (x[n].to(device, dtype) for n in ("q", "k_slots", "v"))  # the reference: same rounded inputs
+    h2c, slot_of_rep, members, start = (x[n].to(device) for n in ("h2c", "slot_of_rep", "members", "start"))
+    scale = D ** -0.5
+    mask = torch.arange(T, device=device)[None, :] <= pos
+
+    def torch_path(dt):
+        return chai.clustered_attention(q[:, :, None].to(dt), k_slots.to(dt), v.to(dt), h2c, slot_of_rep, mask,
+                                        scale)[:, :, 0].double()
+
+    ref = torch_path(torch.float64)
+    out = kernels.clustered_decode(q, k_slots, v, members, start, slot_of_rep, torch.tensor([pos], device=device),
+                                   scale)
+    assert out.dtype == dtype and out.shape == (B, H, D)
+
+    def rel(y):
+        return ((y.double() - ref).norm() / ref.norm()).item()
+
+    return rel(out), rel(torch_path(dtype))
+
+
+def model_case(n_kv_heads, spec, T, seed=0):
+    """A tiny CHAI Llama, prefill (W + 1 tokens: the last row is clustered, S == 1) then decode steps: logits with
+    the kernel in ChaiLayer (kernels.available forced on) vs the torch path. B = 2: each row its own membership."""
+    from chai_models import ChaiConfig
+    from chai_models.llama import Llama, LlamaConfig
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, n_layers=3, n_heads=8,
+                      n_kv_heads=n_kv_heads, head_dim=16, max_seq_len=T)
+    model = Llama(cfg).eval()
+    with torch.no_grad():  # sharper attention, so heads differ and clusters are uneven
+        for attn in model.attention_layers:
+            attn.wq.weight.mul_(4)
+            attn.wk.weight.mul_(4)
+    model.set_chai(ChaiConfig.from_spec(spec, 3, 8))
+    tokens = torch.randint(0, 96, (2, 14))
+    available = kernels.available
+
+    def logits(kernel):
+        kernels.available = (lambda t: True) if kernel else available
+        try:
+            model.setup_caches(2, T)
+            chai.reset(model)
+            W = model.chai_config.window
+            out = [model(tokens[:, :W + 1], torch.arange(W + 1))]
+            out += [model(tokens[:, p:p + 1], torch.tensor([p])) for p in range(W + 1, tokens.shape[1])]
+            return torch.cat(out, 1)
+        finally:
+            kernels.available = available
+
+    with torch.no_grad():
+        fast, ref = logits(True), logits(False)
+    return ((fast.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+MODEL_CASES = {
+    "model_mha": (8, "1:3", 64),  # one split: stage 1 writes the output
+    "model_gqa": (2, "8,1,3", 128),  # k < Hkv (K slots) and k >= Hkv (K whole); two splits, the second past pos
+}
+
+CASES = {
+    # name: (B, H, Hkv, k, D, T, pos, extra)
+    "mha_k3_d16_mid": (2, 8, 8, 3, 16, 100, 57, {}),
+    "mha_k3_d24_mid": (2, 8, 8, 3, 24, 100, 57, {}),
+    "mha_k1_d16": (2, 8, 8, 1, 16, 100, 80, {}),
+    "gqa_k1_d24": (2, 8, 2, 1, 24, 100, 63, {}),
+    "gqa_k_lt_hkv_d16": (2, 12, 4, 3, 16, 100, 64, {}),
+    "gqa_k_ge_hkv_d24": (2, 12, 4, 7, 24, 100, 99, {}),
+    "dense_mha_d16": (2, 6, 6, 6, 16, 100, 70, dict(dense=True)),
+    "dense_gqa_d24": (2, 8, 2, 8, 24, 100, 70, dict(dense=True)),
+    "pos0": (2, 8, 8, 3, 16, 100, 0, {}),
+    "pos0_many_splits": (2, 8, 4, 3, 24, 100, 0, dict(split=16, block_t=8)),
+    "pos_last": (2, 8, 8, 3, 16, 100, 99, {}),
+    "pos_last_gqa": (2, 8, 2, 3, 24, 100, 99, {}),
+    # several tiles per split, splits past pos, a partial last tile
+    "tiles_splits_hpb2": (2, 8, 4, 3, 24, 100, 70, dict(split=32, block_t=8, hpb=2)),
+    "tiles_splits_hpb1": (2, 8, 8, 2, 16, 100, 45, dict(split=16, block_t=16, hpb=1)),
+    "tiles_splits_hpb4": (2, 12, 12, 2, 16, 100, 93, dict(split=32, block_t=16, hpb=4)),
+    "one_split": (2, 8, 4, 3, 16, 100, 61, dict(split=128, block_t=32)),
+    "one_split_dense": (2, 8, 8, 8, 24, 100, 61, dict(split=128, dense=True)),
+    "strided_views": (2, 8, 2, 3, 24, 100, 57, dict(strided=True)),
+    "custom_op": (2, 8, 2, 3, 24, 100, 57, dict(op=True)),
+    "custom_op_opcheck": (2, 8, 2, 3, 24, 100, 57, dict(op="opcheck")),
+}
+
+
+def main():
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1 (set before triton is imported)"
+    _fix_interpreter_range()
+    results = {}
+    names = sys.argv[1:] or list(CASES) + list(MODEL_CASES)
+    for name in names:
+        try:
+            if name in MODEL_CASES:
+                results[name] = model_case(*MODEL_CASES[name])
+            else:
+                B, H, Hkv, k, D, T, pos, extra = CASES[name]
+                results[name] = case(B, H, Hkv, k, D, T, pos, **extra)
+        except Exception:
+            results[name] = traceback.format_exc(limit=4)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""The fused decode kernel (kernels.clustered_decode) against the torch decode path, on CPU.
+
+The Triton kernel runs under TRITON_INTERPRET=1, which must be set before triton is imported: the cases run in one
+subprocess (tests/decode_kernel_cases.py) and each test below checks one of its results.
+"""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from chai_models import chai
+from decode_kernel_cases import CASES, MODEL_CASES
+
+HERE = Path(__file__).resolve().parent
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                  reason="triton is not installed: the Triton kernel cannot run, even interpreted")
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    run = subprocess.run([sys.executable, str(HERE / "decode_kernel_cases.py")], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@needs_triton
+@pytest.mark.parametrize("name", list(CASES) + list(MODEL_CASES))
+def test_kernel_matches_torch_decode(interpreted, name):
+    err = interpreted[name]
+    assert not isinstance(err, str), err  # a traceback
+    assert err < 1e-5, (name, err)
+
+
+def test_cluster_lists():
+    h2c = torch.tensor([[0, 1, 0, 2, 1, 0], [2, 2, 1, 0, 0, 0]])
+    members, start = chai.cluster_lists(h2c, 3)
+    assert members.tolist() == [[0, 2, 5, 1, 4, 3], [3, 4, 5, 2, 0, 1]]
+    assert start.tolist() == [[0, 3, 5, 6], [0, 3, 4, 6]]
+    gen = torch.Generator().manual_seed(0)
+    for H, k in ((32, 4), (9, 3), (8, 8), (5, 1)):
+        h2c = chai.canonical_labels(torch.randint(0, k, (4, H), generator=gen), k)
+        k = int(h2c.max()) + 1
+        members, start = chai.cluster_lists(h2c, k)
+        for b in range(4):
+            for c in range(k):
+                heads = members[b, start[b, c]:start[b, c + 1]].tolist()
+                assert heads == [h for h in range(H) if h2c[b, h] == c]  # ascending inside a cluster
+
+
+@needs_triton
+def test_decode_config():
+    from chai_models import kernels
+
+    # LLaMA-7B layer, 4 clusters: 4 heads per program, splits short enough to fill 132 SMs, within the limits
+    for B, T in ((1, 512), (1, 8192), (8, 2048), (8, 8192), (64, 8192)):
+        for k in (4, 32):
+            cfg = kernels.decode_config(B, 32, k, 128, T)
+            n_splits = -(-T // cfg["split"])
+            assert cfg["hpb"] == (4 if k == 4 else 1)
+            assert cfg["split"] % cfg["block_t"] == 0 and cfg["split"] >= kernels.DECODE_MIN_SPLIT
+            assert n_splits <= kernels.DECODE_MAX_SPLITS
+            n_chunks = (32 + k * (cfg["hpb"] - 1)) // cfg["hpb"]
+            if cfg["split"] > kernels.DECODE_MIN_SPLIT:  # lengthened only while programs stay >= 4 per SM
+                assert B * n_chunks * n_splits >= 4 * 132
