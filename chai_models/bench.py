@@ -250,6 +250,9 @@ def main(argv=None) -> int:
                                                                 "within this memory budget (GPU)")
     p.add_argument("--hf", action="store_true", help="also time transformers (static cache + compile)")
     p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--dense-decode", default="sdpa", choices=["sdpa", "triton"],
+                   help="one-token dense attention (dense model and CHAI's dense layers): SDPA or the Triton "
+                        "decode kernel (chai.DENSE_DECODE_KERNEL)")
     p.add_argument("--calibrate", type=int, default=0, metavar="N",
                    help="instead: time the offline calibration on N random sequences of --calibrate-len tokens")
     p.add_argument("--calibrate-len", type=int, default=512)
@@ -260,11 +263,12 @@ def main(argv=None) -> int:
 
     dynamo.config.cache_size_limit = 64  # one graph per (batch, cache length, CHAI layout)
     device, dtype = torch.device(a.device), dtype_from_name(a.dtype)
+    chai.DENSE_DECODE_KERNEL = a.dense_decode == "triton"
     model = random_model(a.shape, device, dtype)
     bw = copy_bandwidth(device)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"# {a.shape} {a.dtype} on {card}, torch {torch.__version__}, copy bandwidth {bw / 1e12:.2f} TB/s, "
-          f"weights {weight_bytes(model) / 1e9:.2f} GB")
+          f"weights {weight_bytes(model) / 1e9:.2f} GB, dense decode attention: {a.dense_decode}")
     if a.calibrate:
         return time_calibration(model, a.calibrate, a.calibrate_len, device)
     hdr = (f"{'config':<22}{'B':>4}{'T':>7}{'mode':>10}{'tok/s':>10}{'ms/tok':>9}{'GB/s':>8}{'%bw':>6}"

@@ -216,8 +216,17 @@ def expand_kv(t: torch.Tensor, n_heads: int) -> torch.Tensor:
     return t if g == 1 else t.repeat_interleave(g, dim=1)
 
 
-def dense_attention(q, k, v, mask, scale):
+# One-token dense attention through kernels.dense_decode (the CHAI decode kernel with one head per cluster)
+# instead of SDPA, on CUDA. Off by default: see docs/performance.md for where each is faster.
+DENSE_DECODE_KERNEL = False
+
+
+def dense_attention(q, k, v, mask, scale, pos=None):
     # q [B, H, S, D], k/v [B, Hkv, T, D], mask [S, T] bool or None (causal, S == T) -> [B, H, S, D]
+    # pos [S] (cached calls): with S == 1 the decode kernel may read it instead of the mask
+    if (DENSE_DECODE_KERNEL and pos is not None and q.shape[2] == 1 and kernels.available(q)
+            and q.dtype != torch.float64):
+        return kernels.dense_decode(q[:, :, 0], k, v, pos, scale)[:, :, None]
     gqa = k.shape[1] != q.shape[1]  # SDPA maps query heads to their KV head itself: no copy of K and V
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)

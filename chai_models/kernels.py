@@ -89,40 +89,56 @@ DECODE_MIN_SPLIT = 64  # fewer positions per split: the partials (8 D bytes per 
 if triton is not None:
 
     @triton.jit
-    def _decode_split_kernel(q_ptr, k_ptr, v_ptr, members_ptr, start_ptr, slot_ptr, pos_ptr,
-                             acc_ptr, m_ptr, l_ptr, out_ptr,
-                             sq_b, sq_c, sk_b, sk_s, sk_t, sv_b, sv_h, sv_t, so_b, so_h,
-                             qk_scale, T, SPLIT, N_SPLITS,
-                             H: tl.constexpr, K: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-                             HPB: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-                             BLOCK_K: tl.constexpr, ONE_SPLIT: tl.constexpr, STAGES: tl.constexpr):
-        j, s, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)  # int64: cache offsets
-        pos = tl.load(pos_ptr)
-        t_lo = s * SPLIT
-        if t_lo > pos:  # the whole split is past the current position
-            return
-        t_hi = tl.minimum(tl.minimum(t_lo + SPLIT, pos + 1), T)
-        # chunk j of row b -> cluster c and its member entries lo..hi-1 (chunks per cluster: ceil(size / HPB))
+    def _chunk_heads(members_ptr, start_ptr, slot_ptr, b, j, H: tl.constexpr, K: tl.constexpr, HPB: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
+        """Chunk j of row b -> (cluster c, its heads [HPB], which of them exist, c's K slot); c == K: a spare chunk.
+
+        Chunks are numbered per row in cluster order, ceil(size / HPB) per cluster.
+        """
         cs = tl.arange(0, BLOCK_K)
         c_lo = tl.load(start_ptr + b * (K + 1) + cs, mask=cs < K, other=0)  # [BLOCK_K] first entry of cluster
         c_hi = tl.load(start_ptr + b * (K + 1) + cs + 1, mask=cs < K, other=0)
         n_chunks = (c_hi - c_lo + HPB - 1) // HPB
         chunk_end = tl.cumsum(n_chunks, axis=0)  # chunks of clusters 0..c
         c = tl.sum((chunk_end <= j).to(tl.int32), axis=0)
-        if c >= K:  # the grid is sized for the worst case: spare chunks exit
-            return
         first = tl.sum(tl.where(cs == c, chunk_end - n_chunks, 0), axis=0)
         lo = tl.sum(tl.where(cs == c, c_lo, 0), axis=0) + (j - first) * HPB
         hi = tl.minimum(tl.sum(tl.where(cs == c, c_hi, 0), axis=0), lo + HPB)
         e = lo + tl.arange(0, HPB)
         e_ok = e < hi
         heads = tl.load(members_ptr + b * H + e, mask=e_ok, other=0)  # [HPB] query heads
+        slot = tl.load(slot_ptr + b * K + c, mask=c < K, other=0)
+        return c, heads, e_ok, slot
+
+    @triton.jit
+    def _decode_split_kernel(q_ptr, k_ptr, v_ptr, members_ptr, start_ptr, slot_ptr, pos_ptr,
+                             acc_ptr, m_ptr, l_ptr, out_ptr,
+                             sq_b, sq_c, sk_b, sk_s, sk_t, sv_b, sv_h, sv_t, so_b, so_h,
+                             qk_scale, T, SPLIT, N_SPLITS,
+                             H: tl.constexpr, K: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+                             HPB: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                             BLOCK_K: tl.constexpr, ONE_SPLIT: tl.constexpr, STAGES: tl.constexpr,
+                             DENSE: tl.constexpr):
+        j, s, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)  # int64: cache offsets
+        pos = tl.load(pos_ptr)
+        t_lo = s * SPLIT
+        if t_lo > pos:  # the whole split is past the current position
+            return
+        t_hi = tl.minimum(tl.minimum(t_lo + SPLIT, pos + 1), T)
+        if DENSE:  # dense attention: cluster j is query head j alone (HPB == 1), its K is its KV head's
+            c = j
+            heads = j + tl.arange(0, HPB)
+            e_ok = heads < H
+            slot = j // G
+        else:
+            c, heads, e_ok, slot = _chunk_heads(members_ptr, start_ptr, slot_ptr, b, j, H, K, HPB, BLOCK_K)
+            if c >= K:  # the grid is sized for the worst case: spare chunks exit
+                return
         kv = heads // G  # [HPB] their KV heads (GQA)
 
         d = tl.arange(0, BLOCK_D)
         d_ok = d < D
         q = tl.load(q_ptr + b * sq_b + c * sq_c + d, mask=d_ok, other=0.0).to(tl.float32)  # [BLOCK_D]
-        slot = tl.load(slot_ptr + b * K + c)
         k_base = k_ptr + b * sk_b + slot * sk_s
         v_base = v_ptr + b * sv_b + kv[:, None, None] * sv_h + d[None, None, :]  # [HPB, 1, BLOCK_D]
         v_ok = e_ok[:, None, None] & d_ok[None, None, :]
@@ -207,16 +223,22 @@ def decode_config(B: int, H: int, k: int, D: int, T: int, n_sms: int = 132) -> d
 
 def clustered_decode_launch(q_rep, k_slots, v, members, cluster_start, slot_of_rep, pos, scale, *, hpb=None,
                             block_t=None, split=None, num_warps=None, num_stages=None):
-    """The launcher behind clustered_decode (keyword overrides for tests and tuning; see decode_config)."""
+    """The launcher behind clustered_decode and dense_decode (members None: dense, k == H, no lists read).
+
+    Keyword overrides are for tests and tuning; see decode_config."""
     B, k, D = q_rep.shape
-    H, Hkv, T = members.shape[1], v.shape[1], v.shape[2]
+    dense = members is None
+    H, Hkv, T = k if dense else members.shape[1], v.shape[1], v.shape[2]
     cfg = decode_config(B, H, k, D, T, _n_sms(q_rep.device))
-    hpb, block_t = hpb or cfg["hpb"], block_t or cfg["block_t"]
+    hpb, block_t = 1 if dense else hpb or cfg["hpb"], block_t or cfg["block_t"]
     split, num_warps, num_stages = split or cfg["split"], num_warps or cfg["num_warps"], num_stages or cfg["num_stages"]
     n_splits = triton.cdiv(T, split)
     n_chunks = min(H, (H + k * (hpb - 1)) // hpb)
     q_rep, k_slots, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q_rep, k_slots, v))
-    members, cluster_start, slot_of_rep = members.contiguous(), cluster_start.contiguous(), slot_of_rep.contiguous()
+    if dense:
+        members = cluster_start = slot_of_rep = pos  # unused pointers
+    else:
+        members, cluster_start, slot_of_rep = members.contiguous(), cluster_start.contiguous(), slot_of_rep.contiguous()
     out = torch.empty(B, H, D, dtype=v.dtype, device=v.device)
     if n_splits == 1:
         acc = m = l = out  # unused
@@ -231,7 +253,7 @@ def clustered_decode_launch(q_rep, k_slots, v, members, cluster_start, slot_of_r
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1),
         scale * math.log2(math.e), T, split, n_splits,
         H=H, K=k, G=H // Hkv, D=D, HPB=hpb, BLOCK_T=block_t, BLOCK_D=block_d,
-        BLOCK_K=triton.next_power_of_2(k), ONE_SPLIT=n_splits == 1, STAGES=num_stages, num_warps=num_warps)
+        BLOCK_K=triton.next_power_of_2(k), ONE_SPLIT=n_splits == 1, STAGES=num_stages, DENSE=dense, num_warps=num_warps)
     if n_splits > 1:
         _decode_combine_kernel[(H, B)](acc, m, l, pos, out, out.stride(0), out.stride(1), split, n_splits,
                                        H=H, D=D, BLOCK_S=min(32, triton.next_power_of_2(n_splits)),
@@ -258,3 +280,17 @@ def clustered_decode(q_rep: torch.Tensor, k_slots: torch.Tensor, v: torch.Tensor
 @clustered_decode.register_fake
 def _(q_rep, k_slots, v, members, cluster_start, slot_of_rep, pos, scale):
     return v.new_empty(q_rep.shape[0], members.shape[1], q_rep.shape[2])
+
+
+@torch.library.custom_op("chai_models::dense_decode", mutates_args=())
+def dense_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, scale: float) -> torch.Tensor:
+    """One-token dense attention with the same kernel: q [B, H, D], k/v [B, Hkv, T, D], pos [1] -> [B, H, D].
+
+    Every head is its own cluster, so no membership lists are read; GQA maps head h to KV head h // (H / Hkv).
+    """
+    return clustered_decode_launch(q, k, v, None, None, None, pos, scale)
+
+
+@dense_decode.register_fake
+def _(q, k, v, pos, scale):
+    return v.new_empty(q.shape)

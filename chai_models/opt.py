@@ -155,7 +155,7 @@ class Attention(nn.Module):
             q, k = self.project_q(x, rope), self.project_k(x, rope)  # [B, H, S, D]
             if input_pos is not None:
                 k, v = self.kv_cache.update_k(input_pos, k), self.kv_cache.update_v(input_pos, v)  # [B, H, T, D]
-            y = chai.dense_attention(q, k, v, mask, self.scale)
+            y = chai.dense_attention(q, k, v, mask, self.scale, input_pos)
         return self.wo(y.transpose(1, 2).reshape(B, S, -1))
 
 

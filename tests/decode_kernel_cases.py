@@ -78,12 +78,22 @@ def inputs(B, H, Hkv, k, D, T, pos, dense=False, strided=False, seed=0):
     return dict(q=q, k_slots=k_slots, v=v, h2c=h2c, slot_of_rep=slot_of_rep, members=members, start=start)
 
 
-def case(B, H, Hkv, k, D, T, pos, dense=False, strided=False, op=False, **launch):
+def case(B, H, Hkv, k, D, T, pos, dense=False, strided=False, op=False, dense_op=False, **launch):
     x = inputs(B, H, Hkv, k, D, T, pos, dense, strided)
     scale = D ** -0.5
     mask = torch.arange(T)[None, :] <= pos  # [1, T], as the models build it
     ref = chai.clustered_attention(x["q"][:, :, None], x["k_slots"], x["v"], x["h2c"], x["slot_of_rep"], mask,
                                    scale)[:, :, 0]
+    if dense_op:  # kernels.dense_decode: no membership lists, k_slots is the whole K [B, Hkv, T, D]
+        args = (x["q"], x["k_slots"], x["v"], torch.tensor([pos]), scale)
+        if op == "opcheck":
+            r = torch.library.opcheck(torch.ops.chai_models.dense_decode.default, args)
+            assert all(x == "SUCCESS" for x in r.values()), r
+        out = torch.ops.chai_models.dense_decode(*args) if op else kernels.clustered_decode_launch(
+            args[0], args[1], args[2], None, None, None, args[3], scale, **launch)
+        sdpa = chai.dense_attention(x["q"][:, :, None], x["k_slots"], x["v"], mask, scale)[:, :, 0]
+        assert (sdpa - ref).abs().max() < 1e-4  # the reference is dense attention
+        return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
     args = (x["q"], x["k_slots"], x["v"], x["members"], x["start"], x["slot_of_rep"], torch.tensor([pos]), scale)
     if op == "opcheck":  # schema, fake tensor (torch.compile) and dispatch checks of the custom op
         r = torch.library.opcheck(torch.ops.chai_models.clustered_decode.default, args)
@@ -117,6 +127,9 @@ def check_decode(B, H, Hkv, k, D, T, pos, dtype, device):
 
 
 def model_case(n_kv_heads, spec, T, seed=0):
+    if spec == "dense":
+        return dense_model_case(n_kv_heads, T, seed)
+
     """A tiny CHAI Llama, prefill (W + 1 tokens: the last row is clustered, S == 1) then decode steps: logits with
     the kernel in ChaiLayer (kernels.available forced on) vs the torch path. B = 2: each row its own membership."""
     from chai_models import ChaiConfig
@@ -151,7 +164,36 @@ def model_case(n_kv_heads, spec, T, seed=0):
     return ((fast.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
+def dense_model_case(n_kv_heads, T, seed=0):
+    """A tiny dense Llama, prefill then decode: logits with chai.DENSE_DECODE_KERNEL (kernels forced available) vs
+    SDPA."""
+    from chai_models.llama import Llama, LlamaConfig
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, n_layers=2, n_heads=8,
+                      n_kv_heads=n_kv_heads, head_dim=16, max_seq_len=T)
+    model = Llama(cfg).eval()
+    tokens = torch.randint(0, 96, (2, 12))
+    available = kernels.available
+
+    def logits(kernel):
+        kernels.available = (lambda t: True) if kernel else available
+        chai.DENSE_DECODE_KERNEL = kernel
+        try:
+            model.setup_caches(2, T)
+            out = [model(tokens[:, :4], torch.arange(4))]
+            out += [model(tokens[:, p:p + 1], torch.tensor([p])) for p in range(4, tokens.shape[1])]
+            return torch.cat(out, 1)
+        finally:
+            kernels.available, chai.DENSE_DECODE_KERNEL = available, False
+
+    with torch.no_grad():
+        fast, ref = logits(True), logits(False)
+    return ((fast.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
 MODEL_CASES = {
+    "model_dense_gqa_kernel": (2, "dense", 128),  # chai.DENSE_DECODE_KERNEL: two splits, the second past pos
     "model_mha": (8, "1:3", 64),  # one split: stage 1 writes the output
     "model_gqa": (2, "8,1,3", 128),  # k < Hkv (K slots) and k >= Hkv (K whole); two splits, the second past pos
 }
@@ -177,6 +219,10 @@ CASES = {
     "one_split": (2, 8, 4, 3, 16, 100, 61, dict(split=128, block_t=32)),
     "one_split_dense": (2, 8, 8, 8, 24, 100, 61, dict(split=128, dense=True)),
     "strided_views": (2, 8, 2, 3, 24, 100, 57, dict(strided=True)),
+    "dense_decode_mha": (2, 6, 6, 6, 16, 100, 70, dict(dense=True, dense_op=True)),
+    "dense_decode_gqa_splits": (2, 8, 2, 8, 24, 100, 70, dict(dense=True, dense_op=True, split=16, block_t=8)),
+    "dense_decode_pos0": (2, 8, 2, 8, 24, 100, 0, dict(dense=True, dense_op=True, split=16, block_t=8)),
+    "dense_decode_opcheck": (2, 8, 2, 8, 16, 100, 99, dict(dense=True, dense_op=True, op="opcheck")),
     "custom_op": (2, 8, 2, 3, 24, 100, 57, dict(op=True)),
     "custom_op_opcheck": (2, 8, 2, 3, 24, 100, 57, dict(op="opcheck")),
 }

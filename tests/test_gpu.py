@@ -121,3 +121,30 @@ def test_decode_kernel_logits_match_torch_path(kv):
     with torch.no_grad():
         fast, ref = logits(True), logits(False)
     assert ((fast - ref).norm() / ref.norm()).item() < 1e-5
+
+
+@pytest.mark.parametrize("kv", [8, 2], ids=["mha", "gqa"])
+def test_dense_decode_kernel(kv):
+    """chai.DENSE_DECODE_KERNEL: logits equal SDPA's (fp32), and compiled greedy tokens equal eager ones."""
+    from chai_models import chai
+
+    model = cuda_model(kv)
+    tokens = torch.randint(0, 256, (3, 40), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+
+    def logits():
+        model.setup_caches(3, 512)
+        out = [model(tokens[:, :6], torch.arange(6, device="cuda"))]
+        out += [model(tokens[:, p:p + 1], torch.tensor([p], device="cuda")) for p in range(6, tokens.shape[1])]
+        return torch.cat(out, 1)
+
+    try:
+        with torch.no_grad():
+            ref = logits()
+            chai.DENSE_DECODE_KERNEL = True
+            fast = logits()
+        assert ((fast - ref).norm() / ref.norm()).item() < 1e-5
+        eager = generate(model, Bytes(), PROMPTS, max_new_tokens=24)
+        compiled = generate(model, Bytes(), PROMPTS, max_new_tokens=24, compile=True)
+        assert compiled.tokens == eager.tokens
+    finally:
+        chai.DENSE_DECODE_KERNEL = False
