@@ -216,8 +216,11 @@ def expand_kv(t: torch.Tensor, n_heads: int) -> torch.Tensor:
     return t if g == 1 else t.repeat_interleave(g, dim=1)
 
 
-# One-token dense attention through kernels.dense_decode (the CHAI decode kernel with one head per cluster)
-# instead of SDPA, on CUDA. Off by default: see docs/performance.md for where each is faster.
+# The fused Triton decode kernels (kernels.py) for one-token attention on CUDA, instead of the torch paths:
+# CLUSTERED for CHAI's clustered layers (kernels.clustered_decode instead of scores + softmax + batched GEMM),
+# DENSE for dense layers (kernels.dense_decode instead of SDPA). Both off by default: faster alone at short
+# caches, but not faster inside the compiled 7B decode step on an H200 (docs/performance.md has the numbers).
+CLUSTERED_DECODE_KERNEL = False
 DENSE_DECODE_KERNEL = False
 
 
@@ -562,7 +565,7 @@ class ChaiLayer(nn.Module):
         q = attn.project_q(x, rope, self.q_rows if rows else self.rep_idx[:B])  # [B, k, S, D]
         k = attn.project_k(x, rope, self.k_rows if rows else self.kv_of_slot[:B])  # [B, n_slots, S, D]
         k_all = attn.kv_cache.update_k(pos, k)  # [B, n_slots, T, D]
-        if x.shape[1] == 1 and kernels.available(q) and q.dtype != torch.float64:
+        if CLUSTERED_DECODE_KERNEL and x.shape[1] == 1 and kernels.available(q) and q.dtype != torch.float64:
             # decode on CUDA: one fused split-T kernel (sums in fp32); the mask is keys <= pos, read from pos
             return kernels.clustered_decode(q[:, :, 0], k_all, attn.kv_cache.v[:B], self.members[:B],
                                             self.cluster_start[:B], self.slot_of_rep[:B], pos, self.scale)[:, :, None]

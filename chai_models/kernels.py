@@ -204,18 +204,16 @@ def _n_sms(device: torch.device) -> int:
 def decode_config(B: int, H: int, k: int, D: int, T: int, n_sms: int = 132) -> dict:
     """Block sizes and split length of clustered_decode for a shape (a pure function of the shapes).
 
-    HPB, heads per program: about the mean cluster size H / k, at most 4 (1 in the dense special case, so no
-    lane of the [HPB, BLOCK_T, D] V tile is wasted on padding there). BLOCK_T keeps that tile at 8K elements.
-    split: the longest power-of-2 multiple of BLOCK_T (>= DECODE_MIN_SPLIT) that still gives >= 4 programs per
-    SM, so that enough loads are in flight to reach peak bandwidth, but no shorter than needed: every split
-    costs a [D] fp32 partial per head and more launched programs.
+    Set from a launch-config sweep on an H200 (LLaMA-7B layer, k = 4; docs/performance.md): the best configs
+    put a whole mean-size cluster in one program (HPB = H / k, up to 8), read 32 positions per tile and use the
+    fewest splits that still launch ~1.5 programs per SM (B=1, T=8192: 34.1 us vs 47.4 us for 4 heads x 16
+    positions and ~4 programs per SM). HPB is 1 in the dense special case, so no lane is padding there.
     """
-    hpb = min(4, triton.next_power_of_2(max(1, round(H / k))))
-    block_d = triton.next_power_of_2(D)
-    block_t = max(16, min(64, 8192 // (hpb * block_d)))
+    hpb = min(8, triton.next_power_of_2(max(1, round(H / k))))
+    block_t = 64 if hpb == 1 else 32
     n_chunks = min(H, (H + k * (hpb - 1)) // hpb)  # upper bound of sum over clusters of ceil(size / hpb)
     split = max(block_t, DECODE_MIN_SPLIT)
-    while split < T and (B * n_chunks * triton.cdiv(T, 2 * split) >= 4 * n_sms
+    while split < T and (B * n_chunks * triton.cdiv(T, 2 * split) >= 1.5 * n_sms
                          or triton.cdiv(T, split) > DECODE_MAX_SPLITS):
         split *= 2
     return dict(hpb=hpb, block_t=block_t, split=split, num_warps=4, num_stages=2)

@@ -131,7 +131,7 @@ def model_case(n_kv_heads, spec, T, seed=0):
         return dense_model_case(n_kv_heads, T, seed)
 
     """A tiny CHAI Llama, prefill (W + 1 tokens: the last row is clustered, S == 1) then decode steps: logits with
-    the kernel in ChaiLayer (kernels.available forced on) vs the torch path. B = 2: each row its own membership."""
+    the kernel in ChaiLayer (chai.CLUSTERED_DECODE_KERNEL, kernels.available forced on) vs the torch path. B = 2: each row its own membership."""
     from chai_models import ChaiConfig
     from chai_models.llama import Llama, LlamaConfig
 
@@ -149,6 +149,7 @@ def model_case(n_kv_heads, spec, T, seed=0):
 
     def logits(kernel):
         kernels.available = (lambda t: True) if kernel else available
+        chai.CLUSTERED_DECODE_KERNEL = kernel
         try:
             model.setup_caches(2, T)
             chai.reset(model)
@@ -157,7 +158,7 @@ def model_case(n_kv_heads, spec, T, seed=0):
             out += [model(tokens[:, p:p + 1], torch.tensor([p])) for p in range(W + 1, tokens.shape[1])]
             return torch.cat(out, 1)
         finally:
-            kernels.available = available
+            kernels.available, chai.CLUSTERED_DECODE_KERNEL = available, False
 
     with torch.no_grad():
         fast, ref = logits(True), logits(False)

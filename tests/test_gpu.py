@@ -109,6 +109,7 @@ def test_decode_kernel_logits_match_torch_path(kv):
 
     def logits(kernel):
         kernels.available = available if kernel else (lambda t: False)
+        chai.CLUSTERED_DECODE_KERNEL = kernel
         try:
             model.setup_caches(3, 512)
             chai.reset(model)
@@ -116,7 +117,7 @@ def test_decode_kernel_logits_match_torch_path(kv):
             out += [model(tokens[:, p:p + 1], torch.tensor([p], device="cuda")) for p in range(6, tokens.shape[1])]
             return torch.cat(out, 1)
         finally:
-            kernels.available = available
+            kernels.available, chai.CLUSTERED_DECODE_KERNEL = available, False
 
     with torch.no_grad():
         fast, ref = logits(True), logits(False)
