@@ -127,11 +127,9 @@ def check_decode(B, H, Hkv, k, D, T, pos, dtype, device):
 
 
 def model_case(n_kv_heads, spec, T, seed=0):
-    if spec == "dense":
-        return dense_model_case(n_kv_heads, T, seed)
-
-    """A tiny CHAI Llama, prefill (W + 1 tokens: the last row is clustered, S == 1) then decode steps: logits with
-    the kernel in ChaiLayer (chai.CLUSTERED_DECODE_KERNEL, kernels.available forced on) vs the torch path. B = 2: each row its own membership."""
+    """A tiny Llama (spec "dense", or CHAI with that spec), prefill then one-token decode steps: logits with the
+    decode kernel (chai.DENSE_DECODE_KERNEL or CLUSTERED_DECODE_KERNEL, kernels.available forced on) vs the torch
+    path. CHAI's prefill is W + 1 tokens, so its last row is already clustered; B = 2, each row its own membership."""
     from chai_models import ChaiConfig
     from chai_models.llama import Llama, LlamaConfig
 
@@ -139,54 +137,30 @@ def model_case(n_kv_heads, spec, T, seed=0):
     cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, n_layers=3, n_heads=8,
                       n_kv_heads=n_kv_heads, head_dim=16, max_seq_len=T)
     model = Llama(cfg).eval()
-    with torch.no_grad():  # sharper attention, so heads differ and clusters are uneven
-        for attn in model.attention_layers:
-            attn.wq.weight.mul_(4)
-            attn.wk.weight.mul_(4)
-    model.set_chai(ChaiConfig.from_spec(spec, 3, 8))
+    dense = spec == "dense"
+    flag = "DENSE_DECODE_KERNEL" if dense else "CLUSTERED_DECODE_KERNEL"
+    if not dense:
+        with torch.no_grad():  # sharper attention, so heads differ and clusters are uneven
+            for attn in model.attention_layers:
+                attn.wq.weight.mul_(4)
+                attn.wk.weight.mul_(4)
+        model.set_chai(ChaiConfig.from_spec(spec, 3, 8))
     tokens = torch.randint(0, 96, (2, 14))
+    n0 = 4 if dense else model.chai_config.window + 1
     available = kernels.available
 
     def logits(kernel):
         kernels.available = (lambda t: True) if kernel else available
-        chai.CLUSTERED_DECODE_KERNEL = kernel
+        setattr(chai, flag, kernel)
         try:
             model.setup_caches(2, T)
             chai.reset(model)
-            W = model.chai_config.window
-            out = [model(tokens[:, :W + 1], torch.arange(W + 1))]
-            out += [model(tokens[:, p:p + 1], torch.tensor([p])) for p in range(W + 1, tokens.shape[1])]
+            out = [model(tokens[:, :n0], torch.arange(n0))]
+            out += [model(tokens[:, p:p + 1], torch.tensor([p])) for p in range(n0, tokens.shape[1])]
             return torch.cat(out, 1)
         finally:
-            kernels.available, chai.CLUSTERED_DECODE_KERNEL = available, False
-
-    with torch.no_grad():
-        fast, ref = logits(True), logits(False)
-    return ((fast.double() - ref.double()).norm() / ref.double().norm()).item()
-
-
-def dense_model_case(n_kv_heads, T, seed=0):
-    """A tiny dense Llama, prefill then decode: logits with chai.DENSE_DECODE_KERNEL (kernels forced available) vs
-    SDPA."""
-    from chai_models.llama import Llama, LlamaConfig
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, n_layers=2, n_heads=8,
-                      n_kv_heads=n_kv_heads, head_dim=16, max_seq_len=T)
-    model = Llama(cfg).eval()
-    tokens = torch.randint(0, 96, (2, 12))
-    available = kernels.available
-
-    def logits(kernel):
-        kernels.available = (lambda t: True) if kernel else available
-        chai.DENSE_DECODE_KERNEL = kernel
-        try:
-            model.setup_caches(2, T)
-            out = [model(tokens[:, :4], torch.arange(4))]
-            out += [model(tokens[:, p:p + 1], torch.tensor([p])) for p in range(4, tokens.shape[1])]
-            return torch.cat(out, 1)
-        finally:
-            kernels.available, chai.DENSE_DECODE_KERNEL = available, False
+            kernels.available = available
+            setattr(chai, flag, False)
 
     with torch.no_grad():
         fast, ref = logits(True), logits(False)
@@ -194,7 +168,7 @@ def dense_model_case(n_kv_heads, T, seed=0):
 
 
 MODEL_CASES = {
-    "model_dense_gqa_kernel": (2, "dense", 128),  # chai.DENSE_DECODE_KERNEL: two splits, the second past pos
+    "model_dense_gqa_kernel": (2, "dense", 128),  # dense_decode: two splits, the second past pos
     "model_mha": (8, "1:3", 64),  # one split: stage 1 writes the output
     "model_gqa": (2, "8,1,3", 128),  # k < Hkv (K slots) and k >= Hkv (K whole); two splits, the second past pos
 }
