@@ -26,8 +26,9 @@ allocation stays k, always fewer than Hkv); with k >= Hkv every KV head may be n
 so such a layer saves Q/K compute but no memory.
 
 Membership is held as fixed-shape index tensors per layer: rep_idx [B, k] (query head of each cluster's
-representative), head_to_cluster [B, H], kv_of_slot [B, n_slots] and slot_of_rep [B, k]; for the fused decode
-kernel on CUDA (kernels.clustered_decode) also members [B, H] and cluster_start [B, k+1] (cluster_lists).
+representative), head_to_cluster [B, H], kv_of_slot [B, n_slots] and slot_of_rep [B, k]; for the opt-in fused
+decode kernel on CUDA (CLUSTERED_DECODE_KERNEL, kernels.clustered_decode) also members [B, H] and cluster_start
+[B, k+1] (cluster_lists).
 """
 from __future__ import annotations
 

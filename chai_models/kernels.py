@@ -4,9 +4,12 @@
   instead of ~15 launches per merge (H - k merges), which is what keeps CHAI's prefill from being slower than
   dense attention. One program clusters one sequence: the H x H distance matrix lives in registers.
 - clustered_decode: one-token clustered attention (reference: the S == 1 branch of chai.clustered_attention),
-  split over the cache length like flash-decoding, so the K slots and every head's V are streamed once.
+  split over the cache length like flash-decoding, so the K slots and every head's V are streamed once;
+  dense_decode is its one-head-per-cluster special case. Both are opt-in (chai.CLUSTERED_DECODE_KERNEL,
+  chai.DENSE_DECODE_KERNEL): faster than the torch paths alone, not inside the compiled 7B step on an H200
+  (docs/performance.md).
 
-Both launchers also run on CPU tensors under TRITON_INTERPRET=1 (how the tests check them without a GPU).
+The launchers also run on CPU tensors under TRITON_INTERPRET=1 (how the tests check them without a GPU).
 """
 from __future__ import annotations
 
