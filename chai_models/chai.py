@@ -228,8 +228,7 @@ DENSE_DECODE_KERNEL = False
 def dense_attention(q, k, v, mask, scale, pos=None):
     # q [B, H, S, D], k/v [B, Hkv, T, D], mask [S, T] bool or None (causal, S == T) -> [B, H, S, D]
     # pos [S] (cached calls): with S == 1 the decode kernel may read it instead of the mask
-    if (DENSE_DECODE_KERNEL and pos is not None and q.shape[2] == 1 and kernels.available(q)
-            and q.dtype != torch.float64):
+    if DENSE_DECODE_KERNEL and pos is not None and q.shape[2] == 1 and kernels.decode_available(q):
         return kernels.dense_decode(q[:, :, 0], k, v, pos, scale)[:, :, None]
     gqa = k.shape[1] != q.shape[1]  # SDPA maps query heads to their KV head itself: no copy of K and V
     if mask is None:
@@ -566,7 +565,7 @@ class ChaiLayer(nn.Module):
         q = attn.project_q(x, rope, self.q_rows if rows else self.rep_idx[:B])  # [B, k, S, D]
         k = attn.project_k(x, rope, self.k_rows if rows else self.kv_of_slot[:B])  # [B, n_slots, S, D]
         k_all = attn.kv_cache.update_k(pos, k)  # [B, n_slots, T, D]
-        if CLUSTERED_DECODE_KERNEL and x.shape[1] == 1 and kernels.available(q) and q.dtype != torch.float64:
+        if CLUSTERED_DECODE_KERNEL and x.shape[1] == 1 and kernels.decode_available(q):
             # decode on CUDA: one fused split-T kernel (sums in fp32); the mask is keys <= pos, read from pos
             return kernels.clustered_decode(q[:, :, 0], k_all, attn.kv_cache.v[:B], self.members[:B],
                                             self.cluster_start[:B], self.slot_of_rep[:B], pos, self.scale)[:, :, None]

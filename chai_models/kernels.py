@@ -29,6 +29,11 @@ def available(t: torch.Tensor) -> bool:
     return triton is not None and t.is_cuda
 
 
+def decode_available(t: torch.Tensor) -> bool:
+    """Whether the decode kernels can serve t's dtype and device: they sum in fp32, so fp64 keeps the torch path."""
+    return available(t) and t.dtype != torch.float64
+
+
 if triton is not None:
 
     @triton.jit
@@ -199,6 +204,11 @@ if triton is not None:
         tl.store(out_ptr + b * so_b + h * so_h + d, (o / l_sum).to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
+def decode_chunks(H: int, k: int, hpb: int) -> int:
+    """Programs per (split, row) of clustered_decode: an upper bound of the sum over clusters of ceil(size / hpb)."""
+    return min(H, (H + k * (hpb - 1)) // hpb)
+
+
 @functools.lru_cache(maxsize=None)
 def _n_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
@@ -214,7 +224,7 @@ def decode_config(B: int, H: int, k: int, D: int, T: int, n_sms: int = 132) -> d
     """
     hpb = min(8, triton.next_power_of_2(max(1, round(H / k))))
     block_t = 64 if hpb == 1 else 32
-    n_chunks = min(H, (H + k * (hpb - 1)) // hpb)  # upper bound of sum over clusters of ceil(size / hpb)
+    n_chunks = decode_chunks(H, k, hpb)
     split = max(block_t, DECODE_MIN_SPLIT)
     while split < T and (B * n_chunks * triton.cdiv(T, 2 * split) >= 1.5 * n_sms
                          or triton.cdiv(T, split) > DECODE_MAX_SPLITS):
@@ -234,7 +244,7 @@ def clustered_decode_launch(q_rep, k_slots, v, members, cluster_start, slot_of_r
     hpb, block_t = 1 if dense else hpb or cfg["hpb"], block_t or cfg["block_t"]
     split, num_warps, num_stages = split or cfg["split"], num_warps or cfg["num_warps"], num_stages or cfg["num_stages"]
     n_splits = triton.cdiv(T, split)
-    n_chunks = min(H, (H + k * (hpb - 1)) // hpb)
+    n_chunks = decode_chunks(H, k, hpb)
     q_rep, k_slots, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q_rep, k_slots, v))
     if dense:
         members = cluster_start = slot_of_rep = pos  # unused pointers

@@ -71,10 +71,7 @@ def inputs(B, H, Hkv, k, D, T, pos, dense=False, strided=False, seed=0):
         v = torch.randn(B, Hkv, T, D, generator=gen)
     k_slots[:, :, pos + 1:] = STALE
     v[:, :, pos + 1:] = STALE
-    if dense:
-        members, start = torch.arange(H).expand(B, H), torch.arange(H + 1).expand(B, H + 1)
-    else:
-        members, start = chai.cluster_lists(h2c, k)
+    members, start = chai.cluster_lists(h2c, k)  # dense: every head its own cluster
     return dict(q=q, k_slots=k_slots, v=v, h2c=h2c, slot_of_rep=slot_of_rep, members=members, start=start)
 
 

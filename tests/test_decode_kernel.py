@@ -69,6 +69,6 @@ def test_decode_config():
             assert cfg["hpb"] == (8 if k == 4 else 1)
             assert cfg["split"] % cfg["block_t"] == 0 and cfg["split"] >= kernels.DECODE_MIN_SPLIT
             assert n_splits <= kernels.DECODE_MAX_SPLITS
-            n_chunks = (32 + k * (cfg["hpb"] - 1)) // cfg["hpb"]
+            n_chunks = kernels.decode_chunks(32, k, cfg["hpb"])
             if cfg["split"] > kernels.DECODE_MIN_SPLIT:  # lengthened only while programs stay >= 1.5 per SM
                 assert B * n_chunks * n_splits >= 1.5 * 132

@@ -46,10 +46,7 @@ class Case:
         self.B, self.T, self.k, self.pos = B, T, k, pos
         self.dense = k == H
         self.h2c = clusters(B, k) if not self.dense else torch.arange(H, device="cuda").expand(B, H)
-        if self.dense:
-            self.members, self.start = self.h2c, torch.arange(H + 1, device="cuda").expand(B, H + 1)
-        else:
-            self.members, self.start = chai.cluster_lists(self.h2c, k)
+        self.members, self.start = chai.cluster_lists(self.h2c, k)  # dense: every head its own cluster
         self.n_slots = chai.k_slots(k, H, HKV)
         rep = chai.representatives(torch.zeros(B, H, H, device="cuda"), self.h2c, k, "first")  # [B, k]
         self.slot_of_rep = (torch.arange(k, device="cuda").expand(B, k) if self.n_slots == k
