@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from . import chai
+from . import chai, generation
 from .chai import ChaiConfig
 from .llama import Llama, LlamaConfig
 
@@ -256,6 +256,8 @@ def main(argv=None) -> int:
     p.add_argument("--clustered-decode", default="torch", choices=["torch", "triton"],
                    help="one-token attention of CHAI's clustered layers: the torch path or the Triton decode kernel "
                         "(chai.CLUSTERED_DECODE_KERNEL)")
+    p.add_argument("--pdl", default="on", choices=["on", "off"],
+                   help="programmatic dependent launch in the compiled decode step (generation.PDL_DECODE; sm90+)")
     p.add_argument("--calibrate", type=int, default=0, metavar="N",
                    help="instead: time the offline calibration on N random sequences of --calibrate-len tokens")
     p.add_argument("--calibrate-len", type=int, default=512)
@@ -268,12 +270,13 @@ def main(argv=None) -> int:
     device, dtype = torch.device(a.device), dtype_from_name(a.dtype)
     chai.DENSE_DECODE_KERNEL = a.dense_decode == "triton"
     chai.CLUSTERED_DECODE_KERNEL = a.clustered_decode == "triton"
+    generation.PDL_DECODE = a.pdl == "on"
     model = random_model(a.shape, device, dtype)
     bw = copy_bandwidth(device)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"# {a.shape} {a.dtype} on {card}, torch {torch.__version__}, copy bandwidth {bw / 1e12:.2f} TB/s, "
           f"weights {weight_bytes(model) / 1e9:.2f} GB, decode attention: dense {a.dense_decode}, "
-          f"clustered {a.clustered_decode}")
+          f"clustered {a.clustered_decode}, pdl {a.pdl}")
     if a.calibrate:
         return time_calibration(model, a.calibrate, a.calibrate_len, device)
     hdr = (f"{'config':<22}{'B':>4}{'T':>7}{'mode':>10}{'tok/s':>10}{'ms/tok':>9}{'GB/s':>8}{'%bw':>6}"

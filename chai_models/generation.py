@@ -168,6 +168,10 @@ def generate(model, tokenizer, prompts: str | Sequence[str] | Sequence[Sequence[
 
 
 TUNE_DECODE = True  # coordinate-descent tuning of the compiled decode kernels (slower first compile)
+# programmatic dependent launch (Hopper and newer): a kernel of the decode graph is launched while the one before
+# it drains, and waits on the device only before it reads that kernel's output; hides most of the ~2 us gap
+# between the ~10 kernels of a layer (measured on H200: 1.174 -> 1.149 ms per 8-layer 7B step)
+PDL_DECODE = True
 
 
 def decode_step(model, compile: bool = False):
@@ -188,6 +192,8 @@ def decode_step(model, compile: bool = False):
         # decode is a chain of matrix-vector products; tuned Triton reductions read the weights faster than
         # the library GEMV (measured on H200: 4.64 vs 4.98 ms per 7B step, see README)
         inductor.coordinate_descent_tuning = TUNE_DECODE
+        if hasattr(inductor.triton, "enable_pdl"):  # inductor emits it only for sm90+ CUDA devices
+            inductor.triton.enable_pdl = PDL_DECODE
         compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True, dynamic=False)
         model.__dict__["_compiled_decode"] = compiled
 
