@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 
@@ -126,7 +127,7 @@ if triton is not None:
                              H: tl.constexpr, K: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
                              HPB: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
                              BLOCK_K: tl.constexpr, ONE_SPLIT: tl.constexpr, STAGES: tl.constexpr,
-                             DENSE: tl.constexpr):
+                             DENSE: tl.constexpr, PDL: tl.constexpr):
         j, s, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)  # int64: cache offsets
         pos = tl.load(pos_ptr)
         t_lo = s * SPLIT
@@ -143,6 +144,8 @@ if triton is not None:
             if c >= K:  # the grid is sized for the worst case: spare chunks exit
                 return
         kv = heads // G  # [HPB] their KV heads (GQA)
+        if PDL:  # launched early (programmatic dependent launch): q and the new K/V come from the kernel before
+            tl.extra.cuda.gdc_wait()
 
         d = tl.arange(0, BLOCK_D)
         d_ok = d < D
@@ -167,6 +170,8 @@ if triton is not None:
             vt = tl.load(v_base + t[None, :, None] * sv_t, mask=v_ok & t_ok[None, :, None], other=0.0)
             acc = acc * alpha + tl.sum(p[None, :, None] * vt.to(tl.float32), axis=1)  # [HPB, BLOCK_D]
             m = m_new
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
 
         if ONE_SPLIT:
             o = acc / l
@@ -180,9 +185,12 @@ if triton is not None:
 
     @triton.jit
     def _decode_combine_kernel(acc_ptr, m_ptr, l_ptr, pos_ptr, out_ptr, so_b, so_h, SPLIT, N_SPLITS,
-                               H: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+                               H: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+                               PDL: tl.constexpr):
         h, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
         n_valid = tl.minimum(tl.load(pos_ptr) // SPLIT + 1, N_SPLITS)  # splits holding positions <= pos
+        if PDL:
+            tl.extra.cuda.gdc_wait()
         base = (b * H + h) * N_SPLITS
         ss = tl.arange(0, BLOCK_S)
         d = tl.arange(0, BLOCK_D)
@@ -201,12 +209,23 @@ if triton is not None:
             a = tl.load(acc_ptr + (base + s0 + ss)[:, None] * D + d[None, :], mask=s_ok[:, None] & d_ok[None, :],
                         other=0.0)
             o += tl.sum(w[:, None] * a, axis=0)
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
         tl.store(out_ptr + b * so_b + h * so_h + d, (o / l_sum).to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
 def decode_chunks(H: int, k: int, hpb: int) -> int:
     """Programs per (split, row) of clustered_decode: an upper bound of the sum over clusters of ceil(size / hpb)."""
     return min(H, (H + k * (hpb - 1)) // hpb)
+
+
+PDL = True  # programmatic dependent launch on sm90+ (see generation.PDL_DECODE); off under the interpreter
+
+
+@functools.lru_cache(maxsize=None)
+def _pdl_capable(device: torch.device) -> bool:
+    return (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+            and os.environ.get("TRITON_INTERPRET") != "1")
 
 
 @functools.lru_cache(maxsize=None)
@@ -258,17 +277,20 @@ def clustered_decode_launch(q_rep, k_slots, v, members, cluster_start, slot_of_r
         m = torch.empty(B, H, n_splits, dtype=torch.float32, device=v.device)
         l = torch.empty_like(m)
     block_d = triton.next_power_of_2(D)
+    pdl = PDL and _pdl_capable(v.device)
+    launch = dict(launch_pdl=True) if pdl else {}
     _decode_split_kernel[(n_chunks, n_splits, B)](
         q_rep, k_slots, v, members, cluster_start, slot_of_rep, pos, acc, m, l, out,
         q_rep.stride(0), q_rep.stride(1), k_slots.stride(0), k_slots.stride(1), k_slots.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1),
         scale * math.log2(math.e), T, split, n_splits,
         H=H, K=k, G=H // Hkv, D=D, HPB=hpb, BLOCK_T=block_t, BLOCK_D=block_d,
-        BLOCK_K=triton.next_power_of_2(k), ONE_SPLIT=n_splits == 1, STAGES=num_stages, DENSE=dense, num_warps=num_warps)
+        BLOCK_K=triton.next_power_of_2(k), ONE_SPLIT=n_splits == 1, STAGES=num_stages, DENSE=dense, PDL=pdl, num_warps=num_warps,
+        **launch)
     if n_splits > 1:
         _decode_combine_kernel[(H, B)](acc, m, l, pos, out, out.stride(0), out.stride(1), split, n_splits,
                                        H=H, D=D, BLOCK_S=min(32, triton.next_power_of_2(n_splits)),
-                                       BLOCK_D=block_d, num_warps=4)
+                                       BLOCK_D=block_d, PDL=pdl, num_warps=4, **launch)
     return out
 
 
