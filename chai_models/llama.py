@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import chai
+from . import chai, kernels
 
 
 @dataclass
@@ -169,7 +169,7 @@ class MLP(nn.Module):
         self.w2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)  # down
 
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(kernels.silu_mul(self.w1(x), self.w3(x)))  # silu(w1 x) * w3 x
 
 
 class Block(nn.Module):
