@@ -149,3 +149,38 @@ def test_dense_decode_kernel(kv):
         assert compiled.tokens == eager.tokens
     finally:
         chai.DENSE_DECODE_KERNEL = False
+
+
+@pytest.mark.parametrize("chai", [None, "2:3"], ids=["dense", "chai"])
+def test_tuned_compiled_decode_matches_eager(chai):
+    """The decode graph as benchmarked: coordinate-descent-tuned Triton GEMVs launched with programmatic dependent
+    launch (sm90+), the Triton decode kernels and silu_mul. A kernel that read its input before the kernel writing
+    it had finished would show here as a logits error far above fp32 rounding."""
+    from chai_models import chai as chai_mod
+    from chai_models import generation
+
+    model = cuda_model(4)
+    generation.TUNE_DECODE = True
+    dense_kernel = chai_mod.DENSE_DECODE_KERNEL
+    chai_mod.DENSE_DECODE_KERNEL = True
+    try:
+        if chai:
+            model.set_chai(ChaiConfig.from_spec(chai, 4, 8))
+        model.setup_caches(3, 512)
+        tokens = torch.randint(0, 256, (3, 48), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+        step = generation.decode_step(model, compile=True)
+        with torch.no_grad():
+            model(tokens[:, :8], torch.arange(8, device="cuda"))
+            assert chai_mod.ready(model)  # the compiled step runs (not the eager fallback of a filling window)
+            fast = [step(tokens[:, p:p + 1], torch.tensor([p], device="cuda")) for p in range(8, 48)]
+            model.setup_caches(3, 512)
+            if chai:
+                chai_mod.reset(model)
+            model(tokens[:, :8], torch.arange(8, device="cuda"))
+            ref = [model(tokens[:, p:p + 1], torch.tensor([p], device="cuda"))[:, -1] for p in range(8, 48)]
+        fast, ref = torch.stack(fast), torch.stack(ref)
+        assert ((fast - ref).norm() / ref.norm()).item() < 1e-5
+        assert torch.equal(fast.argmax(-1), ref.argmax(-1))
+    finally:
+        generation.TUNE_DECODE = False
+        chai_mod.DENSE_DECODE_KERNEL = dense_kernel

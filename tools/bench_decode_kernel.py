@@ -9,7 +9,7 @@ Each variant is captured in a CUDA graph (as compiled decode runs it) of back-to
 enough copies of the cache to overflow L2, so every call reads from HBM. The cache is full (pos = T - 1, or
 --pos). Bytes per call: K read for positions <= pos (the k representatives' K for CHAI, all KV heads for
 SDPA) + V for positions <= pos + q + out; GB/s = bytes / time. k = 32 is dense attention written as 32
-clusters of one head (the kernel's dense special case), where SDPA computes the same thing. max|err|: largest
+clusters of one head (the kernel's dense special case), where SDPA computes the same thing (the kernel's DENSE path, kernels.dense_decode). max|err|: largest
 absolute difference from an fp32 reference computed from the same bf16 inputs.
 """
 import argparse
@@ -82,11 +82,13 @@ class Case:
 
     # the variants: buf -> out [B, H, D]
     def triton(self, b, **launch):
+        lists = (None, None, None) if self.dense else (self.members, self.start, self.slot_of_rep)
         if launch:
-            return kernels.clustered_decode_launch(b["q"], b["k_slots"], b["v"], self.members, self.start,
-                                                   self.slot_of_rep, self.pos_t, self.scale, **launch)
-        return kernels.clustered_decode(b["q"], b["k_slots"], b["v"], self.members, self.start, self.slot_of_rep,
-                                        self.pos_t, self.scale)
+            return kernels.clustered_decode_launch(b["q"], b["k_slots"], b["v"], *lists, self.pos_t, self.scale,
+                                                   **launch)
+        if self.dense:  # what chai.DENSE_DECODE_KERNEL runs: no membership lists read
+            return kernels.dense_decode(b["q"], b["k_slots"], b["v"], self.pos_t, self.scale)
+        return kernels.clustered_decode(b["q"], b["k_slots"], b["v"], *lists, self.pos_t, self.scale)
 
     def torch_path(self, b):
         return chai.clustered_attention(b["q"][:, :, None], b["k_slots"], b["v"], self.h2c,
