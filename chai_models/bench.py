@@ -250,9 +250,9 @@ def main(argv=None) -> int:
                                                                 "within this memory budget (GPU)")
     p.add_argument("--hf", action="store_true", help="also time transformers (static cache + compile)")
     p.add_argument("--steps", type=int, default=32)
-    p.add_argument("--dense-decode", default="sdpa", choices=["sdpa", "triton"],
-                   help="one-token dense attention (dense model and CHAI's dense layers): SDPA or the Triton "
-                        "decode kernel (chai.DENSE_DECODE_KERNEL)")
+    p.add_argument("--dense-decode", default="auto", choices=["auto", "sdpa", "triton"],
+                   help="one-token dense attention (dense model and CHAI's dense layers): the Triton decode kernel "
+                        "for small caches and SDPA above (auto), or always one of them (chai.DENSE_DECODE_KERNEL)")
     p.add_argument("--clustered-decode", default="torch", choices=["torch", "triton"],
                    help="one-token attention of CHAI's clustered layers: the torch path or the Triton decode kernel "
                         "(chai.CLUSTERED_DECODE_KERNEL)")
@@ -268,7 +268,7 @@ def main(argv=None) -> int:
 
     dynamo.config.cache_size_limit = 64  # one graph per (batch, cache length, CHAI layout)
     device, dtype = torch.device(a.device), dtype_from_name(a.dtype)
-    chai.DENSE_DECODE_KERNEL = a.dense_decode == "triton"
+    chai.DENSE_DECODE_KERNEL = {"auto": None, "sdpa": False, "triton": True}[a.dense_decode]
     chai.CLUSTERED_DECODE_KERNEL = a.clustered_decode == "triton"
     generation.PDL_DECODE = a.pdl == "on"
     model = random_model(a.shape, device, dtype)

@@ -219,16 +219,28 @@ def expand_kv(t: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 # The fused Triton decode kernels (kernels.py) for one-token attention on CUDA, instead of the torch paths:
 # CLUSTERED for CHAI's clustered layers (kernels.clustered_decode instead of scores + softmax + batched GEMM),
-# DENSE for dense layers (kernels.dense_decode instead of SDPA). Both off by default: faster alone at short
-# caches, but not faster inside the compiled 7B decode step on an H200 (docs/performance.md has the numbers).
+# DENSE for dense layers (kernels.dense_decode instead of SDPA). CLUSTERED is off by default (not faster inside
+# the compiled 7B step on an H200). DENSE: None picks per call, the kernel while the cache holds at most
+# DENSE_DECODE_MAX_POSITIONS positions (B x T) and SDPA above: one 7B layer on an H200 takes 8.8 vs 14.1 us at
+# B=1, T=512 and 14.1 vs 16.1 at T=1024, but cuDNN wins from T=2048 or B=8 (docs/performance.md). True / False:
+# always / never.
 CLUSTERED_DECODE_KERNEL = False
-DENSE_DECODE_KERNEL = False
+DENSE_DECODE_KERNEL: bool | None = None
+DENSE_DECODE_MAX_POSITIONS = 1024
+
+
+def _dense_kernel(q, k, pos) -> bool:
+    if pos is None or q.shape[2] != 1 or not kernels.decode_available(q):
+        return False
+    if DENSE_DECODE_KERNEL is None:
+        return q.shape[0] * k.shape[2] <= DENSE_DECODE_MAX_POSITIONS
+    return DENSE_DECODE_KERNEL
 
 
 def dense_attention(q, k, v, mask, scale, pos=None):
     # q [B, H, S, D], k/v [B, Hkv, T, D], mask [S, T] bool or None (causal, S == T) -> [B, H, S, D]
     # pos [S] (cached calls): with S == 1 the decode kernel may read it instead of the mask
-    if DENSE_DECODE_KERNEL and pos is not None and q.shape[2] == 1 and kernels.decode_available(q):
+    if _dense_kernel(q, k, pos):
         return kernels.dense_decode(q[:, :, 0], k, v, pos, scale)[:, :, None]
     gqa = k.shape[1] != q.shape[1]  # SDPA maps query heads to their KV head itself: no copy of K and V
     if mask is None:

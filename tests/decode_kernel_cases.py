@@ -3,7 +3,8 @@
     TRITON_INTERPRET=1 python tests/decode_kernel_cases.py [CASE ...]
 
 Prints one JSON object: case name -> relative error of kernels.clustered_decode vs the torch decode path of
-chai.clustered_attention (fp32), or an error message.
+chai.clustered_attention (fp32), of a tiny model's logits with a kernel on vs off, or of kernels.silu_mul vs
+F.silu(gate) * up; or an error message.
 """
 import json
 import os
@@ -144,7 +145,7 @@ def model_case(n_kv_heads, spec, T, seed=0):
         model.set_chai(ChaiConfig.from_spec(spec, 3, 8))
     tokens = torch.randint(0, 96, (2, 14))
     n0 = 4 if dense else model.chai_config.window + 1
-    available = kernels.available
+    available, default = kernels.available, getattr(chai, flag)
 
     def logits(kernel):
         kernels.available = (lambda t: True) if kernel else available
@@ -157,11 +158,33 @@ def model_case(n_kv_heads, spec, T, seed=0):
             return torch.cat(out, 1)
         finally:
             kernels.available = available
-            setattr(chai, flag, False)
+            setattr(chai, flag, default)
 
     with torch.no_grad():
         fast, ref = logits(True), logits(False)
     return ((fast.double() - ref.double()).norm() / ref.double().norm()).item()
+
+def silu_case(shape, strided=False, op=False):
+    """kernels.silu_mul's kernel vs F.silu(gate) * up (fp32): relative error."""
+    gen = torch.Generator().manual_seed(0)
+    gate, up = (torch.randn(*shape, generator=gen) * 4 for _ in range(2))
+    if strided:  # transposed views: the op makes them contiguous
+        gate, up = gate.transpose(-1, -2), up.transpose(-1, -2)
+    if op == "opcheck":
+        r = torch.library.opcheck(torch.ops.chai_models.silu_mul.default, (gate.bfloat16(), up.bfloat16()))
+        assert all(x == "SUCCESS" for x in r.values()), r
+    out = kernels.silu_mul_op(gate, up)
+    ref = torch.nn.functional.silu(gate) * up
+    assert out.shape == ref.shape and out.is_contiguous()
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+SILU_CASES = {
+    "silu_mul_one_block": ((2, 1, 96),),
+    "silu_mul_partial_block": ((3, 5, 1111),),  # 16665 elements: a partial last block
+    "silu_mul_strided": ((2, 40, 30), True),
+    "silu_mul_opcheck": ((2, 3, 64), False, "opcheck"),
+}
 
 
 MODEL_CASES = {
@@ -204,10 +227,12 @@ def main():
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1 (set before triton is imported)"
     _fix_interpreter_range()
     results = {}
-    names = sys.argv[1:] or list(CASES) + list(MODEL_CASES)
+    names = sys.argv[1:] or list(CASES) + list(MODEL_CASES) + list(SILU_CASES)
     for name in names:
         try:
-            if name in MODEL_CASES:
+            if name in SILU_CASES:
+                results[name] = silu_case(*SILU_CASES[name])
+            elif name in MODEL_CASES:
                 results[name] = model_case(*MODEL_CASES[name])
             else:
                 B, H, Hkv, k, D, T, pos, extra = CASES[name]

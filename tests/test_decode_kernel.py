@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from chai_models import chai
-from decode_kernel_cases import CASES, MODEL_CASES
+from decode_kernel_cases import CASES, MODEL_CASES, SILU_CASES
 
 HERE = Path(__file__).resolve().parent
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
@@ -31,7 +31,7 @@ def interpreted():
 
 
 @needs_triton
-@pytest.mark.parametrize("name", list(CASES) + list(MODEL_CASES))
+@pytest.mark.parametrize("name", list(CASES) + list(MODEL_CASES) + list(SILU_CASES))
 def test_kernel_matches_torch_decode(interpreted, name):
     err = interpreted[name]
     assert not isinstance(err, str), err  # a traceback
@@ -72,3 +72,27 @@ def test_decode_config():
             n_chunks = kernels.decode_chunks(32, k, cfg["hpb"])
             if cfg["split"] > kernels.DECODE_MIN_SPLIT:  # lengthened only while programs stay >= 1.5 per SM
                 assert B * n_chunks * n_splits >= 1.5 * 132
+
+
+def test_dense_kernel_rule(monkeypatch):
+    """chai.DENSE_DECODE_KERNEL: None picks the kernel for one-token calls while B x T <= DENSE_DECODE_MAX_POSITIONS;
+    True / False force it; never for prefill, uncached calls, or where the kernels can't run."""
+    from chai_models import kernels
+
+    monkeypatch.setattr(kernels, "available", lambda t: True)
+    q1, q8, q_prefill = torch.zeros(1, 4, 1, 8), torch.zeros(8, 4, 1, 8), torch.zeros(1, 4, 5, 8)
+    k512, k1024, k2048 = (torch.zeros(1, 4, T, 8) for T in (512, 1024, 2048))
+    pos = torch.tensor([3])
+    monkeypatch.setattr(chai, "DENSE_DECODE_KERNEL", None)
+    assert chai._dense_kernel(q1, k512, pos) and chai._dense_kernel(q1, k1024, pos)
+    assert not chai._dense_kernel(q1, k2048, pos)
+    assert not chai._dense_kernel(q8, k512, pos)  # B x T = 4096
+    assert not chai._dense_kernel(q_prefill, k512, pos) and not chai._dense_kernel(q1, k512, None)
+    assert not chai._dense_kernel(q1.double(), k512.double(), pos)  # fp64 keeps the torch path
+    monkeypatch.setattr(chai, "DENSE_DECODE_KERNEL", True)
+    assert chai._dense_kernel(q8, k2048, pos) and not chai._dense_kernel(q_prefill, k2048, pos)
+    monkeypatch.setattr(chai, "DENSE_DECODE_KERNEL", False)
+    assert not chai._dense_kernel(q1, k512, pos)
+    monkeypatch.setattr(kernels, "available", lambda t: False)
+    monkeypatch.setattr(chai, "DENSE_DECODE_KERNEL", True)
+    assert not chai._dense_kernel(q1, k512, pos)

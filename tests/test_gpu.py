@@ -138,8 +138,10 @@ def test_dense_decode_kernel(kv):
         out += [model(tokens[:, p:p + 1], torch.tensor([p], device="cuda")) for p in range(6, tokens.shape[1])]
         return torch.cat(out, 1)
 
+    default = chai.DENSE_DECODE_KERNEL
     try:
         with torch.no_grad():
+            chai.DENSE_DECODE_KERNEL = False
             ref = logits()
             chai.DENSE_DECODE_KERNEL = True
             fast = logits()
@@ -148,7 +150,7 @@ def test_dense_decode_kernel(kv):
         compiled = generate(model, Bytes(), PROMPTS, max_new_tokens=24, compile=True)
         assert compiled.tokens == eager.tokens
     finally:
-        chai.DENSE_DECODE_KERNEL = False
+        chai.DENSE_DECODE_KERNEL = default
 
 
 @pytest.mark.parametrize("chai", [None, "2:3"], ids=["dense", "chai"])

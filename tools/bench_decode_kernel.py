@@ -9,7 +9,8 @@ Each variant is captured in a CUDA graph (as compiled decode runs it) of back-to
 enough copies of the cache to overflow L2, so every call reads from HBM. The cache is full (pos = T - 1, or
 --pos). Bytes per call: K read for positions <= pos (the k representatives' K for CHAI, all KV heads for
 SDPA) + V for positions <= pos + q + out; GB/s = bytes / time. k = 32 is dense attention written as 32
-clusters of one head (the kernel's dense special case), where SDPA computes the same thing (the kernel's DENSE path, kernels.dense_decode). max|err|: largest
+clusters of one head (the kernel's dense special case), where SDPA computes the same thing
+(kernels.dense_decode, the kernel's DENSE path). max|err|: largest
 absolute difference from an fp32 reference computed from the same bf16 inputs.
 """
 import argparse
