@@ -253,9 +253,9 @@ def main(argv=None) -> int:
     p.add_argument("--dense-decode", default="auto", choices=["auto", "sdpa", "triton"],
                    help="one-token dense attention (dense model and CHAI's dense layers): the Triton decode kernel "
                         "for small caches and SDPA above (auto), or always one of them (chai.DENSE_DECODE_KERNEL)")
-    p.add_argument("--clustered-decode", default="torch", choices=["torch", "triton"],
-                   help="one-token attention of CHAI's clustered layers: the torch path or the Triton decode kernel "
-                        "(chai.CLUSTERED_DECODE_KERNEL)")
+    p.add_argument("--clustered-decode", default="auto", choices=["auto", "torch", "triton"],
+                   help="one-token attention of CHAI's clustered layers: the Triton decode kernel for small caches "
+                        "and the torch path above (auto), or always one of them (chai.CLUSTERED_DECODE_KERNEL)")
     p.add_argument("--pdl", default="on", choices=["on", "off"],
                    help="programmatic dependent launch in the compiled decode step (generation.PDL_DECODE; sm90+)")
     p.add_argument("--calibrate", type=int, default=0, metavar="N",
@@ -269,7 +269,7 @@ def main(argv=None) -> int:
     dynamo.config.cache_size_limit = 64  # one graph per (batch, cache length, CHAI layout)
     device, dtype = torch.device(a.device), dtype_from_name(a.dtype)
     chai.DENSE_DECODE_KERNEL = {"auto": None, "sdpa": False, "triton": True}[a.dense_decode]
-    chai.CLUSTERED_DECODE_KERNEL = a.clustered_decode == "triton"
+    chai.CLUSTERED_DECODE_KERNEL = {"auto": None, "torch": False, "triton": True}[a.clustered_decode]
     generation.PDL_DECODE = a.pdl == "on"
     model = random_model(a.shape, device, dtype)
     bw = copy_bandwidth(device)

@@ -26,7 +26,7 @@ allocation stays k, always fewer than Hkv); with k >= Hkv every KV head may be n
 so such a layer saves Q/K compute but no memory.
 
 Membership is held as fixed-shape index tensors per layer: rep_idx [B, k] (query head of each cluster's
-representative), head_to_cluster [B, H], kv_of_slot [B, n_slots] and slot_of_rep [B, k]; for the opt-in fused
+representative), head_to_cluster [B, H], kv_of_slot [B, n_slots] and slot_of_rep [B, k]; for the fused
 decode kernel on CUDA (CLUSTERED_DECODE_KERNEL, kernels.clustered_decode) also members [B, H] and cluster_start
 [B, k+1] (cluster_lists).
 """
@@ -219,28 +219,29 @@ def expand_kv(t: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 # The fused Triton decode kernels (kernels.py) for one-token attention on CUDA, instead of the torch paths:
 # CLUSTERED for CHAI's clustered layers (kernels.clustered_decode instead of scores + softmax + batched GEMM),
-# DENSE for dense layers (kernels.dense_decode instead of SDPA). CLUSTERED is off by default (not faster inside
-# the compiled 7B step on an H200). DENSE: None picks per call, the kernel while the cache holds at most
-# DENSE_DECODE_MAX_POSITIONS positions (B x T) and SDPA above: one 7B layer on an H200 takes 8.8 vs 14.1 us at
-# B=1, T=512 and 14.1 vs 16.1 at T=1024, but cuDNN wins from T=2048 or B=8 (docs/performance.md). True / False:
-# always / never.
-CLUSTERED_DECODE_KERNEL = False
+# DENSE for dense layers (kernels.dense_decode instead of SDPA). None (the default) picks per call: the kernel
+# while the cache holds at most *_MAX_POSITIONS positions (B x T), the torch path above. True / False: always /
+# never. Measured on an H200 (docs/performance.md): dense_decode takes 8.8 vs SDPA's 14.1 us for one 7B layer at
+# B=1, T=512 and 14.1 vs 16.1 at T=1024, but cuDNN wins from T=2048 or B=8; in the compiled 7B step CHAI gains
+# 1.108x over dense with clustered_decode at B=1, T=8192 (1.042x with the torch path), and the same at B=8,
+# T=2048 (1.017x vs 1.024x), where the op alone loses at B=8, T=8192.
+CLUSTERED_DECODE_KERNEL: bool | None = None
+CLUSTERED_DECODE_MAX_POSITIONS = 8192
 DENSE_DECODE_KERNEL: bool | None = None
 DENSE_DECODE_MAX_POSITIONS = 1024
 
 
-def _dense_kernel(q, k, pos) -> bool:
+def _use_kernel(flag: bool | None, max_positions: int, q, k, pos) -> bool:
+    # q [B, n, S, D], k [B, n_k, T, D]; pos None: an uncached call
     if pos is None or q.shape[2] != 1 or not kernels.decode_available(q):
         return False
-    if DENSE_DECODE_KERNEL is None:
-        return q.shape[0] * k.shape[2] <= DENSE_DECODE_MAX_POSITIONS
-    return DENSE_DECODE_KERNEL
+    return q.shape[0] * k.shape[2] <= max_positions if flag is None else flag
 
 
 def dense_attention(q, k, v, mask, scale, pos=None):
     # q [B, H, S, D], k/v [B, Hkv, T, D], mask [S, T] bool or None (causal, S == T) -> [B, H, S, D]
     # pos [S] (cached calls): with S == 1 the decode kernel may read it instead of the mask
-    if _dense_kernel(q, k, pos):
+    if _use_kernel(DENSE_DECODE_KERNEL, DENSE_DECODE_MAX_POSITIONS, q, k, pos):
         return kernels.dense_decode(q[:, :, 0], k, v, pos, scale)[:, :, None]
     gqa = k.shape[1] != q.shape[1]  # SDPA maps query heads to their KV head itself: no copy of K and V
     if mask is None:
@@ -577,7 +578,7 @@ class ChaiLayer(nn.Module):
         q = attn.project_q(x, rope, self.q_rows if rows else self.rep_idx[:B])  # [B, k, S, D]
         k = attn.project_k(x, rope, self.k_rows if rows else self.kv_of_slot[:B])  # [B, n_slots, S, D]
         k_all = attn.kv_cache.update_k(pos, k)  # [B, n_slots, T, D]
-        if CLUSTERED_DECODE_KERNEL and x.shape[1] == 1 and kernels.decode_available(q):
+        if _use_kernel(CLUSTERED_DECODE_KERNEL, CLUSTERED_DECODE_MAX_POSITIONS, q, k_all, pos):
             # decode on CUDA: one fused split-T kernel (sums in fp32); the mask is keys <= pos, read from pos
             return kernels.clustered_decode(q[:, :, 0], k_all, attn.kv_cache.v[:B], self.members[:B],
                                             self.cluster_start[:B], self.slot_of_rep[:B], pos, self.scale)[:, :, None]

@@ -189,12 +189,15 @@ def decode_step(model, compile: bool = False):
 
         # one graph per (batch size, cache length, CHAI layout) and per model instance: allow many
         dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 64)
-        # decode is a chain of matrix-vector products; tuned Triton reductions read the weights faster than
-        # the library GEMV (measured on H200: 4.64 vs 4.98 ms per 7B step, see README)
-        inductor.coordinate_descent_tuning = TUNE_DECODE
-        if hasattr(inductor.triton, "enable_pdl"):  # inductor emits it only for sm90+ CUDA devices
-            inductor.triton.enable_pdl = PDL_DECODE
-        compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True, dynamic=False)
+        # mode="reduce-overhead" spelled as its inductor option (CUDA graphs), so that the other options apply to
+        # this graph only and not to whatever else the process compiles:
+        # - coordinate-descent tuning: decode is a chain of matrix-vector products, and tuned Triton reductions
+        #   read the weights faster than the library GEMV (H200: 4.64 vs 4.98 ms per 7B step, see README);
+        # - programmatic dependent launch (sm90+; newer inductors only).
+        options = {"triton.cudagraphs": True, "coordinate_descent_tuning": TUNE_DECODE}
+        if hasattr(inductor.triton, "enable_pdl"):
+            options["triton.enable_pdl"] = PDL_DECODE
+        compiled = torch.compile(model, fullgraph=True, dynamic=False, options=options)
         model.__dict__["_compiled_decode"] = compiled
 
     def step(tok, pos):

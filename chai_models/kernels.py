@@ -5,8 +5,8 @@
   dense attention. One program clusters one sequence: the H x H distance matrix lives in registers.
 - clustered_decode: one-token clustered attention (reference: the S == 1 branch of chai.clustered_attention),
   split over the cache length like flash-decoding, so the K slots and every head's V are streamed once;
-  dense_decode is its one-head-per-cluster special case. chai.CLUSTERED_DECODE_KERNEL (opt-in) and
-  chai.DENSE_DECODE_KERNEL (by default for small caches) choose them; docs/performance.md has the numbers.
+  dense_decode is its one-head-per-cluster special case. chai.CLUSTERED_DECODE_KERNEL and
+  chai.DENSE_DECODE_KERNEL choose them (by default: for small caches); docs/performance.md has the numbers.
 - silu_mul: SwiGLU's silu(gate) * up, one launch, and a boundary torch.compile does not fuse across.
 - On sm90+ every kernel here that reads another kernel's output is launched with programmatic dependent launch
   (PDL) and waits on the device (gdc_wait) before that read, like inductor's kernels in the decode graph.

@@ -74,25 +74,30 @@ def test_decode_config():
                 assert B * n_chunks * n_splits >= 1.5 * 132
 
 
-def test_dense_kernel_rule(monkeypatch):
-    """chai.DENSE_DECODE_KERNEL: None picks the kernel for one-token calls while B x T <= DENSE_DECODE_MAX_POSITIONS;
-    True / False force it; never for prefill, uncached calls, or where the kernels can't run."""
+def test_kernel_rule(monkeypatch):
+    """chai.DENSE_DECODE_KERNEL (and CLUSTERED_, same rule): None picks the kernel for one-token calls while
+    B x T <= DENSE_DECODE_MAX_POSITIONS; True / False force it; never for prefill, uncached calls, or where the
+    kernels can't run."""
     from chai_models import kernels
 
     monkeypatch.setattr(kernels, "available", lambda t: True)
     q1, q8, q_prefill = torch.zeros(1, 4, 1, 8), torch.zeros(8, 4, 1, 8), torch.zeros(1, 4, 5, 8)
     k512, k1024, k2048 = (torch.zeros(1, 4, T, 8) for T in (512, 1024, 2048))
     pos = torch.tensor([3])
+
+    def use(q, k, pos):
+        return chai._use_kernel(chai.DENSE_DECODE_KERNEL, chai.DENSE_DECODE_MAX_POSITIONS, q, k, pos)
+
     monkeypatch.setattr(chai, "DENSE_DECODE_KERNEL", None)
-    assert chai._dense_kernel(q1, k512, pos) and chai._dense_kernel(q1, k1024, pos)
-    assert not chai._dense_kernel(q1, k2048, pos)
-    assert not chai._dense_kernel(q8, k512, pos)  # B x T = 4096
-    assert not chai._dense_kernel(q_prefill, k512, pos) and not chai._dense_kernel(q1, k512, None)
-    assert not chai._dense_kernel(q1.double(), k512.double(), pos)  # fp64 keeps the torch path
+    assert use(q1, k512, pos) and use(q1, k1024, pos)
+    assert not use(q1, k2048, pos)
+    assert not use(q8, k512, pos)  # B x T = 4096
+    assert not use(q_prefill, k512, pos) and not use(q1, k512, None)
+    assert not use(q1.double(), k512.double(), pos)  # fp64 keeps the torch path
     monkeypatch.setattr(chai, "DENSE_DECODE_KERNEL", True)
-    assert chai._dense_kernel(q8, k2048, pos) and not chai._dense_kernel(q_prefill, k2048, pos)
+    assert use(q8, k2048, pos) and not use(q_prefill, k2048, pos)
     monkeypatch.setattr(chai, "DENSE_DECODE_KERNEL", False)
-    assert not chai._dense_kernel(q1, k512, pos)
+    assert not use(q1, k512, pos)
     monkeypatch.setattr(kernels, "available", lambda t: False)
     monkeypatch.setattr(chai, "DENSE_DECODE_KERNEL", True)
-    assert not chai._dense_kernel(q1, k512, pos)
+    assert not use(q1, k512, pos)

@@ -105,7 +105,7 @@ def test_decode_kernel_logits_match_torch_path(kv):
     model = cuda_model(kv)
     model.set_chai(ChaiConfig.from_spec("8,2,3,1", 4, 8))
     tokens = torch.randint(0, 256, (3, 40), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
-    available = kernels.available
+    available, default = kernels.available, chai.CLUSTERED_DECODE_KERNEL
 
     def logits(kernel):
         kernels.available = available if kernel else (lambda t: False)
@@ -117,7 +117,7 @@ def test_decode_kernel_logits_match_torch_path(kv):
             out += [model(tokens[:, p:p + 1], torch.tensor([p], device="cuda")) for p in range(6, tokens.shape[1])]
             return torch.cat(out, 1)
         finally:
-            kernels.available, chai.CLUSTERED_DECODE_KERNEL = available, False
+            kernels.available, chai.CLUSTERED_DECODE_KERNEL = available, default
 
     with torch.no_grad():
         fast, ref = logits(True), logits(False)
