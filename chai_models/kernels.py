@@ -287,8 +287,8 @@ def clustered_decode_launch(q_rep, k_slots, v, members, cluster_start, slot_of_r
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1),
         scale * math.log2(math.e), T, split, n_splits,
         H=H, K=k, G=H // Hkv, D=D, HPB=hpb, BLOCK_T=block_t, BLOCK_D=block_d,
-        BLOCK_K=triton.next_power_of_2(k), ONE_SPLIT=n_splits == 1, STAGES=num_stages, DENSE=dense, PDL=pdl, num_warps=num_warps,
-        **launch)
+        BLOCK_K=triton.next_power_of_2(k), ONE_SPLIT=n_splits == 1, STAGES=num_stages, DENSE=dense, PDL=pdl,
+        num_warps=num_warps, **launch)
     if n_splits > 1:
         _decode_combine_kernel[(H, B)](acc, m, l, pos, out, out.stride(0), out.stride(1), split, n_splits,
                                        H=H, D=D, BLOCK_S=min(32, triton.next_power_of_2(n_splits)),
