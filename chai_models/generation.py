@@ -169,8 +169,9 @@ def generate(model, tokenizer, prompts: str | Sequence[str] | Sequence[Sequence[
 
 TUNE_DECODE = True  # coordinate-descent tuning of the compiled decode kernels (slower first compile)
 # programmatic dependent launch (Hopper and newer): a kernel of the decode graph is launched while the one before
-# it drains, and waits on the device only before it reads that kernel's output; hides most of the ~2 us gap
-# between the ~10 kernels of a layer (measured on H200: 1.174 -> 1.149 ms per 8-layer 7B step)
+# it drains, and waits on the device only before it reads that kernel's output; hides most of the gap between
+# the ~10 kernels of a layer (H200, 7B step at B=1, T=512: 69.8% -> 75.7% of copy bandwidth, docs/performance.md).
+# Our own Triton kernels follow kernels.PDL.
 PDL_DECODE = True
 
 
@@ -192,7 +193,7 @@ def decode_step(model, compile: bool = False):
         # mode="reduce-overhead" spelled as its inductor option (CUDA graphs), so that the other options apply to
         # this graph only and not to whatever else the process compiles:
         # - coordinate-descent tuning: decode is a chain of matrix-vector products, and tuned Triton reductions
-        #   read the weights faster than the library GEMV (H200: 4.64 vs 4.98 ms per 7B step, see README);
+        #   read the weights faster than the library GEMV (H200: 4.64 vs 4.98 ms per 7B step, docs/performance.md);
         # - programmatic dependent launch (sm90+; newer inductors only).
         options = {"triton.cudagraphs": True, "coordinate_descent_tuning": TUNE_DECODE}
         if hasattr(inductor.triton, "enable_pdl"):

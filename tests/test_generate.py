@@ -116,3 +116,27 @@ def test_bad_input(model):
         generate(model, TOK, ["x" * 90], max_new_tokens=10)
     with pytest.raises(ValueError, match="temperature"):
         generate(model, TOK, ["x"], max_new_tokens=2, temperature=-1)
+
+
+@pytest.mark.parametrize("chai", [None, "1:2"], ids=["dense", "chai"])
+def test_compiled_decode_on_cpu(chai):
+    """generate(compile=True) through torch.compile on CPU (CUDA graphs and PDL do not apply): the same greedy
+    tokens as eager, and the decode compile's inductor options stay scoped to its own graph."""
+    import torch._dynamo as dynamo
+    import torch._inductor.config as inductor
+
+    torch.manual_seed(1)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=96, n_layers=2, n_heads=4, n_kv_heads=2,
+                      head_dim=16, max_seq_len=96)
+    m = Llama(cfg).eval()
+    with torch.no_grad():
+        m.output.weight.mul_(8)
+    if chai:
+        m.set_chai(ChaiConfig.from_spec(chai, 2, 4))
+    before = inductor.coordinate_descent_tuning
+    dynamo.reset()
+    eager = generate(m, TOK, PROMPTS, max_new_tokens=10, eos_ids=[])
+    compiled = generate(m, TOK, PROMPTS, max_new_tokens=10, eos_ids=[], compile=True)
+    assert compiled.tokens == eager.tokens
+    assert compiled.stats["compile_s"] > 0
+    assert inductor.coordinate_descent_tuning == before
