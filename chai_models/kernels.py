@@ -371,7 +371,9 @@ def _(gate, up):
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up: the Triton op on CUDA for fp16/bf16/fp32, torch elsewhere."""
-    if decode_available(gate) and gate.shape == up.shape and gate.dtype == up.dtype:
+    """silu(gate) * up: the Triton op on CUDA for fp16/bf16/fp32 inference, torch elsewhere (and wherever a
+    gradient is needed: the op has no backward)."""
+    if (decode_available(gate) and gate.shape == up.shape and gate.dtype == up.dtype
+            and not (torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad))):
         return silu_mul_op(gate, up)
     return torch.nn.functional.silu(gate) * up

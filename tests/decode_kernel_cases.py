@@ -168,6 +168,16 @@ def silu_case(shape, strided=False, op=False):
     """kernels.silu_mul's kernel vs F.silu(gate) * up (fp32): relative error."""
     gen = torch.Generator().manual_seed(0)
     gate, up = (torch.randn(*shape, generator=gen) * 4 for _ in range(2))
+    if op == "grad":  # a gradient is needed: kernels.silu_mul (kernels forced available) takes the torch path
+        available, kernels.available = kernels.available, lambda t: True
+        try:
+            g = gate.clone().requires_grad_()
+            kernels.silu_mul(g, up).sum().backward()
+        finally:
+            kernels.available = available
+        g_ref = gate.clone().requires_grad_()
+        (torch.nn.functional.silu(g_ref) * up).sum().backward()
+        return ((g.grad - g_ref.grad).norm() / g_ref.grad.norm()).item()
     if strided:  # transposed views: the op makes them contiguous
         gate, up = gate.transpose(-1, -2), up.transpose(-1, -2)
     if op == "opcheck":
@@ -184,6 +194,7 @@ SILU_CASES = {
     "silu_mul_partial_block": ((3, 5, 1111),),  # 16665 elements: a partial last block
     "silu_mul_strided": ((2, 40, 30), True),
     "silu_mul_opcheck": ((2, 3, 64), False, "opcheck"),
+    "silu_mul_grad": ((2, 3, 64), False, "grad"),
 }
 
 
