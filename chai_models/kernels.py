@@ -230,6 +230,11 @@ def _pdl_capable(device: torch.device) -> bool:
             and os.environ.get("TRITON_INTERPRET") != "1")
 
 
+def _pdl_kwargs(device: torch.device) -> dict:
+    """Launch keywords of the decode and silu_mul kernels: their PDL constexpr, and launch_pdl where PDL applies."""
+    return dict(PDL=True, launch_pdl=True) if PDL and _pdl_capable(device) else dict(PDL=False)
+
+
 @functools.lru_cache(maxsize=None)
 def _n_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
@@ -279,20 +284,19 @@ def clustered_decode_launch(q_rep, k_slots, v, members, cluster_start, slot_of_r
         m = torch.empty(B, H, n_splits, dtype=torch.float32, device=v.device)
         l = torch.empty_like(m)
     block_d = triton.next_power_of_2(D)
-    pdl = PDL and _pdl_capable(v.device)
-    launch = dict(launch_pdl=True) if pdl else {}
+    pdl = _pdl_kwargs(v.device)
     _decode_split_kernel[(n_chunks, n_splits, B)](
         q_rep, k_slots, v, members, cluster_start, slot_of_rep, pos, acc, m, l, out,
         q_rep.stride(0), q_rep.stride(1), k_slots.stride(0), k_slots.stride(1), k_slots.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1),
         scale * math.log2(math.e), T, split, n_splits,
         H=H, K=k, G=H // Hkv, D=D, HPB=hpb, BLOCK_T=block_t, BLOCK_D=block_d,
-        BLOCK_K=triton.next_power_of_2(k), ONE_SPLIT=n_splits == 1, STAGES=num_stages, DENSE=dense, PDL=pdl,
-        num_warps=num_warps, **launch)
+        BLOCK_K=triton.next_power_of_2(k), ONE_SPLIT=n_splits == 1, STAGES=num_stages, DENSE=dense,
+        num_warps=num_warps, **pdl)
     if n_splits > 1:
         _decode_combine_kernel[(H, B)](acc, m, l, pos, out, out.stride(0), out.stride(1), split, n_splits,
                                        H=H, D=D, BLOCK_S=min(32, triton.next_power_of_2(n_splits)),
-                                       BLOCK_D=block_d, PDL=pdl, num_warps=4, **launch)
+                                       BLOCK_D=block_d, num_warps=4, **pdl)
     return out
 
 
@@ -358,10 +362,8 @@ def silu_mul_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     gate, up = gate.contiguous(), up.contiguous()
     out = torch.empty_like(gate)
     n = gate.numel()
-    pdl = PDL and _pdl_capable(gate.device)
     block = 1024
-    _silu_mul_kernel[(triton.cdiv(n, block),)](gate, up, out, n, BLOCK=block, PDL=pdl, num_warps=4,
-                                                **(dict(launch_pdl=True) if pdl else {}))
+    _silu_mul_kernel[(triton.cdiv(n, block),)](gate, up, out, n, BLOCK=block, num_warps=4, **_pdl_kwargs(gate.device))
     return out
 
 
