@@ -37,6 +37,27 @@ def cuda_model(n_kv_heads=4, dtype=torch.float32):
 PROMPTS = ["The quick brown fox", "Hi there, friend", "A somewhat longer prompt for the batch"]
 
 
+def stepwise_logits(model, tokens, n0, step=None):
+    """Fresh caches, a prefill of n0 tokens, then one token per call -> logits [B, S, vocab] of every position.
+
+    step: the compiled decode step (generation.decode_step) for the one-token calls; it must run compiled, so CHAI
+    must be clustered after the prefill. Default: the eager model."""
+    from chai_models import chai
+
+    B, S = tokens.shape
+    model.setup_caches(B, 512)
+    chai.reset(model)
+    with torch.no_grad():
+        out = [model(tokens[:, :n0], torch.arange(n0, device="cuda"))]
+        if step is not None:
+            assert chai.ready(model)  # not the eager fallback of a filling window
+        else:
+            def step(tok, pos):
+                return model(tok, pos)[:, -1]
+        out += [step(tokens[:, p:p + 1], torch.tensor([p], device="cuda"))[:, None] for p in range(n0, S)]
+    return torch.cat(out, 1)
+
+
 @pytest.mark.parametrize("chai", [None, "2:3"], ids=["dense", "chai"])
 @pytest.mark.parametrize("kv", [8, 4], ids=["mha", "gqa"])
 def test_compiled_decode_tokens_equal_eager(chai, kv):
@@ -111,16 +132,11 @@ def test_decode_kernel_logits_match_torch_path(kv):
         kernels.available = available if kernel else (lambda t: False)
         chai.CLUSTERED_DECODE_KERNEL = kernel
         try:
-            model.setup_caches(3, 512)
-            chai.reset(model)
-            out = [model(tokens[:, :6], torch.arange(6, device="cuda"))]
-            out += [model(tokens[:, p:p + 1], torch.tensor([p], device="cuda")) for p in range(6, tokens.shape[1])]
-            return torch.cat(out, 1)
+            return stepwise_logits(model, tokens, 6)
         finally:
             kernels.available, chai.CLUSTERED_DECODE_KERNEL = available, default
 
-    with torch.no_grad():
-        fast, ref = logits(True), logits(False)
+    fast, ref = logits(True), logits(False)
     assert ((fast - ref).norm() / ref.norm()).item() < 1e-5
 
 
@@ -131,20 +147,12 @@ def test_dense_decode_kernel(kv):
 
     model = cuda_model(kv)
     tokens = torch.randint(0, 256, (3, 40), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
-
-    def logits():
-        model.setup_caches(3, 512)
-        out = [model(tokens[:, :6], torch.arange(6, device="cuda"))]
-        out += [model(tokens[:, p:p + 1], torch.tensor([p], device="cuda")) for p in range(6, tokens.shape[1])]
-        return torch.cat(out, 1)
-
     default = chai.DENSE_DECODE_KERNEL
     try:
-        with torch.no_grad():
-            chai.DENSE_DECODE_KERNEL = False
-            ref = logits()
-            chai.DENSE_DECODE_KERNEL = True
-            fast = logits()
+        chai.DENSE_DECODE_KERNEL = False
+        ref = stepwise_logits(model, tokens, 6)
+        chai.DENSE_DECODE_KERNEL = True
+        fast = stepwise_logits(model, tokens, 6)
         assert ((fast - ref).norm() / ref.norm()).item() < 1e-5
         eager = generate(model, Bytes(), PROMPTS, max_new_tokens=24)
         compiled = generate(model, Bytes(), PROMPTS, max_new_tokens=24, compile=True)
@@ -168,19 +176,9 @@ def test_tuned_compiled_decode_matches_eager(chai):
     try:
         if chai:
             model.set_chai(ChaiConfig.from_spec(chai, 4, 8))
-        model.setup_caches(3, 512)
         tokens = torch.randint(0, 256, (3, 48), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
-        step = generation.decode_step(model, compile=True)
-        with torch.no_grad():
-            model(tokens[:, :8], torch.arange(8, device="cuda"))
-            assert chai_mod.ready(model)  # the compiled step runs (not the eager fallback of a filling window)
-            fast = [step(tokens[:, p:p + 1], torch.tensor([p], device="cuda")) for p in range(8, 48)]
-            model.setup_caches(3, 512)
-            if chai:
-                chai_mod.reset(model)
-            model(tokens[:, :8], torch.arange(8, device="cuda"))
-            ref = [model(tokens[:, p:p + 1], torch.tensor([p], device="cuda"))[:, -1] for p in range(8, 48)]
-        fast, ref = torch.stack(fast), torch.stack(ref)
+        fast = stepwise_logits(model, tokens, 8, generation.decode_step(model, compile=True))[:, 8:]
+        ref = stepwise_logits(model, tokens, 8)[:, 8:]  # the one-token steps: prefill is eager in both
         assert ((fast - ref).norm() / ref.norm()).item() < 1e-5
         assert torch.equal(fast.argmax(-1), ref.argmax(-1))
     finally:
