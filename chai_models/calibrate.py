@@ -86,6 +86,9 @@ def _window_hook(store: list, window: int, stop: bool):
 
     def hook(attn, args, kwargs):
         x = args[0] if args else kwargs["x"]
+        if attn.forward_takes_norm:  # LLaMA: forward(x, norm, rope, ...) normalises x itself
+            norm = args[1] if len(args) > 1 else kwargs["norm"]
+            x, args = norm(x), args[:1] + args[2:]
         rope = args[1] if len(args) > 1 else kwargs.get("rope")
         q = attn.project_q(x, rope)  # [B, H, W, D]
         k = attn.project_k(x, rope)  # [B, Hkv, W, D]

@@ -200,8 +200,11 @@ def project_heads(x: torch.Tensor, linear: nn.Linear, head_dim: int, heads=None)
     """
     B, S, _ = x.shape
     if heads is None:
-        return linear(x).view(B, S, -1, head_dim).transpose(1, 2)
+        return kernels.linear(x, (linear,)).view(B, S, -1, head_dim).transpose(1, 2)
     if isinstance(heads, HeadRows):
+        if B * S == 1:  # one token: the rows are one weight matrix (a decode GEMV on CUDA)
+            y = kernels.linear(x, ((heads.weight[0], None if heads.bias is None else heads.bias[0]),))
+            return y.view(B, S, -1, head_dim).transpose(1, 2)
         y = torch.bmm(x, heads.weight[:B].transpose(1, 2))  # [B, S, n*D]
         if heads.bias is not None:
             y = y + heads.bias[:B, None, :]

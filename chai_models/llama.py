@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from . import chai, kernels
 
@@ -86,6 +85,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class RMSNorm(nn.Module):
+    gemv_fusable = True  # kernels.linear may fold this norm into a decode GEMV (same math, same roundings)
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
@@ -128,6 +129,8 @@ class KVCache(nn.Module):
 
 
 class Attention(nn.Module):
+    forward_takes_norm = True  # forward(x, norm, ...) normalises x itself (calibrate's hooks read this)
+
     def __init__(self, cfg: LlamaConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
@@ -147,18 +150,23 @@ class Attention(nn.Module):
     def project_k(self, x, rope, heads=None):
         return apply_rope(chai.project_heads(x, self.wk, self.head_dim, heads), *rope)
 
-    def forward(self, x, rope, input_pos=None, mask=None):
-        # x [B, S, hidden]; rope (cos, sin) [S, D]; input_pos [S] or None (no cache); mask [S, T] bool
+    def forward(self, x, norm, rope, input_pos=None, mask=None):
+        # x [B, S, hidden] (the residual stream) -> x + attention(norm(x)); rope (cos, sin) [S, D];
+        # input_pos [S] or None (no cache); mask [S, T] bool. kernels.linear folds the norm and the residual add
+        # into the projections when it can (one token on CUDA).
         B, S, _ = x.shape
-        v = chai.project_heads(x, self.wv, self.head_dim)  # [B, Hkv, S, D]
         if self.chai is not None:
-            y = self.chai(self, x, rope, v, input_pos, mask)  # [B, H, S, D]
+            h = norm(x)
+            v = chai.project_heads(h, self.wv, self.head_dim)  # [B, Hkv, S, D]
+            y = self.chai(self, h, rope, v, input_pos, mask)  # [B, H, S, D]
         else:
-            q, k = self.project_q(x, rope), self.project_k(x, rope)  # [B, H, S, D], [B, Hkv, S, D]
+            q, k, v = kernels.linear(x, (self.wq, self.wk, self.wv), norm=norm)  # [B, S, H*D], [B, S, Hkv*D] x2
+            q, k, v = (t.view(B, S, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))  # [B, n, S, D]
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
             if input_pos is not None:
                 k, v = self.kv_cache.update_k(input_pos, k), self.kv_cache.update_v(input_pos, v)  # [B, Hkv, T, D]
             y = chai.dense_attention(q, k, v, mask, self.scale, input_pos)
-        return self.wo(y.transpose(1, 2).reshape(B, S, -1))
+        return kernels.linear(y.transpose(1, 2).reshape(B, S, -1), (self.wo,), residual=x)
 
 
 class MLP(nn.Module):
@@ -168,8 +176,9 @@ class MLP(nn.Module):
         self.w3 = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)  # up
         self.w2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)  # down
 
-    def forward(self, x):
-        return self.w2(kernels.silu_mul(self.w1(x), self.w3(x)))  # silu(w1 x) * w3 x
+    def forward(self, x, norm):  # x + w2(silu(w1 norm(x)) * w3 norm(x))
+        h = kernels.linear(x, (self.w1, self.w3), norm=norm, swiglu=True)  # [B, S, intermediate]
+        return kernels.linear(h, (self.w2,), residual=x)
 
 
 class Block(nn.Module):
@@ -181,8 +190,8 @@ class Block(nn.Module):
         self.feed_forward = MLP(cfg)
 
     def forward(self, x, rope, input_pos, mask):
-        x = x + self.attention(self.attention_norm(x), rope, input_pos, mask)
-        return x + self.feed_forward(self.ffn_norm(x))
+        x = self.attention(x, self.attention_norm, rope, input_pos, mask)  # x + attention(norm(x))
+        return self.feed_forward(x, self.ffn_norm)  # x + mlp(norm(x))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -263,6 +272,5 @@ class Llama(nn.Module):
         rope = rope_cos_sin(self.inv_freq, pos, x.dtype)
         for blk in self.layers:
             x = blk(x, rope, input_pos, mask)
-        x = self.norm(x)
         w = self.tok_embeddings.weight if self.output is None else self.output.weight
-        return F.linear(x, w)  # [B, S, vocab]
+        return kernels.linear(x, (w,), norm=self.norm)  # [B, S, vocab]

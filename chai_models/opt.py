@@ -124,6 +124,8 @@ class KVCache(nn.Module):
 
 
 class Attention(nn.Module):
+    forward_takes_norm = False  # forward(x, ...) takes the normalised input (calibrate's hooks read this)
+
     def __init__(self, cfg: OPTConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx

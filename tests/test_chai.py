@@ -47,7 +47,12 @@ def reference_forward(model, tokens, memberships):
     originals = {}
 
     def make(attn, member):
-        def forward(x, rope, input_pos=None, mask=None):
+        def forward(x, *args, **kwargs):
+            if attn.forward_takes_norm:  # LLaMA: forward(x, norm, rope, ...) -> x + attention(norm(x))
+                residual, (norm, rope) = x, args[:2]
+                x = norm(x)
+            else:  # OPT: forward(x, rope, ...) -> attention(x)
+                residual, rope = 0, args[0]
             B, S, _ = x.shape
             H = attn.n_heads
             q = attn.project_q(x, rope)  # [B, H, S, D]
@@ -64,7 +69,7 @@ def reference_forward(model, tokens, memberships):
                         r = rep_idx[b, h2c[b, h]].item()
                         probs[b, h, W:] = dense[b, r, W:]
             y = probs @ v  # [B, H, S, D]
-            return attn.wo(y.transpose(1, 2).reshape(B, S, -1))
+            return residual + attn.wo(y.transpose(1, 2).reshape(B, S, -1))
 
         return forward
 
