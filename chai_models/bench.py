@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from . import chai, generation
+from . import chai, generation, kernels
 from .chai import ChaiConfig
 from .llama import Llama, LlamaConfig
 
@@ -258,6 +258,9 @@ def main(argv=None) -> int:
                         "and the torch path above (auto), or always one of them (chai.CLUSTERED_DECODE_KERNEL)")
     p.add_argument("--pdl", default="on", choices=["on", "off"],
                    help="programmatic dependent launch in the compiled decode step (generation.PDL_DECODE; sm90+)")
+    p.add_argument("--gemv", default="on", choices=["on", "off"],
+                   help="one-row projections (batch 1 decode) as kernels.gemv launches with the norm, SwiGLU and "
+                        "residual folded in (kernels.GEMV), or the torch ops (tuned by inductor when compiled)")
     p.add_argument("--calibrate", type=int, default=0, metavar="N",
                    help="instead: time the offline calibration on N random sequences of --calibrate-len tokens")
     p.add_argument("--calibrate-len", type=int, default=512)
@@ -271,12 +274,13 @@ def main(argv=None) -> int:
     chai.DENSE_DECODE_KERNEL = {"auto": None, "sdpa": False, "triton": True}[a.dense_decode]
     chai.CLUSTERED_DECODE_KERNEL = {"auto": None, "torch": False, "triton": True}[a.clustered_decode]
     generation.PDL_DECODE = a.pdl == "on"
+    kernels.GEMV = a.gemv == "on"
     model = random_model(a.shape, device, dtype)
     bw = copy_bandwidth(device)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"# {a.shape} {a.dtype} on {card}, torch {torch.__version__}, copy bandwidth {bw / 1e12:.2f} TB/s, "
           f"weights {weight_bytes(model) / 1e9:.2f} GB, decode attention: dense {a.dense_decode}, "
-          f"clustered {a.clustered_decode}, pdl {a.pdl}")
+          f"clustered {a.clustered_decode}, pdl {a.pdl}, gemv {a.gemv}")
     if a.calibrate:
         return time_calibration(model, a.calibrate, a.calibrate_len, device)
     hdr = (f"{'config':<22}{'B':>4}{'T':>7}{'mode':>10}{'tok/s':>10}{'ms/tok':>9}{'GB/s':>8}{'%bw':>6}"

@@ -122,16 +122,52 @@ if triton is not None:
         return c, heads, e_ok, slot
 
     @triton.jit
+    def _attend_tile(kt, vt, t_ok, q, m, l, acc, qk_scale):
+        """Online softmax over one tile: kt [BLOCK_T, BLOCK_D], vt [HPB, BLOCK_T, BLOCK_D] -> (m, l, acc)."""
+        sc = tl.sum(kt.to(tl.float32) * q[None, :], axis=1) * qk_scale  # [BLOCK_T]
+        sc = tl.where(t_ok, sc, -float("inf"))
+        m_new = tl.maximum(m, tl.max(sc, axis=0))  # finite: every tile starts at a position <= pos
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(sc - m_new)  # [BLOCK_T], 0 where masked
+        l = l * alpha + tl.sum(p, axis=0)
+        acc = acc * alpha + tl.sum(p[None, :, None] * vt.to(tl.float32), axis=1)  # [HPB, BLOCK_D]
+        return m_new, l, acc
+
+    @triton.jit
+    def _combine_splits(acc_ptr, m_ptr, l_ptr, base, n_valid, d, d_ok, D: tl.constexpr, BLOCK_S: tl.constexpr):
+        """Partials of splits 0..n_valid-1 of one head (index base + s) -> its normalised output [BLOCK_D].
+
+        .cg loads: the partials were written by other SMs during this launch (L1 is not coherent)."""
+        ss = tl.arange(0, BLOCK_S)
+        m_all = tl.full([BLOCK_S], -float("inf"), dtype=tl.float32)
+        for s0 in range(0, n_valid, BLOCK_S):  # the global max first, then the rescaled sums
+            m_all = tl.maximum(m_all, tl.load(m_ptr + base + s0 + ss, mask=s0 + ss < n_valid, other=-float("inf"),
+                                              cache_modifier=".cg"))
+        m_max = tl.max(m_all, axis=0)
+        l_sum = 0.0
+        o = tl.zeros_like(d).to(tl.float32)
+        for s0 in range(0, n_valid, BLOCK_S):
+            s_ok = s0 + ss < n_valid
+            w = tl.exp2(tl.load(m_ptr + base + s0 + ss, mask=s_ok, other=-float("inf"), cache_modifier=".cg")
+                        - m_max)  # 0 where invalid
+            l_sum += tl.sum(w * tl.load(l_ptr + base + s0 + ss, mask=s_ok, other=0.0, cache_modifier=".cg"), axis=0)
+            a = tl.load(acc_ptr + (base + s0 + ss)[:, None] * D + d[None, :],
+                        mask=s_ok[:, None] & d_ok[None, :], other=0.0, cache_modifier=".cg")
+            o += tl.sum(w[:, None] * a, axis=0)
+        return o / l_sum
+
+    @triton.jit
     def _decode_split_kernel(q_ptr, k_ptr, v_ptr, members_ptr, start_ptr, slot_ptr, pos_ptr,
-                             acc_ptr, m_ptr, l_ptr, out_ptr,
+                             acc_ptr, m_ptr, l_ptr, count_ptr, out_ptr,
                              sq_b, sq_c, sk_b, sk_s, sk_t, sv_b, sv_h, sv_t, so_b, so_h,
-                             qk_scale, T, SPLIT, N_SPLITS,
+                             qk_scale, T, SPLIT, N_SPLITS, N_CHUNKS,
                              H: tl.constexpr, K: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
                              HPB: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-                             BLOCK_K: tl.constexpr, ONE_SPLIT: tl.constexpr, STAGES: tl.constexpr,
-                             DENSE: tl.constexpr, PDL: tl.constexpr):
+                             BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, ONE_SPLIT: tl.constexpr,
+                             STAGES: tl.constexpr, DENSE: tl.constexpr, FUSED_COMBINE: tl.constexpr,
+                             PDL: tl.constexpr):
         j, s, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)  # int64: cache offsets
-        pos = tl.load(pos_ptr)
+        pos = tl.load(pos_ptr)  # written before the graph (or launch) began: safe to read before the wait
         t_lo = s * SPLIT
         if t_lo > pos:  # the whole split is past the current position
             return
@@ -146,44 +182,62 @@ if triton is not None:
             if c >= K:  # the grid is sized for the worst case: spare chunks exit
                 return
         kv = heads // G  # [HPB] their KV heads (GQA)
-        if PDL:  # launched early (programmatic dependent launch): q and the new K/V come from the kernel before
-            tl.extra.cuda.gdc_wait()
-
         d = tl.arange(0, BLOCK_D)
         d_ok = d < D
-        q = tl.load(q_ptr + b * sq_b + c * sq_c + d, mask=d_ok, other=0.0).to(tl.float32)  # [BLOCK_D]
         k_base = k_ptr + b * sk_b + slot * sk_s
         v_base = v_ptr + b * sv_b + kv[:, None, None] * sv_h + d[None, None, :]  # [HPB, 1, BLOCK_D]
         v_ok = e_ok[:, None, None] & d_ok[None, None, :]
 
-        m = -float("inf")  # running max of the scores (log2 domain)
-        l = 0.0  # running sum of exp2(score - m)
-        acc = tl.zeros([HPB, BLOCK_D], dtype=tl.float32)  # running sum of p V per head
-        for t0 in tl.range(t_lo, t_hi, BLOCK_T, num_stages=STAGES):  # STAGES > 1: cp.async prefetch of tiles
+        # The first tile is read before the wait: this step writes the cache at pos only, so every other position
+        # is final, and the read overlaps the previous kernel's tail. The row at pos is read again after the wait.
+        t = t_lo + tl.arange(0, BLOCK_T)
+        t_ok = t < t_hi
+        kt = tl.load(k_base + t[:, None] * sk_t + d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+        vt = tl.load(v_base + t[None, :, None] * sv_t, mask=v_ok & t_ok[None, :, None], other=0.0)
+        if PDL:  # launched early (programmatic dependent launch): q and the new K/V come from the kernels before
+            tl.extra.cuda.gdc_wait()
+            if pos < t_lo + BLOCK_T:
+                k_new = tl.load(k_base + pos * sk_t + d, mask=d_ok, other=0.0)  # [BLOCK_D]
+                v_new = tl.load(v_base + pos * sv_t, mask=v_ok, other=0.0)  # [HPB, 1, BLOCK_D]
+                kt = tl.where(t[:, None] == pos, k_new[None, :], kt)
+                vt = tl.where(t[None, :, None] == pos, v_new, vt)
+        q = tl.load(q_ptr + b * sq_b + c * sq_c + d, mask=d_ok, other=0.0).to(tl.float32)  # [BLOCK_D]
+        m, l, acc = _attend_tile(kt, vt, t_ok, q, -float("inf"), 0.0, tl.zeros([HPB, BLOCK_D], dtype=tl.float32),
+                                 qk_scale)
+        for t0 in tl.range(t_lo + BLOCK_T, t_hi, BLOCK_T, num_stages=STAGES):  # STAGES > 1: cp.async prefetch
             t = t0 + tl.arange(0, BLOCK_T)
             t_ok = t < t_hi
             kt = tl.load(k_base + t[:, None] * sk_t + d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
-            sc = tl.sum(kt.to(tl.float32) * q[None, :], axis=1) * qk_scale  # [BLOCK_T]
-            sc = tl.where(t_ok, sc, -float("inf"))
-            m_new = tl.maximum(m, tl.max(sc, axis=0))  # finite: t0 <= pos, so the tile has a valid key
-            alpha = tl.exp2(m - m_new)
-            p = tl.exp2(sc - m_new)  # [BLOCK_T], 0 past t_hi
-            l = l * alpha + tl.sum(p, axis=0)
             vt = tl.load(v_base + t[None, :, None] * sv_t, mask=v_ok & t_ok[None, :, None], other=0.0)
-            acc = acc * alpha + tl.sum(p[None, :, None] * vt.to(tl.float32), axis=1)  # [HPB, BLOCK_D]
-            m = m_new
+            m, l, acc = _attend_tile(kt, vt, t_ok, q, m, l, acc, qk_scale)
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
 
+        o_ptrs = out_ptr + b * so_b + heads[:, None] * so_h + d[None, :]
+        o_ok = e_ok[:, None] & d_ok[None, :]
         if ONE_SPLIT:
-            o = acc / l
-            tl.store(out_ptr + b * so_b + heads[:, None] * so_h + d[None, :], o.to(out_ptr.dtype.element_ty),
-                     mask=e_ok[:, None] & d_ok[None, :])
+            tl.store(o_ptrs, (acc / l).to(out_ptr.dtype.element_ty), mask=o_ok)
         else:
             row = (b * H + heads) * N_SPLITS + s  # [HPB] partial index (b, head, s)
-            tl.store(acc_ptr + row[:, None] * D + d[None, :], acc, mask=e_ok[:, None] & d_ok[None, :])
+            tl.store(acc_ptr + row[:, None] * D + d[None, :], acc, mask=o_ok)
             tl.store(m_ptr + row, tl.zeros([HPB], dtype=tl.float32) + m, mask=e_ok)
             tl.store(l_ptr + row, tl.zeros([HPB], dtype=tl.float32) + l, mask=e_ok)
+            if FUSED_COMBINE:
+                # The last split of this chunk to finish combines the chunk's heads (no second launch). The
+                # barrier orders every thread's partial stores before the counter's release; the counter is put
+                # back to 0 for the next call (the next layer's launch starts after this one has finished).
+                n_valid = tl.minimum(pos // SPLIT + 1, N_SPLITS)
+                tl.debug_barrier()
+                done = tl.atomic_add(count_ptr + b * N_CHUNKS + j, 1, sem="acq_rel", scope="gpu")
+                if done == n_valid - 1:
+                    tl.store(count_ptr + b * N_CHUNKS + j, 0)
+                    for i in tl.static_range(HPB):
+                        h = tl.sum(tl.where(tl.arange(0, HPB) == i, heads, 0), axis=0)
+                        ok_i = tl.sum(tl.where(tl.arange(0, HPB) == i, e_ok.to(tl.int32), 0), axis=0) > 0
+                        if ok_i:
+                            o = _combine_splits(acc_ptr, m_ptr, l_ptr, (b * H + h) * N_SPLITS, n_valid, d, d_ok,
+                                                D, BLOCK_S)
+                            tl.store(out_ptr + b * so_b + h * so_h + d, o.to(out_ptr.dtype.element_ty), mask=d_ok)
 
     @triton.jit
     def _decode_combine_kernel(acc_ptr, m_ptr, l_ptr, pos_ptr, out_ptr, so_b, so_h, SPLIT, N_SPLITS,
@@ -193,27 +247,12 @@ if triton is not None:
         n_valid = tl.minimum(tl.load(pos_ptr) // SPLIT + 1, N_SPLITS)  # splits holding positions <= pos
         if PDL:
             tl.extra.cuda.gdc_wait()
-        base = (b * H + h) * N_SPLITS
-        ss = tl.arange(0, BLOCK_S)
         d = tl.arange(0, BLOCK_D)
         d_ok = d < D
-        # global max over the valid splits first, then the rescaled sums, BLOCK_S splits at a time
-        m_all = tl.full([BLOCK_S], -float("inf"), dtype=tl.float32)
-        for s0 in range(0, n_valid, BLOCK_S):
-            m_all = tl.maximum(m_all, tl.load(m_ptr + base + s0 + ss, mask=s0 + ss < n_valid, other=-float("inf")))
-        m_max = tl.max(m_all, axis=0)
-        l_sum = 0.0
-        o = tl.zeros([BLOCK_D], dtype=tl.float32)
-        for s0 in range(0, n_valid, BLOCK_S):
-            s_ok = s0 + ss < n_valid
-            w = tl.exp2(tl.load(m_ptr + base + s0 + ss, mask=s_ok, other=-float("inf")) - m_max)  # 0 if invalid
-            l_sum += tl.sum(w * tl.load(l_ptr + base + s0 + ss, mask=s_ok, other=0.0), axis=0)
-            a = tl.load(acc_ptr + (base + s0 + ss)[:, None] * D + d[None, :], mask=s_ok[:, None] & d_ok[None, :],
-                        other=0.0)
-            o += tl.sum(w[:, None] * a, axis=0)
+        o = _combine_splits(acc_ptr, m_ptr, l_ptr, (b * H + h) * N_SPLITS, n_valid, d, d_ok, D, BLOCK_S)
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
-        tl.store(out_ptr + b * so_b + h * so_h + d, (o / l_sum).to(out_ptr.dtype.element_ty), mask=d_ok)
+        tl.store(out_ptr + b * so_b + h * so_h + d, o.to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
 def decode_chunks(H: int, k: int, hpb: int) -> int:
@@ -284,20 +323,37 @@ def clustered_decode_launch(q_rep, k_slots, v, members, cluster_start, slot_of_r
         m = torch.empty(B, H, n_splits, dtype=torch.float32, device=v.device)
         l = torch.empty_like(m)
     block_d = triton.next_power_of_2(D)
+    block_s = min(32, triton.next_power_of_2(n_splits))
     pdl = _pdl_kwargs(v.device)
+    counts = _split_counters(v.device, B * n_chunks) if n_splits > 1 and FUSED_COMBINE else None
     _decode_split_kernel[(n_chunks, n_splits, B)](
-        q_rep, k_slots, v, members, cluster_start, slot_of_rep, pos, acc, m, l, out,
+        q_rep, k_slots, v, members, cluster_start, slot_of_rep, pos, acc, m, l,
+        counts if counts is not None else pos, out,
         q_rep.stride(0), q_rep.stride(1), k_slots.stride(0), k_slots.stride(1), k_slots.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1),
-        scale * math.log2(math.e), T, split, n_splits,
-        H=H, K=k, G=H // Hkv, D=D, HPB=hpb, BLOCK_T=block_t, BLOCK_D=block_d,
-        BLOCK_K=triton.next_power_of_2(k), ONE_SPLIT=n_splits == 1, STAGES=num_stages, DENSE=dense,
+        scale * math.log2(math.e), T, split, n_splits, n_chunks,
+        H=H, K=k, G=H // Hkv, D=D, HPB=hpb, BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_K=triton.next_power_of_2(k),
+        BLOCK_S=block_s, ONE_SPLIT=n_splits == 1, STAGES=num_stages, DENSE=dense, FUSED_COMBINE=counts is not None,
         num_warps=num_warps, **pdl)
-    if n_splits > 1:
+    if n_splits > 1 and counts is None:
         _decode_combine_kernel[(H, B)](acc, m, l, pos, out, out.stride(0), out.stride(1), split, n_splits,
-                                       H=H, D=D, BLOCK_S=min(32, triton.next_power_of_2(n_splits)),
-                                       BLOCK_D=block_d, num_warps=4, **pdl)
+                                       H=H, D=D, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=4, **pdl)
     return out
+
+
+FUSED_COMBINE = True  # the last split of a head combines the partials (one launch); False: a second kernel
+_COUNTERS: dict = {}  # device -> int32 arrival counters of the fused combine, all 0 between launches
+
+
+def _split_counters(device: torch.device, n: int) -> torch.Tensor | None:
+    """At least n zeroed counters, kept for the process: each launch leaves them at 0 again. They are allocated
+    outside CUDA-graph capture (the eager warm-up call comes first); None if a capture would need more."""
+    have = _COUNTERS.get(device)
+    if have is None or have.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        have = _COUNTERS[device] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+    return have
 
 
 @torch.library.custom_op("chai_models::clustered_decode", mutates_args=())
@@ -540,8 +596,7 @@ def gemv_applies(x: torch.Tensor, weights, biases=(), norm=None, residual=None, 
         return False
     if swiglu and (len(weights) != 2 or weights[0].shape != weights[1].shape):
         return False
-    n = weights[0].shape[0] if swiglu else sum(w.shape[0] for w in weights)
-    return residual is None or (residual.numel() == n and residual.dtype == dt)
+    return residual is None or (residual.numel() == weights[0].shape[0] and residual.dtype == dt)
 
 
 def linear(x: torch.Tensor, linears, norm=None, residual=None, swiglu=False):
@@ -552,6 +607,8 @@ def linear(x: torch.Tensor, linears, norm=None, residual=None, swiglu=False):
     linears and no swiglu a tuple, one per linear. One token on CUDA (decode at batch 1): one _gemv_kernel
     launch (GEMV, gemv_applies); otherwise the plain torch ops, which are also the reference.
     """
+    if residual is not None and (swiglu or len(linears) != 1):
+        raise ValueError("kernels.linear: a residual goes with exactly one linear and no swiglu")
     wb = [_weight_bias(m) for m in linears]
     weights = [w for w, _ in wb]
     biases = [b for _, b in wb] if any(b is not None for _, b in wb) else []

@@ -124,7 +124,7 @@ def check_decode(B, H, Hkv, k, D, T, pos, dtype, device):
     return rel(out), rel(torch_path(dtype))
 
 
-def model_case(n_kv_heads, spec, T, seed=0):
+def model_case(n_kv_heads, spec, T, batch=2, seed=0):
     """A tiny Llama (spec "dense", or CHAI with that spec), prefill then one-token decode steps: logits with the
     decode kernel (chai.DENSE_DECODE_KERNEL or CLUSTERED_DECODE_KERNEL, kernels.available forced on) vs the torch
     path. CHAI's prefill is W + 1 tokens, so its last row is already clustered; B = 2, each row its own membership."""
@@ -143,7 +143,7 @@ def model_case(n_kv_heads, spec, T, seed=0):
                 attn.wq.weight.mul_(4)
                 attn.wk.weight.mul_(4)
         model.set_chai(ChaiConfig.from_spec(spec, 3, 8))
-    tokens = torch.randint(0, 96, (2, 14))
+    tokens = torch.randint(0, 96, (batch, 14))
     n0 = 4 if dense else model.chai_config.window + 1
     available, default = kernels.available, getattr(chai, flag)
 
@@ -151,7 +151,7 @@ def model_case(n_kv_heads, spec, T, seed=0):
         kernels.available = (lambda t: True) if kernel else available
         setattr(chai, flag, kernel)
         try:
-            model.setup_caches(2, T)
+            model.setup_caches(batch, T)
             chai.reset(model)
             out = [model(tokens[:, :n0], torch.arange(n0))]
             out += [model(tokens[:, p:p + 1], torch.tensor([p])) for p in range(n0, tokens.shape[1])]
@@ -189,6 +189,60 @@ def silu_case(shape, strided=False, op=False):
     return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
+def gemv_case(rows, K, dtype="float32", norm=False, residual=False, swiglu=False, bias=False, op=False):
+    """kernels.linear's one-row GEMV (kernels.available forced on) vs its torch path: relative error."""
+    from chai_models.llama import RMSNorm
+
+    dt = getattr(torch, dtype)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 1, K, generator=gen).to(dt)
+    linears = [(torch.randn(n, K, generator=gen).to(dt) / K**0.5, torch.randn(n, generator=gen).to(dt) if bias else None)
+               for n in rows]
+    nrm = None
+    if norm:
+        nrm = RMSNorm(K, 1e-5).to(dt)
+        nrm.weight.data = torch.rand(K, generator=gen).to(dt) + 0.5
+    res = torch.randn(1, 1, rows[0], generator=gen).to(dt) if residual else None
+    args = dict(norm=nrm, residual=res, swiglu=swiglu)
+    available, kernels.available = kernels.available, lambda t: True
+    try:
+        weights, biases = [w for w, _ in linears], [b for _, b in linears] if bias else []
+        assert kernels.gemv_applies(x, weights, biases, **args)
+        assert not kernels.gemv_applies(x.expand(2, 1, K), weights, biases, **args)  # two rows: the torch path
+        if op == "opcheck":
+            r = torch.library.opcheck(torch.ops.chai_models.gemv.default,
+                                      (x, weights, biases, nrm.weight if norm else None, 1e-5, res, swiglu),
+                                      test_utils=("test_schema", "test_faketensor"))  # no autograd: inference op
+            assert all(v == "SUCCESS" for v in r.values()), r
+        if op == "grad":  # a weight that needs a gradient: the torch path, and the gradient flows
+            w = weights[0].clone().requires_grad_()
+            assert not kernels.gemv_applies(x, [w] + weights[1:], biases, **args)
+            y = kernels.linear(x, [w] + [lin for lin in linears[1:]], **args)
+            (y if torch.is_tensor(y) else y[0]).sum().backward()
+            assert w.grad is not None
+        with torch.no_grad():
+            fast = kernels.linear(x, linears, **args)
+            kernels.GEMV = False
+            ref = kernels.linear(x, linears, **args)
+    finally:
+        kernels.available, kernels.GEMV = available, True
+    fast, ref = (torch.cat(t, -1) if isinstance(t, tuple) else t for t in (fast, ref))
+    assert fast.shape == ref.shape and fast.dtype == ref.dtype
+    return ((fast.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+GEMV_CASES = {
+    # name: (rows per weight, K, extra); BLOCK_K = 512 at K = 333..512: a partial tile; rows not a multiple of BLOCK_N
+    "gemv_qkv_gqa_norm_bias": ((40, 10, 10), 333, dict(norm=True, bias=True)),
+    "gemv_qkv_fp16": ((64, 32, 32), 96, dict(norm=True, dtype="float16")),
+    "gemv_one_residual": ((77,), 130, dict(residual=True, bias=True)),
+    "gemv_swiglu_norm": ((50, 50), 200, dict(norm=True, swiglu=True)),
+    "gemv_long_k": ((9,), 9000, dict(residual=True)),  # K >= 8192: several K tiles
+    "gemv_opcheck": ((24, 8), 64, dict(norm=True, op="opcheck")),
+    "gemv_grad": ((24,), 64, dict(op="grad")),
+}
+
+
 SILU_CASES = {
     "silu_mul_one_block": ((2, 1, 96),),
     "silu_mul_partial_block": ((3, 5, 1111),),  # 16665 elements: a partial last block
@@ -199,6 +253,8 @@ SILU_CASES = {
 
 
 MODEL_CASES = {
+    "model_b1_gemv_dense": (2, "dense", 128, 1),  # batch 1: every projection through kernels.gemv
+    "model_b1_gemv_chai": (2, "8,1,3", 128, 1),
     "model_dense_gqa_kernel": (2, "dense", 128),  # dense_decode: two splits, the second past pos
     "model_mha": (8, "1:3", 64),  # one split: stage 1 writes the output
     "model_gqa": (2, "8,1,3", 128),  # k < Hkv (K slots) and k >= Hkv (K whole); two splits, the second past pos
@@ -238,11 +294,14 @@ def main():
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1 (set before triton is imported)"
     _fix_interpreter_range()
     results = {}
-    names = sys.argv[1:] or list(CASES) + list(MODEL_CASES) + list(SILU_CASES)
+    names = sys.argv[1:] or list(CASES) + list(MODEL_CASES) + list(SILU_CASES) + list(GEMV_CASES)
     for name in names:
         try:
             if name in SILU_CASES:
                 results[name] = silu_case(*SILU_CASES[name])
+            elif name in GEMV_CASES:
+                rows, K, extra = GEMV_CASES[name]
+                results[name] = gemv_case(rows, K, **extra)
             elif name in MODEL_CASES:
                 results[name] = model_case(*MODEL_CASES[name])
             else:

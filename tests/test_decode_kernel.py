@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from chai_models import chai
-from decode_kernel_cases import CASES, MODEL_CASES, SILU_CASES
+from decode_kernel_cases import CASES, GEMV_CASES, MODEL_CASES, SILU_CASES
 
 HERE = Path(__file__).resolve().parent
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
@@ -31,7 +31,7 @@ def interpreted():
 
 
 @needs_triton
-@pytest.mark.parametrize("name", list(CASES) + list(MODEL_CASES) + list(SILU_CASES))
+@pytest.mark.parametrize("name", list(CASES) + list(MODEL_CASES) + list(SILU_CASES) + list(GEMV_CASES))
 def test_kernel_matches_torch_decode(interpreted, name):
     err = interpreted[name]
     assert not isinstance(err, str), err  # a traceback

@@ -161,10 +161,72 @@ def test_dense_decode_kernel(kv):
         chai.DENSE_DECODE_KERNEL = default
 
 
+GEMV_SHAPES = {  # name: (rows per weight, K, norm, residual, swiglu, bias)
+    "qkv_7b": ((4096, 4096, 4096), 4096, True, False, False, False),
+    "qkv_gqa_bias": ((896, 128, 128), 896, True, False, False, True),  # Qwen2-0.5B-like
+    "wo_7b": ((4096,), 4096, False, True, False, False),
+    "swiglu_7b": ((11008, 11008), 4096, True, False, True, False),
+    "down_7b": ((4096,), 11008, False, True, False, False),
+    "head_smollm": ((49152,), 576, True, False, False, False),
+    "odd": ((77, 5, 9), 333, True, False, False, True),
+    "odd_residual": ((77,), 333, False, True, False, True),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", list(GEMV_SHAPES))
+def test_gemv_matches_torch(shape, dtype):
+    """kernels.linear's one-row GEMV against its torch path: fp32 to rounding, bf16 to one rounding of the output."""
+    from chai_models import kernels
+    from chai_models.llama import RMSNorm
+
+    rows, K, norm, residual, swiglu, bias = GEMV_SHAPES[shape]
+    gen = torch.Generator("cuda").manual_seed(0)
+    x = torch.randn(1, 1, K, device="cuda", generator=gen).to(dtype)
+    linears = [(torch.randn(n, K, device="cuda", generator=gen).to(dtype) / K**0.5,
+                torch.randn(n, device="cuda", generator=gen).to(dtype) if bias else None) for n in rows]
+    nrm = RMSNorm(K, 1e-5).to("cuda", dtype) if norm else None
+    if nrm is not None:
+        nrm.weight.data.uniform_(0.5, 1.5)
+    n_out = rows[0] if swiglu else sum(rows)
+    res = torch.randn(1, 1, n_out, device="cuda", generator=gen).to(dtype) if residual else None
+    args = dict(norm=nrm, residual=res, swiglu=swiglu)
+    assert kernels.gemv_applies(x, [w for w, _ in linears], [b for _, b in linears] if bias else [], **args)
+    with torch.no_grad():
+        fast = kernels.linear(x, linears, **args)
+        kernels.GEMV = False
+        try:
+            ref = kernels.linear(x, linears, **args)
+        finally:
+            kernels.GEMV = True
+    fast, ref = (torch.cat(t, -1) if isinstance(t, tuple) else t for t in (fast, ref))
+    assert fast.shape == ref.shape and fast.dtype == ref.dtype
+    err = ((fast.double() - ref.double()).norm() / ref.double().norm()).item()
+    assert err < (1e-5 if dtype == torch.float32 else 4e-3), err
+
+
+def test_gemv_logits_match_torch_path():
+    """A batch-1 request (the one-row GEMVs in every projection) gives the torch path's logits, dense and CHAI."""
+    from chai_models import kernels
+
+    model = cuda_model(2)
+    tokens = torch.randint(0, 256, (1, 40), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    for spec in (None, "8,2,3,1"):
+        model.set_chai(ChaiConfig.from_spec(spec, 4, 8) if spec else None)
+        fast = stepwise_logits(model, tokens, 6)
+        kernels.GEMV = False
+        try:
+            ref = stepwise_logits(model, tokens, 6)
+        finally:
+            kernels.GEMV = True
+        assert ((fast - ref).norm() / ref.norm()).item() < 1e-5, spec
+
+
+@pytest.mark.parametrize("batch", [3, 1])
 @pytest.mark.parametrize("chai", [None, "2:3"], ids=["dense", "chai"])
-def test_tuned_compiled_decode_matches_eager(chai):
-    """The decode graph as benchmarked: coordinate-descent-tuned Triton GEMVs launched with programmatic dependent
-    launch (sm90+), the Triton decode kernels and silu_mul. A kernel that read its input before the kernel writing
+def test_tuned_compiled_decode_matches_eager(chai, batch):
+    """The decode graph as benchmarked: coordinate-descent-tuned Triton GEMVs (batch 3) or kernels.gemv (batch 1)
+    launched with programmatic dependent launch (sm90+), the Triton decode kernels and silu_mul. A kernel that read its input before the kernel writing
     it had finished would show here as a logits error far above fp32 rounding."""
     from chai_models import chai as chai_mod
     from chai_models import generation
@@ -176,7 +238,7 @@ def test_tuned_compiled_decode_matches_eager(chai):
     try:
         if chai:
             model.set_chai(ChaiConfig.from_spec(chai, 4, 8))
-        tokens = torch.randint(0, 256, (3, 48), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+        tokens = torch.randint(0, 256, (batch, 48), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
         fast = stepwise_logits(model, tokens, 8, generation.decode_step(model, compile=True))[:, 8:]
         ref = stepwise_logits(model, tokens, 8)[:, 8:]  # the one-token steps: prefill is eager in both
         assert ((fast - ref).norm() / ref.norm()).item() < 1e-5
