@@ -260,7 +260,7 @@ def main(argv=None) -> int:
                    help="programmatic dependent launch in the compiled decode step (generation.PDL_DECODE; sm90+)")
     p.add_argument("--gemv", default="on", choices=["on", "off"],
                    help="one-row projections (batch 1 decode) as kernels.gemv launches with the norm, SwiGLU and "
-                        "residual folded in (kernels.GEMV), or the torch ops (tuned by inductor when compiled)")
+                        "residual folded in, in compiled mode (kernels.GEMV), or the torch ops (tuned by inductor)")
     p.add_argument("--calibrate", type=int, default=0, metavar="N",
                    help="instead: time the offline calibration on N random sequences of --calibrate-len tokens")
     p.add_argument("--calibrate-len", type=int, default=512)
@@ -274,7 +274,7 @@ def main(argv=None) -> int:
     chai.DENSE_DECODE_KERNEL = {"auto": None, "sdpa": False, "triton": True}[a.dense_decode]
     chai.CLUSTERED_DECODE_KERNEL = {"auto": None, "torch": False, "triton": True}[a.clustered_decode]
     generation.PDL_DECODE = a.pdl == "on"
-    kernels.GEMV = a.gemv == "on"
+    kernels.GEMV = "compiled" if a.gemv == "on" else "never"
     model = random_model(a.shape, device, dtype)
     bw = copy_bandwidth(device)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import threading
 
 import torch
 
@@ -205,11 +206,11 @@ if triton is not None:
         m, l, acc = _attend_tile(kt, vt, t_ok, q, -float("inf"), 0.0, tl.zeros([HPB, BLOCK_D], dtype=tl.float32),
                                  qk_scale)
         for t0 in tl.range(t_lo + BLOCK_T, t_hi, BLOCK_T, num_stages=STAGES):  # STAGES > 1: cp.async prefetch
-            t = t0 + tl.arange(0, BLOCK_T)
-            t_ok = t < t_hi
-            kt = tl.load(k_base + t[:, None] * sk_t + d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
-            vt = tl.load(v_base + t[None, :, None] * sv_t, mask=v_ok & t_ok[None, :, None], other=0.0)
-            m, l, acc = _attend_tile(kt, vt, t_ok, q, m, l, acc, qk_scale)
+            tt = t0 + tl.arange(0, BLOCK_T)
+            tt_ok = tt < t_hi
+            kn = tl.load(k_base + tt[:, None] * sk_t + d[None, :], mask=tt_ok[:, None] & d_ok[None, :], other=0.0)
+            vn = tl.load(v_base + tt[None, :, None] * sv_t, mask=v_ok & tt_ok[None, :, None], other=0.0)
+            m, l, acc = _attend_tile(kn, vn, tt_ok, q, m, l, acc, qk_scale)
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
 
@@ -325,7 +326,9 @@ def clustered_decode_launch(q_rep, k_slots, v, members, cluster_start, slot_of_r
     block_d = triton.next_power_of_2(D)
     block_s = min(32, triton.next_power_of_2(n_splits))
     pdl = _pdl_kwargs(v.device)
-    counts = _split_counters(v.device, B * n_chunks) if n_splits > 1 and FUSED_COMBINE else None
+    # the last split of a chunk combines all of its heads in turn: worth a launch only while that tail is short
+    fused = FUSED_COMBINE and n_splits > 1 and hpb * n_splits <= FUSED_COMBINE_MAX_PARTIALS
+    counts = _split_counters(v.device, B * n_chunks) if fused else None
     _decode_split_kernel[(n_chunks, n_splits, B)](
         q_rep, k_slots, v, members, cluster_start, slot_of_rep, pos, acc, m, l,
         counts if counts is not None else pos, out,
@@ -341,18 +344,38 @@ def clustered_decode_launch(q_rep, k_slots, v, members, cluster_start, slot_of_r
     return out
 
 
-FUSED_COMBINE = True  # the last split of a head combines the partials (one launch); False: a second kernel
+# The last split of a chunk to finish combines the partials of the chunk's heads (one launch instead of two), while
+# a program combines at most this many (heads x splits). H200, dense B=1 T=512 (1 head x 8 splits): 82.2% vs 80.8%
+# of copy bandwidth with the second kernel. CHAI at T=8192 (8 heads x 16 splits) serialises too much: two launches.
+FUSED_COMBINE = True
+FUSED_COMBINE_MAX_PARTIALS = 16
 _COUNTERS: dict = {}  # device -> int32 arrival counters of the fused combine, all 0 between launches
 
 
 def _split_counters(device: torch.device, n: int) -> torch.Tensor | None:
-    """At least n zeroed counters, kept for the process: each launch leaves them at 0 again. They are allocated
-    outside CUDA-graph capture (the eager warm-up call comes first); None if a capture would need more."""
+    """At least n zeroed counters, kept for the process: each launch leaves them at 0 again.
+
+    None (the two-launch combine) if they would have to be allocated during a CUDA-graph capture. They are
+    allocated from a helper thread: torch.compile's CUDA graphs route the allocations of the thread that warms a
+    graph up to that graph's private memory pool, and a buffer that outlives the graph must not live there.
+    """
     have = _COUNTERS.get(device)
     if have is None or have.numel() < n:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return None
-        have = _COUNTERS[device] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        box = []
+
+        def alloc():
+            box.append(torch.zeros(max(n, 4096), dtype=torch.int32, device=device))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # zeroed before any stream of the caller's uses it
+
+        worker = threading.Thread(target=alloc)
+        worker.start()
+        worker.join()
+        if not box:
+            raise RuntimeError(f"could not allocate the decode kernel's {n} split counters on {device}")
+        have = _COUNTERS[device] = box[0]
     return have
 
 
@@ -572,7 +595,9 @@ def _(x, weights, biases, norm_weight, eps, residual, swiglu):
     return x.new_empty(*x.shape[:-1], n)
 
 
-GEMV = True  # the one-row GEMV wherever gemv_applies; False: always the torch ops
+# Where kernels.linear uses the one-row GEMV: "compiled" (inside torch.compile, where CUDA graphs make its launches
+# free; eager decode stays on cuBLAS, whose launches cost less host time than a Triton launch), "always", "never".
+GEMV = "compiled"
 
 
 def _weight_bias(m):  # an nn.Linear, a (weight, bias) pair, or a bare weight
@@ -583,7 +608,13 @@ def _weight_bias(m):  # an nn.Linear, a (weight, bias) pair, or a bare weight
 
 def gemv_applies(x: torch.Tensor, weights, biases=(), norm=None, residual=None, swiglu=False) -> bool:
     """Whether kernels.linear can run this call as one _gemv_kernel launch."""
-    if not GEMV or not decode_available(x) or x.numel() != x.shape[-1] or not 1 <= len(weights) <= 3:
+    if GEMV not in ("compiled", "always"):
+        if GEMV != "never":
+            raise ValueError(f'kernels.GEMV must be "compiled", "always" or "never", got {GEMV!r}')
+        return False
+    if GEMV == "compiled" and not torch.compiler.is_compiling():
+        return False
+    if not decode_available(x) or x.numel() != x.shape[-1] or not 1 <= len(weights) <= 3:
         return False
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, residual, *weights, *biases)):
         return False  # no backward
@@ -604,8 +635,8 @@ def linear(x: torch.Tensor, linears, norm=None, residual=None, swiglu=False):
 
     linears: nn.Linear modules, (weight, bias) pairs or bare weights, sharing an input; norm: an RMSNorm module applied to x
     first; swiglu: out = silu(l0(x)) * l1(x); residual: out = residual + l0(x). Returns one tensor, or with several
-    linears and no swiglu a tuple, one per linear. One token on CUDA (decode at batch 1): one _gemv_kernel
-    launch (GEMV, gemv_applies); otherwise the plain torch ops, which are also the reference.
+    linears and no swiglu a tuple, one per linear. One token on CUDA (decode at batch 1) in a compiled graph: one
+    _gemv_kernel launch (GEMV, gemv_applies); otherwise the plain torch ops, which are also the reference.
     """
     if residual is not None and (swiglu or len(linears) != 1):
         raise ValueError("kernels.linear: a residual goes with exactly one linear and no swiglu")

@@ -76,7 +76,19 @@ def inputs(B, H, Hkv, k, D, T, pos, dense=False, strided=False, seed=0):
     return dict(q=q, k_slots=k_slots, v=v, h2c=h2c, slot_of_rep=slot_of_rep, members=members, start=start)
 
 
-def case(B, H, Hkv, k, D, T, pos, dense=False, strided=False, op=False, dense_op=False, **launch):
+def case(B, H, Hkv, k, D, T, pos, dense=False, strided=False, op=False, dense_op=False, combine=None, **launch):
+    """combine: None (the launcher's rule), "kernel" (a second launch combines the splits) or "fused" (the last
+    split of a chunk does, whatever the size)."""
+    saved = kernels.FUSED_COMBINE, kernels.FUSED_COMBINE_MAX_PARTIALS
+    if combine is not None:
+        kernels.FUSED_COMBINE, kernels.FUSED_COMBINE_MAX_PARTIALS = combine == "fused", 10**6
+    try:
+        return _case(B, H, Hkv, k, D, T, pos, dense, strided, op, dense_op, **launch)
+    finally:
+        kernels.FUSED_COMBINE, kernels.FUSED_COMBINE_MAX_PARTIALS = saved
+
+
+def _case(B, H, Hkv, k, D, T, pos, dense, strided, op, dense_op, **launch):
     x = inputs(B, H, Hkv, k, D, T, pos, dense, strided)
     scale = D ** -0.5
     mask = torch.arange(T)[None, :] <= pos  # [1, T], as the models build it
@@ -149,6 +161,7 @@ def model_case(n_kv_heads, spec, T, batch=2, seed=0):
 
     def logits(kernel):
         kernels.available = (lambda t: True) if kernel else available
+        kernels.GEMV = "always" if kernel else "never"  # batch 1: the projections through kernels.gemv too
         setattr(chai, flag, kernel)
         try:
             model.setup_caches(batch, T)
@@ -157,7 +170,7 @@ def model_case(n_kv_heads, spec, T, batch=2, seed=0):
             out += [model(tokens[:, p:p + 1], torch.tensor([p])) for p in range(n0, tokens.shape[1])]
             return torch.cat(out, 1)
         finally:
-            kernels.available = available
+            kernels.available, kernels.GEMV = available, "compiled"
             setattr(chai, flag, default)
 
     with torch.no_grad():
@@ -204,7 +217,7 @@ def gemv_case(rows, K, dtype="float32", norm=False, residual=False, swiglu=False
         nrm.weight.data = torch.rand(K, generator=gen).to(dt) + 0.5
     res = torch.randn(1, 1, rows[0], generator=gen).to(dt) if residual else None
     args = dict(norm=nrm, residual=res, swiglu=swiglu)
-    available, kernels.available = kernels.available, lambda t: True
+    available, kernels.available, kernels.GEMV = kernels.available, lambda t: True, "always"
     try:
         weights, biases = [w for w, _ in linears], [b for _, b in linears] if bias else []
         assert kernels.gemv_applies(x, weights, biases, **args)
@@ -222,10 +235,10 @@ def gemv_case(rows, K, dtype="float32", norm=False, residual=False, swiglu=False
             assert w.grad is not None
         with torch.no_grad():
             fast = kernels.linear(x, linears, **args)
-            kernels.GEMV = False
+            kernels.GEMV = "never"
             ref = kernels.linear(x, linears, **args)
     finally:
-        kernels.available, kernels.GEMV = available, True
+        kernels.available, kernels.GEMV = available, "compiled"
     fast, ref = (torch.cat(t, -1) if isinstance(t, tuple) else t for t in (fast, ref))
     assert fast.shape == ref.shape and fast.dtype == ref.dtype
     return ((fast.double() - ref.double()).norm() / ref.double().norm()).item()
@@ -278,6 +291,9 @@ CASES = {
     "tiles_splits_hpb2": (2, 8, 4, 3, 24, 100, 70, dict(split=32, block_t=8, hpb=2)),
     "tiles_splits_hpb1": (2, 8, 8, 2, 16, 100, 45, dict(split=16, block_t=16, hpb=1)),
     "tiles_splits_hpb4": (2, 12, 12, 2, 16, 100, 93, dict(split=32, block_t=16, hpb=4)),
+    "combine_kernel": (2, 8, 4, 3, 24, 100, 70, dict(split=16, block_t=8, hpb=2, combine="kernel")),
+    "combine_kernel_dense": (2, 8, 2, 8, 24, 100, 99, dict(dense=True, split=16, block_t=8, combine="kernel")),
+    "combine_fused_many": (2, 12, 12, 2, 16, 100, 93, dict(split=8, block_t=8, hpb=8, combine="fused")),
     "one_split": (2, 8, 4, 3, 16, 100, 61, dict(split=128, block_t=32)),
     "one_split_dense": (2, 8, 8, 8, 24, 100, 61, dict(split=128, dense=True)),
     "strided_views": (2, 8, 2, 3, 24, 100, 57, dict(strided=True)),

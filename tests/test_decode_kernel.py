@@ -101,3 +101,12 @@ def test_kernel_rule(monkeypatch):
     monkeypatch.setattr(kernels, "available", lambda t: False)
     monkeypatch.setattr(chai, "DENSE_DECODE_KERNEL", True)
     assert not use(q1, k512, pos)
+
+
+@needs_triton
+def test_kernels_compile_for_hopper():
+    """Every Triton kernel compiles for sm90 (no GPU needed): the interpreter runs kernels as NumPy and misses
+    what only the compiler rejects (a loop-carried variable changing type, a bad constexpr branch)."""
+    run = subprocess.run([sys.executable, str(HERE / "compile_kernels.py")], capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

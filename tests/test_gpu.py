@@ -191,14 +191,19 @@ def test_gemv_matches_torch(shape, dtype):
     n_out = rows[0] if swiglu else sum(rows)
     res = torch.randn(1, 1, n_out, device="cuda", generator=gen).to(dtype) if residual else None
     args = dict(norm=nrm, residual=res, swiglu=swiglu)
-    assert kernels.gemv_applies(x, [w for w, _ in linears], [b for _, b in linears] if bias else [], **args)
+    kernels.GEMV = "always"
+    try:
+        assert kernels.gemv_applies(x, [w for w, _ in linears], [b for _, b in linears] if bias else [], **args)
+    finally:
+        kernels.GEMV = "compiled"
     with torch.no_grad():
-        fast = kernels.linear(x, linears, **args)
-        kernels.GEMV = False
+        kernels.GEMV = "always"
         try:
+            fast = kernels.linear(x, linears, **args)
+            kernels.GEMV = "never"
             ref = kernels.linear(x, linears, **args)
         finally:
-            kernels.GEMV = True
+            kernels.GEMV = "compiled"
     fast, ref = (torch.cat(t, -1) if isinstance(t, tuple) else t for t in (fast, ref))
     assert fast.shape == ref.shape and fast.dtype == ref.dtype
     err = ((fast.double() - ref.double()).norm() / ref.double().norm()).item()
@@ -213,12 +218,13 @@ def test_gemv_logits_match_torch_path():
     tokens = torch.randint(0, 256, (1, 40), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     for spec in (None, "8,2,3,1"):
         model.set_chai(ChaiConfig.from_spec(spec, 4, 8) if spec else None)
-        fast = stepwise_logits(model, tokens, 6)
-        kernels.GEMV = False
+        kernels.GEMV = "always"
         try:
+            fast = stepwise_logits(model, tokens, 6)
+            kernels.GEMV = "never"
             ref = stepwise_logits(model, tokens, 6)
         finally:
-            kernels.GEMV = True
+            kernels.GEMV = "compiled"
         assert ((fast - ref).norm() / ref.norm()).item() < 1e-5, spec
 
 
