@@ -576,10 +576,26 @@ class ChaiLayer(nn.Module):
         y_r = self._clustered(attn, x[:, n_w:], rest_rope, input_pos[n_w:], mask[n_w:], B)
         return torch.cat([y_w, y_r], dim=2)
 
+    def decode_rows(self, x, input_pos):
+        """The representatives' Q and K weight rows as (weight, bias) pairs when this call is one clustered token at
+        batch 1, so that the caller can project them with V (and the norm) in one kernels.linear; else None."""
+        if input_pos is None or x.shape[0] * x.shape[1] != 1 or not (self.ready and self.use_rows):
+            return None
+        return tuple((r.weight[0], None if r.bias is None else r.bias[0]) for r in (self.q_rows, self.k_rows))
+
+    def decode(self, attn, q, k, v, input_pos, mask):
+        """One clustered token from projections made by the caller (see decode_rows): q [B, k, 1, D] and
+        k [B, n_slots, 1, D] with RoPE applied, v [B, Hkv, 1, D] -> [B, H, 1, D]."""
+        attn.kv_cache.update_v(input_pos, v)
+        return self._attend(attn, q, k, input_pos, mask, q.shape[0])
+
     def _clustered(self, attn, x, rope, pos, mask, B):
         rows = self.use_rows  # the representatives' own weight rows: fewer bytes and FLOPs than all heads
         q = attn.project_q(x, rope, self.q_rows if rows else self.rep_idx[:B])  # [B, k, S, D]
         k = attn.project_k(x, rope, self.k_rows if rows else self.kv_of_slot[:B])  # [B, n_slots, S, D]
+        return self._attend(attn, q, k, pos, mask, B)
+
+    def _attend(self, attn, q, k, pos, mask, B):
         k_all = attn.kv_cache.update_k(pos, k)  # [B, n_slots, T, D]
         if _use_kernel(CLUSTERED_DECODE_KERNEL, CLUSTERED_DECODE_MAX_POSITIONS, q, k_all, pos):
             # decode on CUDA: one fused split-T kernel (sums in fp32); the mask is keys <= pos, read from pos

@@ -155,7 +155,12 @@ class Attention(nn.Module):
         # input_pos [S] or None (no cache); mask [S, T] bool. kernels.linear folds the norm and the residual add
         # into the projections when it can (one token on CUDA).
         B, S, _ = x.shape
-        if self.chai is not None:
+        rows = self.chai.decode_rows(x, input_pos) if self.chai is not None else None
+        if rows is not None:  # a clustered token at batch 1: V and the representatives' Q/K rows in one call
+            v, q, k = kernels.linear(x, (self.wv, *rows), norm=norm)  # [1, 1, Hkv*D], [1, 1, k*D], [1, 1, n_slots*D]
+            q, k, v = (t.view(B, S, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))  # [B, n, S, D]
+            y = self.chai.decode(self, apply_rope(q, *rope), apply_rope(k, *rope), v, input_pos, mask)
+        elif self.chai is not None:
             h = norm(x)
             v = chai.project_heads(h, self.wv, self.head_dim)  # [B, Hkv, S, D]
             y = self.chai(self, h, rope, v, input_pos, mask)  # [B, H, S, D]
