@@ -633,10 +633,11 @@ def gemv_applies(x: torch.Tensor, weights, biases=(), norm=None, residual=None, 
 def linear(x: torch.Tensor, linears, norm=None, residual=None, swiglu=False):
     """The projections of a block, with what surrounds them, in one call.
 
-    linears: nn.Linear modules, (weight, bias) pairs or bare weights, sharing an input; norm: an RMSNorm module applied to x
-    first; swiglu: out = silu(l0(x)) * l1(x); residual: out = residual + l0(x). Returns one tensor, or with several
-    linears and no swiglu a tuple, one per linear. One token on CUDA (decode at batch 1) in a compiled graph: one
-    _gemv_kernel launch (GEMV, gemv_applies); otherwise the plain torch ops, which are also the reference.
+    linears: nn.Linear modules, (weight, bias) pairs or bare weights, sharing an input; norm: an RMSNorm module
+    applied to x first; swiglu: out = silu(l0(x)) * l1(x); residual: out = residual + l0(x). Returns one tensor,
+    or with several linears and no swiglu a tuple, one per linear. One token on CUDA (decode at batch 1) in a
+    compiled graph: one _gemv_kernel launch (GEMV, gemv_applies); otherwise the plain torch ops, which are also
+    the reference.
     """
     if residual is not None and (swiglu or len(linears) != 1):
         raise ValueError("kernels.linear: a residual goes with exactly one linear and no swiglu")

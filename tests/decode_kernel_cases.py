@@ -209,8 +209,8 @@ def gemv_case(rows, K, dtype="float32", norm=False, residual=False, swiglu=False
     dt = getattr(torch, dtype)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(1, 1, K, generator=gen).to(dt)
-    linears = [(torch.randn(n, K, generator=gen).to(dt) / K**0.5, torch.randn(n, generator=gen).to(dt) if bias else None)
-               for n in rows]
+    linears = [(torch.randn(n, K, generator=gen).to(dt) / K**0.5,
+                torch.randn(n, generator=gen).to(dt) if bias else None) for n in rows]
     nrm = None
     if norm:
         nrm = RMSNorm(K, 1e-5).to(dt)

@@ -232,8 +232,9 @@ def test_gemv_logits_match_torch_path():
 @pytest.mark.parametrize("chai", [None, "2:3"], ids=["dense", "chai"])
 def test_tuned_compiled_decode_matches_eager(chai, batch):
     """The decode graph as benchmarked: coordinate-descent-tuned Triton GEMVs (batch 3) or kernels.gemv (batch 1)
-    launched with programmatic dependent launch (sm90+), the Triton decode kernels and silu_mul. A kernel that read its input before the kernel writing
-    it had finished would show here as a logits error far above fp32 rounding."""
+    launched with programmatic dependent launch (sm90+), the Triton decode kernels and silu_mul. A kernel that
+    read its input before the kernel writing it had finished would show here as a logits error far above fp32
+    rounding."""
     from chai_models import chai as chai_mod
     from chai_models import generation
 
