@@ -8,8 +8,12 @@
   dense_decode is its one-head-per-cluster special case. chai.CLUSTERED_DECODE_KERNEL and
   chai.DENSE_DECODE_KERNEL choose them (by default: for small caches); docs/performance.md has the numbers.
 - silu_mul: SwiGLU's silu(gate) * up, one launch, and a boundary torch.compile does not fuse across.
+- gemv (behind kernels.linear): the projections of one token (batch-1 decode), up to three weights per launch,
+  with the RMSNorm before them and SwiGLU or the residual add after them folded in.
 - On sm90+ every kernel here that reads another kernel's output is launched with programmatic dependent launch
-  (PDL) and waits on the device (gdc_wait) before that read, like inductor's kernels in the decode graph.
+  (PDL) and waits on the device (gdc_wait) before that read, like inductor's kernels in the decode graph. What does
+  not depend on the previous kernel (weights, cache rows other than the one being written) is read before the
+  wait, so it streams while that kernel drains.
 
 The launchers also run on CPU tensors under TRITON_INTERPRET=1 (how the tests check them without a GPU).
 """
