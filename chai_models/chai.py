@@ -177,6 +177,10 @@ class HeadRows:
     weight: torch.Tensor
     bias: torch.Tensor | None
 
+    def of(self, b: int):
+        """Sequence b's rows as a (weight [n*D, hidden], bias [n*D] or None) pair, as kernels.linear takes them."""
+        return self.weight[b], None if self.bias is None else self.bias[b]
+
 
 def gather_rows(linear: nn.Linear, heads: torch.Tensor, head_dim: int, out: HeadRows | None = None) -> HeadRows:
     """The weight (and bias) rows of the listed heads ([B, n] indices), written into out if given."""
@@ -203,7 +207,7 @@ def project_heads(x: torch.Tensor, linear: nn.Linear, head_dim: int, heads=None)
         return kernels.linear(x, (linear,)).view(B, S, -1, head_dim).transpose(1, 2)
     if isinstance(heads, HeadRows):
         if B * S == 1:  # one token: the rows are one weight matrix (a decode GEMV on CUDA)
-            y = kernels.linear(x, ((heads.weight[0], None if heads.bias is None else heads.bias[0]),))
+            y = kernels.linear(x, (heads.of(0),))
             return y.view(B, S, -1, head_dim).transpose(1, 2)
         y = torch.bmm(x, heads.weight[:B].transpose(1, 2))  # [B, S, n*D]
         if heads.bias is not None:
@@ -581,7 +585,7 @@ class ChaiLayer(nn.Module):
         batch 1, so that the caller can project them with V (and the norm) in one kernels.linear; else None."""
         if input_pos is None or x.shape[0] * x.shape[1] != 1 or not (self.ready and self.use_rows):
             return None
-        return tuple((r.weight[0], None if r.bias is None else r.bias[0]) for r in (self.q_rows, self.k_rows))
+        return self.q_rows.of(0), self.k_rows.of(0)
 
     def decode(self, attn, q, k, v, input_pos, mask):
         """One clustered token from projections made by the caller (see decode_rows): q [B, k, 1, D] and

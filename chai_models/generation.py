@@ -194,6 +194,7 @@ def decode_step(model, compile: bool = False):
         # this graph only and not to whatever else the process compiles:
         # - coordinate-descent tuning: decode is a chain of matrix-vector products, and tuned Triton reductions
         #   read the weights faster than the library GEMV (H200: 4.64 vs 4.98 ms per 7B step, docs/performance.md);
+        #   at batch 1 kernels.gemv takes the projections, and the tuning serves what inductor still generates;
         # - programmatic dependent launch (sm90+; newer inductors only).
         options = {"triton.cudagraphs": True, "coordinate_descent_tuning": TUNE_DECODE}
         if hasattr(inductor.triton, "enable_pdl"):

@@ -237,9 +237,9 @@ if triton is not None:
                 if done == n_valid - 1:
                     tl.store(count_ptr + b * N_CHUNKS + j, 0)
                     for i in tl.static_range(HPB):
-                        h = tl.sum(tl.where(tl.arange(0, HPB) == i, heads, 0), axis=0)
-                        ok_i = tl.sum(tl.where(tl.arange(0, HPB) == i, e_ok.to(tl.int32), 0), axis=0) > 0
-                        if ok_i:
+                        sel = tl.arange(0, HPB) == i
+                        h = tl.sum(tl.where(sel, heads, 0), axis=0)  # the chunk's i-th head, if it has one
+                        if tl.sum((sel & e_ok).to(tl.int32), axis=0) > 0:
                             o = _combine_splits(acc_ptr, m_ptr, l_ptr, (b * H + h) * N_SPLITS, n_valid, d, d_ok,
                                                 D, BLOCK_S)
                             tl.store(out_ptr + b * so_b + h * so_h + d, o.to(out_ptr.dtype.element_ty), mask=d_ok)
@@ -570,7 +570,7 @@ def gemv_launch(x, weights, biases, norm_weight, eps, residual, swiglu):
     n_out = sum(ns)
     out = x.new_empty(*x.shape[:-1], n_out)
     ws = list(weights) + [weights[0]] * (3 - len(weights))
-    bs = list(biases) + [ws[0]] * (3 - len(biases)) if biases else [ws[0]] * 3
+    bs = list(biases) + [ws[0]] * (3 - len(biases))  # unused pointers where there is no bias
     ns = ns + [0] * (3 - len(ns))
     cfg = gemv_config(n_out, K, swiglu)
     grid = (sum(triton.cdiv(n, cfg["BLOCK_N"]) for n in ns),)

@@ -155,22 +155,23 @@ class Attention(nn.Module):
         # input_pos [S] or None (no cache); mask [S, T] bool. kernels.linear folds the norm and the residual add
         # into the projections when it can (one token on CUDA).
         B, S, _ = x.shape
+        # a clustered token at batch 1 projects only its representatives' Q/K rows, with V in the same call
         rows = self.chai.decode_rows(x, input_pos) if self.chai is not None else None
-        if rows is not None:  # a clustered token at batch 1: V and the representatives' Q/K rows in one call
-            v, q, k = kernels.linear(x, (self.wv, *rows), norm=norm)  # [1, 1, Hkv*D], [1, 1, k*D], [1, 1, n_slots*D]
-            q, k, v = (t.view(B, S, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))  # [B, n, S, D]
-            y = self.chai.decode(self, apply_rope(q, *rope), apply_rope(k, *rope), v, input_pos, mask)
-        elif self.chai is not None:
+        if self.chai is not None and rows is None:
             h = norm(x)
             v = chai.project_heads(h, self.wv, self.head_dim)  # [B, Hkv, S, D]
             y = self.chai(self, h, rope, v, input_pos, mask)  # [B, H, S, D]
         else:
-            q, k, v = kernels.linear(x, (self.wq, self.wk, self.wv), norm=norm)  # [B, S, H*D], [B, S, Hkv*D] x2
+            wq, wk = (self.wq, self.wk) if rows is None else rows
+            q, k, v = kernels.linear(x, (wq, wk, self.wv), norm=norm)  # [B, S, n*D] each
             q, k, v = (t.view(B, S, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))  # [B, n, S, D]
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-            if input_pos is not None:
-                k, v = self.kv_cache.update_k(input_pos, k), self.kv_cache.update_v(input_pos, v)  # [B, Hkv, T, D]
-            y = chai.dense_attention(q, k, v, mask, self.scale, input_pos)
+            if rows is not None:
+                y = self.chai.decode(self, q, k, v, input_pos, mask)  # [B, H, 1, D]
+            else:
+                if input_pos is not None:
+                    k, v = self.kv_cache.update_k(input_pos, k), self.kv_cache.update_v(input_pos, v)  # [B, Hkv, T, D]
+                y = chai.dense_attention(q, k, v, mask, self.scale, input_pos)
         return kernels.linear(y.transpose(1, 2).reshape(B, S, -1), (self.wo,), residual=x)
 
 
