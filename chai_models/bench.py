@@ -261,6 +261,9 @@ def main(argv=None) -> int:
     p.add_argument("--gemv", default="on", choices=["on", "off"],
                    help="one-row projections (batch 1 decode) as kernels.gemv launches with the norm, SwiGLU and "
                         "residual folded in, in compiled mode (kernels.GEMV), or the torch ops (tuned by inductor)")
+    p.add_argument("--new-token", default="kernel", choices=["kernel", "torch"],
+                   help="a decode token's RoPE and K/V cache writes inside the decode kernel's launch, or as torch "
+                        "ops before it (chai.NEW_TOKEN_IN_KERNEL)")
     p.add_argument("--calibrate", type=int, default=0, metavar="N",
                    help="instead: time the offline calibration on N random sequences of --calibrate-len tokens")
     p.add_argument("--calibrate-len", type=int, default=512)
@@ -275,12 +278,13 @@ def main(argv=None) -> int:
     chai.CLUSTERED_DECODE_KERNEL = {"auto": None, "torch": False, "triton": True}[a.clustered_decode]
     generation.PDL_DECODE = a.pdl == "on"
     kernels.GEMV = "compiled" if a.gemv == "on" else "never"
+    chai.NEW_TOKEN_IN_KERNEL = a.new_token == "kernel"
     model = random_model(a.shape, device, dtype)
     bw = copy_bandwidth(device)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"# {a.shape} {a.dtype} on {card}, torch {torch.__version__}, copy bandwidth {bw / 1e12:.2f} TB/s, "
           f"weights {weight_bytes(model) / 1e9:.2f} GB, decode attention: dense {a.dense_decode}, "
-          f"clustered {a.clustered_decode}, pdl {a.pdl}, gemv {a.gemv}")
+          f"clustered {a.clustered_decode}, pdl {a.pdl}, gemv {a.gemv}, new token {a.new_token}")
     if a.calibrate:
         return time_calibration(model, a.calibrate, a.calibrate_len, device)
     hdr = (f"{'config':<22}{'B':>4}{'T':>7}{'mode':>10}{'tok/s':>10}{'ms/tok':>9}{'GB/s':>8}{'%bw':>6}"

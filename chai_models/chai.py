@@ -245,15 +245,50 @@ def _use_kernel(flag: bool | None, max_positions: int, q, k, pos) -> bool:
     return q.shape[0] * k.shape[2] <= max_positions if flag is None else flag
 
 
-def dense_attention(q, k, v, mask, scale, pos=None):
+# A decode token's RoPE and its K/V cache writes happen inside the decode kernel's launch (kernels.new_token_decode)
+# rather than as torch ops before it (launches of their own between the Q/K/V projection and attention). False:
+# those ops, then kernels.dense_decode / clustered_decode (for A/B runs; the same numbers).
+NEW_TOKEN_IN_KERNEL = True
+
+
+def dense_attention(q, k, v, mask, scale):
     # q [B, H, S, D], k/v [B, Hkv, T, D], mask [S, T] bool or None (causal, S == T) -> [B, H, S, D]
-    # pos [S] (cached calls): with S == 1 the decode kernel may read it instead of the mask
-    if _use_kernel(DENSE_DECODE_KERNEL, DENSE_DECODE_MAX_POSITIONS, q, k, pos):
-        return kernels.dense_decode(q[:, :, 0], k, v, pos, scale)[:, :, None]
     gqa = k.shape[1] != q.shape[1]  # SDPA maps query heads to their KV head itself: no copy of K and V
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+
+def attend(attn, q, k, v, rope, pos, mask):
+    """Dense attention of a model's attention module over its KV cache.
+
+    q [B, H, S, D], k/v [B, Hkv, S, D] as projected, before RoPE; rope (cos, sin) [S, D], or empty (no RoPE); pos [S]
+    or None (an uncached call); mask [S, T] -> [B, H, S, D]. Rotates q and k (attn.rotate), writes k and v into
+    attn.kv_cache at pos and attends. A decode token on CUDA (DENSE_DECODE_KERNEL) does all three in one launch.
+    """
+    if pos is not None and _use_kernel(DENSE_DECODE_KERNEL, DENSE_DECODE_MAX_POSITIONS, q, attn.kv_cache.k, pos):
+        return decode_token(attn, q, k, v, rope, pos)
+    q, k = attn.rotate(q, rope), attn.rotate(k, rope)
+    if pos is not None:
+        k, v = attn.kv_cache.update_k(pos, k), attn.kv_cache.update_v(pos, v)  # [B, Hkv, T, D]
+    return dense_attention(q, k, v, mask, attn.scale)
+
+
+def decode_token(attn, q, k, v, rope, pos, lists=None):
+    """One token through the decode kernel: q [B, n, 1, D], k [B, n_slots, 1, D], v [B, Hkv, 1, D] as projected
+    (before RoPE); lists: a clustered layer's (members, cluster_start, slot_of_rep), or None (dense) -> [B, H, 1, D]."""
+    cache = attn.kv_cache
+    members, start, slot_of_rep = lists or (None, None, None)
+    if NEW_TOKEN_IN_KERNEL:
+        cos, sin = (rope[0][0], rope[1][0]) if rope else (None, None)  # [D] at pos
+        out = kernels.new_token_decode(q[:, :, 0], k[:, :, 0], v[:, :, 0], cos, sin, cache.k, cache.v, pos,
+                                       attn.scale, members, start, slot_of_rep)
+        return out[:, :, None]
+    q = attn.rotate(q, rope)[:, :, 0]  # [B, n, D]
+    k_all, v_all = cache.update_k(pos, attn.rotate(k, rope)), cache.update_v(pos, v)  # [B, n_slots | Hkv, T, D]
+    if lists is None:
+        return kernels.dense_decode(q, k_all, v_all, pos, attn.scale)[:, :, None]
+    return kernels.clustered_decode(q, k_all, v_all, members, start, slot_of_rep, pos, attn.scale)[:, :, None]
 
 
 def clustered_attention(q_rep, k_slots, v, head_to_cluster, slot_of_rep, mask, scale):
@@ -469,8 +504,9 @@ def k_slots(k: int, n_heads: int, n_kv_heads: int) -> int:
 class ChaiLayer(nn.Module):
     """CHAI state and forward of one clustered attention layer (k < n_heads).
 
-    The model's attention module supplies project_q / project_k (its own projections, RoPE or scaling
-    included) and its KV cache, whose K holds n_k_slots heads instead of n_kv_heads.
+    The model's attention module supplies project_q / project_k (its own projections, scaling included; RoPE
+    too unless rope is None), rotate (its RoPE, or none) and its KV cache, whose K holds n_k_slots heads instead of
+    n_kv_heads.
     """
 
     def __init__(self, n_heads, n_kv_heads, head_dim, n_clusters, cfg: ChaiConfig, scale, static=None):
@@ -546,14 +582,14 @@ class ChaiLayer(nn.Module):
             return self._forward_uncached(attn, x, rope, v)
         B, S, _ = x.shape
         cache = attn.kv_cache
-        v_all = cache.update_v(input_pos, v)  # [B, Hkv, T, D]
         if self.ready and S == 1:  # decode: no host sync
-            return self._clustered(attn, x, rope, input_pos, mask, B)
+            return self._clustered(attn, x, rope, v, input_pos, mask, B)
         p0 = self.chunk_start  # read once per call by prepare_cache_call
         if p0 == 0:
             self.ready = False  # a new sequence starts
         if self.ready:
-            return self._clustered(attn, x, rope, input_pos, mask, B)
+            return self._clustered(attn, x, rope, v, input_pos, mask, B)
+        v_all = cache.update_v(input_pos, v)  # [B, Hkv, T, D]
         if p0 >= self.window:
             raise RuntimeError(f"CHAI layer {attn.layer_idx}: positions start at {p0} but the window "
                                f"0..{self.window - 1} was never processed; start each sequence at position 0")
@@ -577,7 +613,7 @@ class ChaiLayer(nn.Module):
         if S == n_w:
             return y_w
         rest_rope = tuple(r[n_w:] for r in rope)
-        y_r = self._clustered(attn, x[:, n_w:], rest_rope, input_pos[n_w:], mask[n_w:], B)
+        y_r = self._clustered(attn, x[:, n_w:], rest_rope, v[:, :, n_w:], input_pos[n_w:], mask[n_w:], B)
         return torch.cat([y_w, y_r], dim=2)
 
     def decode_rows(self, x, input_pos):
@@ -587,27 +623,28 @@ class ChaiLayer(nn.Module):
             return None
         return self.q_rows.of(0), self.k_rows.of(0)
 
-    def decode(self, attn, q, k, v, input_pos, mask):
-        """One clustered token from projections made by the caller (see decode_rows): q [B, k, 1, D] and
-        k [B, n_slots, 1, D] with RoPE applied, v [B, Hkv, 1, D] -> [B, H, 1, D]."""
-        attn.kv_cache.update_v(input_pos, v)
-        return self._attend(attn, q, k, input_pos, mask, q.shape[0])
+    def decode(self, attn, q, k, v, rope, input_pos, mask):
+        """One clustered token from projections made by the caller (see decode_rows), before RoPE: q [B, k, 1, D],
+        k [B, n_slots, 1, D], v [B, Hkv, 1, D] -> [B, H, 1, D]."""
+        return self._attend(attn, q, k, v, rope, input_pos, mask)
 
-    def _clustered(self, attn, x, rope, pos, mask, B):
+    def _clustered(self, attn, x, rope, v, pos, mask, B):
         rows = self.use_rows  # the representatives' own weight rows: fewer bytes and FLOPs than all heads
-        q = attn.project_q(x, rope, self.q_rows if rows else self.rep_idx[:B])  # [B, k, S, D]
-        k = attn.project_k(x, rope, self.k_rows if rows else self.kv_of_slot[:B])  # [B, n_slots, S, D]
-        return self._attend(attn, q, k, pos, mask, B)
+        q = attn.project_q(x, None, self.q_rows if rows else self.rep_idx[:B])  # [B, k, S, D], no RoPE yet
+        k = attn.project_k(x, None, self.k_rows if rows else self.kv_of_slot[:B])  # [B, n_slots, S, D]
+        return self._attend(attn, q, k, v, rope, pos, mask)
 
-    def _attend(self, attn, q, k, pos, mask, B):
-        k_all = attn.kv_cache.update_k(pos, k)  # [B, n_slots, T, D]
-        if _use_kernel(CLUSTERED_DECODE_KERNEL, CLUSTERED_DECODE_MAX_POSITIONS, q, k_all, pos):
-            # decode on CUDA: one fused split-T kernel (sums in fp32); the mask is keys <= pos, read from pos
-            return kernels.clustered_decode(q[:, :, 0], k_all, attn.kv_cache.v[:B], self.members[:B],
-                                            self.cluster_start[:B], self.slot_of_rep[:B], pos, self.scale)[:, :, None]
+    def _attend(self, attn, q, k, v, rope, pos, mask):
+        # q, k before RoPE; v [B, Hkv, S, D]: the rows at pos, written into the cache here
+        B, cache = q.shape[0], attn.kv_cache
+        if _use_kernel(CLUSTERED_DECODE_KERNEL, CLUSTERED_DECODE_MAX_POSITIONS, q, cache.k, pos):
+            # decode on CUDA: RoPE, the cache writes and a fused split-T attention in one launch (sums in fp32)
+            lists = self.members[:B], self.cluster_start[:B], self.slot_of_rep[:B]
+            return decode_token(attn, q, k, v, rope, pos, lists)
+        q, k = attn.rotate(q, rope), attn.rotate(k, rope)
+        k_all, v_all = cache.update_k(pos, k), cache.update_v(pos, v)  # [B, n_slots | Hkv, T, D]
         slot_of_rep = None if self.n_k_slots == self.n_clusters else self.slot_of_rep[:B]
-        return clustered_attention(q, k_all, attn.kv_cache.v[:B], self.head_to_cluster[:B], slot_of_rep, mask,
-                                   self.scale)
+        return clustered_attention(q, k_all, v_all, self.head_to_cluster[:B], slot_of_rep, mask, self.scale)
 
     def _forward_uncached(self, attn, x, rope, v):
         """Scores a whole sequence from position 0 (no cache): window dense, the rest clustered."""

@@ -162,21 +162,38 @@ if triton is not None:
         return o / l_sum
 
     @triton.jit
-    def _decode_split_kernel(q_ptr, k_ptr, v_ptr, members_ptr, start_ptr, slot_ptr, pos_ptr,
+    def _new_row(ptr, d, ok, cos_ptr, sin_ptr, D: tl.constexpr, ROPE: tl.constexpr):
+        """The new token's Q or K row of one head [BLOCK_D], in its dtype; ROPE: rotated first (rotate-half RoPE,
+        HF layout: x * cos + [-x2, x1] * sin, each product rounded to the dtype as llama.apply_rope rounds it)."""
+        x = tl.load(ptr + d, mask=ok, other=0.0)
+        if ROPE:
+            first = d < D // 2
+            xr = tl.load(ptr + tl.where(first, d + D // 2, d - D // 2), mask=ok, other=0.0).to(tl.float32)
+            xr = tl.where(first, -xr, xr)
+            cs = tl.load(cos_ptr + d, mask=ok, other=0.0).to(tl.float32)
+            sn = tl.load(sin_ptr + d, mask=ok, other=0.0).to(tl.float32)
+            x = ((x.to(tl.float32) * cs).to(x.dtype).to(tl.float32) + (xr * sn).to(x.dtype).to(tl.float32)).to(x.dtype)
+        return x
+
+    @triton.jit
+    def _decode_split_kernel(q_ptr, k_ptr, v_ptr, kn_ptr, vn_ptr, cos_ptr, sin_ptr,
+                             members_ptr, start_ptr, slot_ptr, pos_ptr,
                              acc_ptr, m_ptr, l_ptr, count_ptr, out_ptr,
-                             sq_b, sq_c, sk_b, sk_s, sk_t, sv_b, sv_h, sv_t, so_b, so_h,
-                             qk_scale, T, SPLIT, N_SPLITS, N_CHUNKS,
+                             sq_b, sq_c, sk_b, sk_s, sk_t, sv_b, sv_h, sv_t, skn_b, skn_s, svn_b, svn_h, so_b, so_h,
+                             qk_scale, SPLIT, N_SPLITS, N_CHUNKS,
                              H: tl.constexpr, K: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+                             N_SLOTS: tl.constexpr, HKV: tl.constexpr,
                              HPB: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
                              BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, ONE_SPLIT: tl.constexpr,
-                             STAGES: tl.constexpr, DENSE: tl.constexpr, FUSED_COMBINE: tl.constexpr,
-                             PDL: tl.constexpr):
+                             STAGES: tl.constexpr, DENSE: tl.constexpr, NEW: tl.constexpr, ROPE: tl.constexpr,
+                             FUSED_COMBINE: tl.constexpr, PDL: tl.constexpr):
         j, s, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)  # int64: cache offsets
         pos = tl.load(pos_ptr)  # written before the graph (or launch) began: safe to read before the wait
         t_lo = s * SPLIT
         if t_lo > pos:  # the whole split is past the current position
             return
-        t_hi = tl.minimum(tl.minimum(t_lo + SPLIT, pos + 1), T)
+        holds_pos = pos < t_lo + SPLIT  # the split whose last position is pos (the token being decoded)
+        t_end = tl.minimum(t_lo + SPLIT, pos)  # cache rows [t_lo, t_end): all final before this launch began
         if DENSE:  # dense attention: cluster j is query head j alone (HPB == 1), its K is its KV head's
             c = j
             heads = j + tl.arange(0, HPB)
@@ -193,25 +210,41 @@ if triton is not None:
         v_base = v_ptr + b * sv_b + kv[:, None, None] * sv_h + d[None, None, :]  # [HPB, 1, BLOCK_D]
         v_ok = e_ok[:, None, None] & d_ok[None, None, :]
 
-        # The first tile is read before the wait: this step writes the cache at pos only, so every other position
-        # is final, and the read overlaps the previous kernel's tail. The row at pos is read again after the wait.
+        # The first tile is read before the wait: rows < pos are final, so the read overlaps the previous kernel's
+        # tail. The row at pos is the token being decoded; it is attended to separately, after the wait.
         t = t_lo + tl.arange(0, BLOCK_T)
-        t_ok = t < t_hi
+        t_ok = t < t_end
         kt = tl.load(k_base + t[:, None] * sk_t + d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
         vt = tl.load(v_base + t[None, :, None] * sv_t, mask=v_ok & t_ok[None, :, None], other=0.0)
         if PDL:  # launched early (programmatic dependent launch): q and the new K/V come from the kernels before
             tl.extra.cuda.gdc_wait()
-            if pos < t_lo + BLOCK_T:
-                k_new = tl.load(k_base + pos * sk_t + d, mask=d_ok, other=0.0)  # [BLOCK_D]
-                v_new = tl.load(v_base + pos * sv_t, mask=v_ok, other=0.0)  # [HPB, 1, BLOCK_D]
-                kt = tl.where(t[:, None] == pos, k_new[None, :], kt)
-                vt = tl.where(t[None, :, None] == pos, v_new, vt)
-        q = tl.load(q_ptr + b * sq_b + c * sq_c + d, mask=d_ok, other=0.0).to(tl.float32)  # [BLOCK_D]
-        m, l, acc = _attend_tile(kt, vt, t_ok, q, -float("inf"), 0.0, tl.zeros([HPB, BLOCK_D], dtype=tl.float32),
-                                 qk_scale)
-        for t0 in tl.range(t_lo + BLOCK_T, t_hi, BLOCK_T, num_stages=STAGES):  # STAGES > 1: cp.async prefetch
+        if NEW:
+            # q, K and V of the new token arrive as projected (kn_ptr, vn_ptr): RoPE is applied here, and chunks
+            # 0..K-1 (never spare) of the split holding pos write its K and V rows into the cache for later steps.
+            # No program of this launch reads those rows back from the cache.
+            q = _new_row(q_ptr + b * sq_b + c * sq_c, d, d_ok, cos_ptr, sin_ptr, D, ROPE).to(tl.float32)
+            if holds_pos & (j < K):
+                for r in range(j, N_SLOTS, K):
+                    kr = _new_row(kn_ptr + b * skn_b + r * skn_s, d, d_ok, cos_ptr, sin_ptr, D, ROPE)
+                    tl.store(k_ptr + b * sk_b + r * sk_s + pos * sk_t + d, kr, mask=d_ok)
+                for r in range(j, HKV, K):
+                    vr = tl.load(vn_ptr + b * svn_b + r * svn_h + d, mask=d_ok, other=0.0)
+                    tl.store(v_ptr + b * sv_b + r * sv_h + pos * sv_t + d, vr, mask=d_ok)
+            k_new = _new_row(kn_ptr + b * skn_b + slot * skn_s, d, d_ok & holds_pos, cos_ptr, sin_ptr, D, ROPE)
+            v_new = tl.load(vn_ptr + b * svn_b + kv[:, None] * svn_h + d[None, :],
+                            mask=e_ok[:, None] & d_ok[None, :] & holds_pos, other=0.0)  # [HPB, BLOCK_D]
+        else:  # q has RoPE applied and the cache already holds the row at pos (written by the kernels before)
+            q = tl.load(q_ptr + b * sq_b + c * sq_c + d, mask=d_ok, other=0.0).to(tl.float32)  # [BLOCK_D]
+            k_new = tl.load(k_base + pos * sk_t + d, mask=d_ok & holds_pos, other=0.0)
+            v_new = tl.sum(tl.load(v_base + pos * sv_t, mask=v_ok & holds_pos, other=0.0), axis=1)  # [HPB, BLOCK_D]
+        # the row at pos starts the online softmax of the split that holds it (-inf / 0 / 0 elsewhere)
+        m = tl.where(holds_pos, tl.sum(k_new.to(tl.float32) * q, axis=0) * qk_scale, -float("inf"))
+        l = tl.where(holds_pos, 1.0, 0.0)
+        acc = v_new.to(tl.float32)
+        m, l, acc = _attend_tile(kt, vt, t_ok, q, m, l, acc, qk_scale)
+        for t0 in tl.range(t_lo + BLOCK_T, t_end, BLOCK_T, num_stages=STAGES):  # STAGES > 1: cp.async prefetch
             tt = t0 + tl.arange(0, BLOCK_T)
-            tt_ok = tt < t_hi
+            tt_ok = tt < t_end
             kn = tl.load(k_base + tt[:, None] * sk_t + d[None, :], mask=tt_ok[:, None] & d_ok[None, :], other=0.0)
             vn = tl.load(v_base + tt[None, :, None] * sv_t, mask=v_ok & tt_ok[None, :, None], other=0.0)
             m, l, acc = _attend_tile(kn, vn, tt_ok, q, m, l, acc, qk_scale)
@@ -302,9 +335,13 @@ def decode_config(B: int, H: int, k: int, D: int, T: int, n_sms: int = 132) -> d
     return dict(hpb=hpb, block_t=block_t, split=split, num_warps=4, num_stages=2)
 
 
-def clustered_decode_launch(q_rep, k_slots, v, members, cluster_start, slot_of_rep, pos, scale, *, hpb=None,
-                            block_t=None, split=None, num_warps=None, num_stages=None):
-    """The launcher behind clustered_decode and dense_decode (members None: dense, k == H, no lists read).
+def clustered_decode_launch(q_rep, k_slots, v, members, cluster_start, slot_of_rep, pos, scale, k_new=None,
+                            v_new=None, cos=None, sin=None, *, hpb=None, block_t=None, split=None, num_warps=None,
+                            num_stages=None):
+    """The launcher behind clustered_decode, dense_decode and new_token_decode (members None: dense, k == H, no lists
+    read). k_new None: the cache already holds the row at pos and q_rep has RoPE applied. Else k_new [B, n_slots, D]
+    and v_new [B, Hkv, D] are the new token's rows, which the kernel writes into k_slots / v at pos, and cos/sin [D]
+    (None: no RoPE) rotate q_rep and k_new first.
 
     Keyword overrides are for tests and tuning; see decode_config."""
     B, k, D = q_rep.shape
@@ -316,6 +353,13 @@ def clustered_decode_launch(q_rep, k_slots, v, members, cluster_start, slot_of_r
     n_splits = triton.cdiv(T, split)
     n_chunks = decode_chunks(H, k, hpb)
     q_rep, k_slots, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q_rep, k_slots, v))
+    new, rope = k_new is not None, cos is not None
+    if new:
+        k_new, v_new = (t if t.stride(-1) == 1 else t.contiguous() for t in (k_new, v_new))
+    else:
+        k_new = v_new = q_rep  # unused pointers
+    if not rope:
+        cos = sin = q_rep
     if dense:
         members = cluster_start = slot_of_rep = pos  # unused pointers
     else:
@@ -334,14 +378,14 @@ def clustered_decode_launch(q_rep, k_slots, v, members, cluster_start, slot_of_r
     fused = FUSED_COMBINE and n_splits > 1 and hpb * n_splits <= FUSED_COMBINE_MAX_PARTIALS
     counts = _split_counters(v.device, B * n_chunks) if fused else None
     _decode_split_kernel[(n_chunks, n_splits, B)](
-        q_rep, k_slots, v, members, cluster_start, slot_of_rep, pos, acc, m, l,
-        counts if counts is not None else pos, out,
+        q_rep, k_slots, v, k_new, v_new, cos.contiguous(), sin.contiguous(), members, cluster_start, slot_of_rep, pos,
+        acc, m, l, counts if counts is not None else pos, out,
         q_rep.stride(0), q_rep.stride(1), k_slots.stride(0), k_slots.stride(1), k_slots.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1),
-        scale * math.log2(math.e), T, split, n_splits, n_chunks,
-        H=H, K=k, G=H // Hkv, D=D, HPB=hpb, BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_K=triton.next_power_of_2(k),
-        BLOCK_S=block_s, ONE_SPLIT=n_splits == 1, STAGES=num_stages, DENSE=dense, FUSED_COMBINE=counts is not None,
-        num_warps=num_warps, **pdl)
+        v.stride(0), v.stride(1), v.stride(2), k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
+        out.stride(0), out.stride(1), scale * math.log2(math.e), split, n_splits, n_chunks,
+        H=H, K=k, G=H // Hkv, D=D, N_SLOTS=k_slots.shape[1], HKV=Hkv, HPB=hpb, BLOCK_T=block_t, BLOCK_D=block_d,
+        BLOCK_K=triton.next_power_of_2(k), BLOCK_S=block_s, ONE_SPLIT=n_splits == 1, STAGES=num_stages, DENSE=dense,
+        NEW=new, ROPE=rope, FUSED_COMBINE=counts is not None, num_warps=num_warps, **pdl)
     if n_splits > 1 and counts is None:
         _decode_combine_kernel[(H, B)](acc, m, l, pos, out, out.stride(0), out.stride(1), split, n_splits,
                                        H=H, D=D, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=4, **pdl)
@@ -416,6 +460,29 @@ def dense_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.T
 @dense_decode.register_fake
 def _(q, k, v, pos, scale):
     return v.new_empty(q.shape)
+
+
+@torch.library.custom_op("chai_models::new_token_decode", mutates_args=("k_cache", "v_cache"))
+def new_token_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor | None,
+                     sin: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
+                     scale: float, members: torch.Tensor | None, cluster_start: torch.Tensor | None,
+                     slot_of_rep: torch.Tensor | None) -> torch.Tensor:
+    """One decode token's RoPE, its cache write and its attention, in one launch -> out [B, H, D].
+
+    q [B, k, D], k [B, n_slots, D], v [B, Hkv, D]: the token's projections (q of the representatives, k of the K
+    slots), without RoPE; cos, sin [D]: RoPE at pos (rotate-half, HF layout), or None; k_cache [B_max, n_slots, T, D],
+    v_cache [B_max, Hkv, T, D] with B <= B_max: RoPE(k) and v are written at pos, rows 0..pos-1 are read. members,
+    cluster_start, slot_of_rep as in clustered_decode, or all None: dense attention (k == H, slot = KV head).
+    Equal to rotating q and k, writing both rows and calling clustered_decode / dense_decode, without the launches
+    in between (docs/performance.md).
+    """
+    return clustered_decode_launch(q, k_cache, v_cache, members, cluster_start, slot_of_rep, pos, scale, k, v, cos,
+                                   sin)
+
+
+@new_token_decode.register_fake
+def _(q, k, v, cos, sin, k_cache, v_cache, pos, scale, members, cluster_start, slot_of_rep):
+    return v.new_empty(q.shape[0], q.shape[1] if members is None else members.shape[1], q.shape[2])
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -143,12 +143,17 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
         self.chai: chai.ChaiLayer | None = None  # set when this layer is clustered (k < n_heads)
 
-    # CHAI projects a subset of heads; heads=None means all of them.
+    def rotate(self, t, rope):  # RoPE on q or k [B, n, S, D]; rope (cos, sin) [S, D]
+        return apply_rope(t, *rope)
+
+    # CHAI projects a subset of heads; heads=None means all of them; rope=None leaves RoPE to the caller.
     def project_q(self, x, rope, heads=None):  # -> [B, n, S, D]
-        return apply_rope(chai.project_heads(x, self.wq, self.head_dim, heads), *rope)
+        q = chai.project_heads(x, self.wq, self.head_dim, heads)
+        return q if rope is None else self.rotate(q, rope)
 
     def project_k(self, x, rope, heads=None):
-        return apply_rope(chai.project_heads(x, self.wk, self.head_dim, heads), *rope)
+        k = chai.project_heads(x, self.wk, self.head_dim, heads)
+        return k if rope is None else self.rotate(k, rope)
 
     def forward(self, x, norm, rope, input_pos=None, mask=None):
         # x [B, S, hidden] (the residual stream) -> x + attention(norm(x)); rope (cos, sin) [S, D];
@@ -165,13 +170,11 @@ class Attention(nn.Module):
             wq, wk = (self.wq, self.wk) if rows is None else rows
             q, k, v = kernels.linear(x, (wq, wk, self.wv), norm=norm)  # [B, S, n*D] each
             q, k, v = (t.view(B, S, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))  # [B, n, S, D]
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            # RoPE on q and k, the cache write at input_pos, attention: one kernel launch for a decode token on CUDA
             if rows is not None:
-                y = self.chai.decode(self, q, k, v, input_pos, mask)  # [B, H, 1, D]
+                y = self.chai.decode(self, q, k, v, rope, input_pos, mask)  # [B, H, 1, D]
             else:
-                if input_pos is not None:
-                    k, v = self.kv_cache.update_k(input_pos, k), self.kv_cache.update_v(input_pos, v)  # [B, Hkv, T, D]
-                y = chai.dense_attention(q, k, v, mask, self.scale, input_pos)
+                y = chai.attend(self, q, k, v, rope, input_pos, mask)  # [B, H, S, D]
         return kernels.linear(y.transpose(1, 2).reshape(B, S, -1), (self.wo,), residual=x)
 
 

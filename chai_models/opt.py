@@ -140,7 +140,10 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
         self.chai: chai.ChaiLayer | None = None  # set when this layer is clustered (k < n_heads)
 
-    # CHAI projects a subset of heads; heads=None means all of them. rope is NO_ROPE (OPT has none).
+    def rotate(self, t, rope):  # OPT has no RoPE (rope is NO_ROPE): learned positions are in the embeddings
+        return t
+
+    # CHAI projects a subset of heads; heads=None means all of them. rope is NO_ROPE or None, and unused.
     def project_q(self, x, rope, heads=None):  # -> [B, n, S, D]
         return chai.project_heads(x, self.wq, self.head_dim, heads) * self.q_scale
 
@@ -155,9 +158,7 @@ class Attention(nn.Module):
             y = self.chai(self, x, rope, v, input_pos, mask)  # [B, H, S, D]
         else:
             q, k = self.project_q(x, rope), self.project_k(x, rope)  # [B, H, S, D]
-            if input_pos is not None:
-                k, v = self.kv_cache.update_k(input_pos, k), self.kv_cache.update_v(input_pos, v)  # [B, H, T, D]
-            y = chai.dense_attention(q, k, v, mask, self.scale, input_pos)
+            y = chai.attend(self, q, k, v, rope, input_pos, mask)  # the cache write at input_pos, attention
         return self.wo(y.transpose(1, 2).reshape(B, S, -1))
 
 

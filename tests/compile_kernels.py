@@ -24,18 +24,26 @@ def compile_one(fn, signature: dict, constexprs: dict):
 
 
 def main():
-    split = dict(q_ptr=BF16, k_ptr=BF16, v_ptr=BF16, members_ptr="*i64", start_ptr="*i64", slot_ptr="*i64",
+    split = dict(q_ptr=BF16, k_ptr=BF16, v_ptr=BF16, kn_ptr=BF16, vn_ptr=BF16, cos_ptr=BF16, sin_ptr=BF16,
+                 members_ptr="*i64", start_ptr="*i64", slot_ptr="*i64",
                  pos_ptr="*i64", acc_ptr="*fp32", m_ptr="*fp32", l_ptr="*fp32", count_ptr="*i32", out_ptr=BF16,
-                 **{n: I32 for n in ("sq_b", "sq_c", "sk_b", "sk_s", "sk_t", "sv_b", "sv_h", "sv_t", "so_b", "so_h")},
-                 qk_scale="fp32", T=I32, SPLIT=I32, N_SPLITS=I32, N_CHUNKS=I32,
-                 **{n: None for n in ("H", "K", "G", "D", "HPB", "BLOCK_T", "BLOCK_D", "BLOCK_K", "BLOCK_S",
-                                      "ONE_SPLIT", "STAGES", "DENSE", "FUSED_COMBINE", "PDL")})
-    for dense, one_split, fused, pdl in ((True, False, True, True), (False, False, True, True),
-                                         (False, False, False, False), (False, True, False, True)):
+                 **{n: I32 for n in ("sq_b", "sq_c", "sk_b", "sk_s", "sk_t", "sv_b", "sv_h", "sv_t", "skn_b", "skn_s",
+                                     "svn_b", "svn_h", "so_b", "so_h")},
+                 qk_scale="fp32", SPLIT=I32, N_SPLITS=I32, N_CHUNKS=I32,
+                 **{n: None for n in ("H", "K", "G", "D", "N_SLOTS", "HKV", "HPB", "BLOCK_T", "BLOCK_D", "BLOCK_K",
+                                      "BLOCK_S", "ONE_SPLIT", "STAGES", "DENSE", "NEW", "ROPE", "FUSED_COMBINE",
+                                      "PDL")})
+    for dense, one_split, fused, pdl, new, rope in ((True, False, True, True, True, True),
+                                                    (True, False, True, True, False, False),
+                                                    (False, False, True, True, True, True),
+                                                    (False, False, False, False, True, False),
+                                                    (False, False, False, True, False, False),
+                                                    (False, True, False, True, True, True)):
         compile_one(k._decode_split_kernel, split,
-                    dict(H=32, K=32 if dense else 4, G=2, D=128, HPB=1 if dense else 8, BLOCK_T=64 if dense else 32,
-                         BLOCK_D=128, BLOCK_K=32 if dense else 4, BLOCK_S=8, ONE_SPLIT=one_split, STAGES=2,
-                         DENSE=dense, FUSED_COMBINE=fused, PDL=pdl))
+                    dict(H=32, K=32 if dense else 4, G=2, D=128, N_SLOTS=16 if dense else 4, HKV=16,
+                         HPB=1 if dense else 8, BLOCK_T=64 if dense else 32, BLOCK_D=128, BLOCK_K=32 if dense else 4,
+                         BLOCK_S=8, ONE_SPLIT=one_split, STAGES=2, DENSE=dense, NEW=new, ROPE=rope,
+                         FUSED_COMBINE=fused, PDL=pdl))
     compile_one(k._decode_combine_kernel,
                 dict(acc_ptr="*fp32", m_ptr="*fp32", l_ptr="*fp32", pos_ptr="*i64", out_ptr=BF16, so_b=I32, so_h=I32,
                      SPLIT=I32, N_SPLITS=I32, H=None, D=None, BLOCK_S=None, BLOCK_D=None, PDL=None),

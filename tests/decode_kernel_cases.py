@@ -113,6 +113,59 @@ def _case(B, H, Hkv, k, D, T, pos, dense, strided, op, dense_op, **launch):
     return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
+def new_token_case(B, H, Hkv, k, D, T, pos, dense=False, rope=True, op=False, device="cpu", dtype=torch.float32,
+                   **launch):
+    """kernels.new_token_decode: the token's q/k before RoPE and its k/v rows, written into caches with one more
+    row than B (which must stay untouched) -> the largest relative error of the output and of the written K and V
+    rows vs rotating in torch, writing the rows and calling chai.clustered_attention."""
+    from chai_models.llama import apply_rope
+
+    x = {n: t.to(device) for n, t in inputs(B, H, Hkv, k, D, T, pos, dense).items()}
+    x["q"] = x["q"].to(dtype)
+    gen = torch.Generator().manual_seed(1)
+    n_slots = x["k_slots"].shape[1]
+    k_new, v_new = (torch.randn(B, n, D, generator=gen).to(device, dtype) for n in (n_slots, Hkv))
+    k_cache = torch.cat([x["k_slots"], torch.randn(1, n_slots, T, D, generator=gen).to(device)]).to(dtype)
+    v_cache = torch.cat([x["v"], torch.randn(1, Hkv, T, D, generator=gen).to(device)]).to(dtype)  # [B + 1, ...]
+    k_cache[:B, :, pos], v_cache[:B, :, pos] = STALE, STALE  # the kernel must write these rows
+    if rope:
+        ang = (pos * 10000.0 ** (-torch.arange(0, D, 2, device=device) / D)).repeat(2)
+        cos, sin = ang.cos().to(dtype), ang.sin().to(dtype)
+        rot = lambda t: apply_rope(t, cos, sin)  # noqa: E731
+    else:
+        cos = sin = None
+        rot = lambda t: t  # noqa: E731
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    k_ref[:B, :, pos], v_ref[:B, :, pos] = rot(k_new), v_new
+    scale = D ** -0.5
+    mask = torch.arange(T, device=device)[None, :] <= pos
+    ref = chai.clustered_attention(rot(x["q"])[:, :, None].double(), k_ref[:B].double(), v_ref[:B].double(), x["h2c"],
+                                   x["slot_of_rep"], mask, scale)[:, :, 0]
+    lists = (None, None, None) if dense else (x["members"], x["start"], x["slot_of_rep"])
+    pos_t = torch.tensor([pos], device=device)
+    args = (x["q"], k_new, v_new, cos, sin, k_cache, v_cache, pos_t, scale, *lists)
+    if op == "opcheck":
+        r = torch.library.opcheck(torch.ops.chai_models.new_token_decode.default, args,
+                                  test_utils=("test_schema", "test_faketensor"))
+        assert all(v == "SUCCESS" for v in r.values()), r
+        k_cache.copy_(k_ref), v_cache.copy_(v_ref)  # opcheck ran the op: put back what it must write again
+        k_cache[:B, :, pos], v_cache[:B, :, pos] = STALE, STALE
+    if op:
+        out = torch.ops.chai_models.new_token_decode(*args)
+    else:
+        out = kernels.clustered_decode_launch(x["q"], k_cache, v_cache, *lists, pos_t, scale, k_new, v_new, cos, sin,
+                                              **launch)
+    assert out.shape == (B, H, D)
+
+    def rel(a, b):
+        return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+    errs = rel(out, ref), rel(k_cache[:B, :, pos], k_ref[:B, :, pos]), rel(v_cache[:B, :, pos], v_ref[:B, :, pos])
+    k_cache[:B, :, pos], v_cache[:B, :, pos] = k_ref[:B, :, pos], v_ref[:B, :, pos]
+    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref), "the kernel wrote outside the rows at pos"
+    return max(errs)
+
+
 def check_decode(B, H, Hkv, k, D, T, pos, dtype, device):
     """The op in dtype on device vs an fp64 reference -> (its relative error, that of the torch path in dtype)."""
     x = inputs(B, H, Hkv, k, D, T, pos, dense=k == H)
@@ -136,10 +189,11 @@ def check_decode(B, H, Hkv, k, D, T, pos, dtype, device):
     return rel(out), rel(torch_path(dtype))
 
 
-def model_case(n_kv_heads, spec, T, batch=2, seed=0):
+def model_case(n_kv_heads, spec, T, batch=2, seed=0, new_in_kernel=True):
     """A tiny Llama (spec "dense", or CHAI with that spec), prefill then one-token decode steps: logits with the
     decode kernel (chai.DENSE_DECODE_KERNEL or CLUSTERED_DECODE_KERNEL, kernels.available forced on) vs the torch
-    path. CHAI's prefill is W + 1 tokens, so its last row is already clustered; B = 2, each row its own membership."""
+    path. CHAI's prefill is W + 1 tokens, so its last row is already clustered; B = 2, each row its own membership.
+    new_in_kernel False: RoPE and the cache writes run as torch ops before the kernel (chai.NEW_TOKEN_IN_KERNEL)."""
     from chai_models import ChaiConfig
     from chai_models.llama import Llama, LlamaConfig
 
@@ -163,6 +217,7 @@ def model_case(n_kv_heads, spec, T, batch=2, seed=0):
         kernels.available = (lambda t: True) if kernel else available
         kernels.GEMV = "always" if kernel else "never"  # batch 1: the projections through kernels.gemv too
         setattr(chai, flag, kernel)
+        chai.NEW_TOKEN_IN_KERNEL = new_in_kernel
         try:
             model.setup_caches(batch, T)
             chai.reset(model)
@@ -172,6 +227,7 @@ def model_case(n_kv_heads, spec, T, batch=2, seed=0):
         finally:
             kernels.available, kernels.GEMV = available, "compiled"
             setattr(chai, flag, default)
+            chai.NEW_TOKEN_IN_KERNEL = True
 
     with torch.no_grad():
         fast, ref = logits(True), logits(False)
@@ -271,6 +327,23 @@ MODEL_CASES = {
     "model_dense_gqa_kernel": (2, "dense", 128),  # dense_decode: two splits, the second past pos
     "model_mha": (8, "1:3", 64),  # one split: stage 1 writes the output
     "model_gqa": (2, "8,1,3", 128),  # k < Hkv (K slots) and k >= Hkv (K whole); two splits, the second past pos
+    "model_gqa_rope_outside": (2, "8,1,3", 128, 2, 0, False),  # RoPE and cache writes as torch ops, then the kernel
+    "model_dense_rope_outside": (2, "dense", 128, 1, 0, False),
+}
+
+NEW_TOKEN_CASES = {
+    # name: (B, H, Hkv, k, D, T, pos, extra): kernels.new_token_decode (RoPE and the cache writes in the kernel)
+    "new_dense_gqa": (2, 8, 2, 8, 16, 100, 70, dict(dense=True)),
+    "new_dense_splits_pos_mid_tile": (2, 8, 2, 8, 24, 100, 70, dict(dense=True, split=32, block_t=8)),
+    "new_dense_pos0": (2, 8, 2, 8, 16, 100, 0, dict(dense=True, split=16, block_t=8)),
+    "new_dense_pos_split_start": (2, 8, 4, 8, 16, 100, 64, dict(dense=True, split=32, block_t=16)),
+    "new_k_lt_hkv_slots": (2, 12, 4, 3, 16, 100, 64, dict(split=32, block_t=8, hpb=2)),
+    "new_k_ge_hkv_whole": (2, 12, 4, 7, 24, 100, 99, {}),
+    "new_mha_k3_many_writers": (2, 16, 16, 3, 16, 100, 57, dict(split=16, block_t=8, combine="kernel")),
+    "new_one_split": (2, 8, 8, 3, 16, 100, 61, dict(split=128, block_t=32)),
+    "new_no_rope": (2, 8, 2, 3, 16, 100, 57, dict(rope=False)),
+    "new_op": (2, 8, 2, 3, 24, 100, 57, dict(op=True)),
+    "new_op_dense_opcheck": (2, 8, 2, 8, 16, 100, 99, dict(dense=True, op="opcheck")),
 }
 
 CASES = {
@@ -310,7 +383,7 @@ def main():
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1 (set before triton is imported)"
     _fix_interpreter_range()
     results = {}
-    names = sys.argv[1:] or list(CASES) + list(MODEL_CASES) + list(SILU_CASES) + list(GEMV_CASES)
+    names = sys.argv[1:] or list(CASES) + list(NEW_TOKEN_CASES) + list(MODEL_CASES) + list(SILU_CASES) + list(GEMV_CASES)
     for name in names:
         try:
             if name in SILU_CASES:
@@ -318,6 +391,16 @@ def main():
             elif name in GEMV_CASES:
                 rows, K, extra = GEMV_CASES[name]
                 results[name] = gemv_case(rows, K, **extra)
+            elif name in NEW_TOKEN_CASES:
+                B, H, Hkv, k, D, T, pos, extra = NEW_TOKEN_CASES[name]
+                combine = extra.pop("combine", None)
+                saved = kernels.FUSED_COMBINE, kernels.FUSED_COMBINE_MAX_PARTIALS
+                if combine is not None:
+                    kernels.FUSED_COMBINE = combine == "fused"
+                try:
+                    results[name] = new_token_case(B, H, Hkv, k, D, T, pos, **extra)
+                finally:
+                    kernels.FUSED_COMBINE, kernels.FUSED_COMBINE_MAX_PARTIALS = saved
             elif name in MODEL_CASES:
                 results[name] = model_case(*MODEL_CASES[name])
             else:

@@ -1,4 +1,4 @@
-"""The fused decode kernel (kernels.clustered_decode) against the torch decode path, on CPU.
+"""The fused decode kernel (kernels.clustered_decode, new_token_decode) against the torch decode path, on CPU.
 
 The Triton kernel runs under TRITON_INTERPRET=1, which must be set before triton is imported: the cases run in one
 subprocess (tests/decode_kernel_cases.py) and each test below checks one of its results.
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from chai_models import chai
-from decode_kernel_cases import CASES, GEMV_CASES, MODEL_CASES, SILU_CASES
+from decode_kernel_cases import CASES, GEMV_CASES, MODEL_CASES, NEW_TOKEN_CASES, SILU_CASES
 
 HERE = Path(__file__).resolve().parent
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
@@ -31,7 +31,8 @@ def interpreted():
 
 
 @needs_triton
-@pytest.mark.parametrize("name", list(CASES) + list(MODEL_CASES) + list(SILU_CASES) + list(GEMV_CASES))
+@pytest.mark.parametrize("name", list(CASES) + list(NEW_TOKEN_CASES) + list(MODEL_CASES) + list(SILU_CASES)
+                         + list(GEMV_CASES))
 def test_kernel_matches_torch_decode(interpreted, name):
     err = interpreted[name]
     assert not isinstance(err, str), err  # a traceback

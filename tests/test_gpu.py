@@ -119,6 +119,27 @@ def test_triton_decode_matches_torch(shape, dtype):
         assert err <= 1.5 * torch_err + 1e-4, (err, torch_err)
 
 
+NEW_TOKEN_SHAPES = {  # name: (B, H, Hkv, k, D, T, pos, extra)
+    "llama7b_b1_t8192": (1, 32, 32, 4, 128, 8192, 8191, {}),
+    "llama7b_b8_t2048_mid": (8, 32, 32, 4, 128, 2048, 1500, {}),
+    "llama7b_dense_t512": (1, 32, 32, 32, 128, 512, 300, dict(dense=True)),
+    "gqa_slots": (4, 32, 8, 4, 128, 4096, 3000, {}),
+    "gqa_dense_split_start": (2, 32, 8, 32, 128, 1024, 512, dict(dense=True)),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", list(NEW_TOKEN_SHAPES))
+def test_new_token_decode_matches_torch(shape, dtype):
+    """kernels.new_token_decode (RoPE and the cache writes in the kernel) vs rotating, writing and attending in
+    torch (fp64 attention on the same rounded inputs)."""
+    from decode_kernel_cases import new_token_case
+
+    B, H, Hkv, k, D, T, pos, extra = NEW_TOKEN_SHAPES[shape]
+    err = new_token_case(B, H, Hkv, k, D, T, pos, device="cuda", dtype=dtype, **extra)
+    assert err < (1e-5 if dtype == torch.float32 else 1e-2), err
+
+
 @pytest.mark.parametrize("kv", [8, 2], ids=["mha", "gqa"])
 def test_decode_kernel_logits_match_torch_path(kv):
     from chai_models import chai, kernels

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU work in few calls: the GPU tests and the benchmark tables. Logs go under $OUT (the device tool brings them
 # back). Usage: bash tools/gpu_session.sh STEP... with STEP in: tests b1_512 b1_8192 b8_2048 hf capacity opt calib
-# b1_512_attn b1_512_pdl b1_512_gemv chai_kernel decode_kernel decode_quick decode_sweep prof prof8
+# b1_512_attn b1_512_pdl b1_512_gemv b1_512_new chai_new chai_kernel decode_kernel decode_quick decode_sweep prof prof8
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -21,6 +21,10 @@ for step in "$@"; do
                  B --chai dense --batch 1 --context 512 --mode compiled --dense-decode triton ;;
     b1_512_pdl) B --chai dense --batch 1 --context 512 --mode compiled --pdl off
                 B --chai dense --batch 1 --context 512 --mode compiled --pdl on ;;
+    b1_512_new) B --chai dense --batch 1 --context 512 --mode compiled --new-token torch
+                B --chai dense --batch 1 --context 512 --mode compiled --new-token kernel ;;
+    chai_new) B --batch 1 --context 8192 --mode compiled --new-token torch
+              B --batch 1 --context 8192 --mode compiled --new-token kernel ;;
     b1_512_gemv) B --chai dense --batch 1 --context 512 --mode compiled --gemv off
                  B --chai dense --batch 1 --context 512 --mode compiled --gemv on ;;
     chai_kernel) B --batch 1 --context 8192 --mode compiled --clustered-decode torch
