@@ -186,7 +186,7 @@ if triton is not None:
                              HPB: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
                              BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, ONE_SPLIT: tl.constexpr,
                              STAGES: tl.constexpr, DENSE: tl.constexpr, NEW: tl.constexpr, ROPE: tl.constexpr,
-                             FUSED_COMBINE: tl.constexpr, EARLY_LAUNCH: tl.constexpr, PDL: tl.constexpr):
+                             FUSED_COMBINE: tl.constexpr, PDL: tl.constexpr):
         j, s, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)  # int64: cache offsets
         pos = tl.load(pos_ptr)  # written before the graph (or launch) began: safe to read before the wait
         t_lo = s * SPLIT
@@ -218,8 +218,6 @@ if triton is not None:
         vt = tl.load(v_base + t[None, :, None] * sv_t, mask=v_ok & t_ok[None, :, None], other=0.0)
         if PDL:  # launched early (programmatic dependent launch): q and the new K/V come from the kernels before
             tl.extra.cuda.gdc_wait()
-            if EARLY_LAUNCH:  # the next kernel (the wo GEMV) may start streaming its weights while this one runs
-                tl.extra.cuda.gdc_launch_dependents()
         if NEW:
             # q, K and V of the new token arrive as projected (kn_ptr, vn_ptr): RoPE is applied here, and chunks
             # 0..K-1 (never spare) of the split holding pos write its K and V rows into the cache for later steps.
@@ -250,7 +248,7 @@ if triton is not None:
             kn = tl.load(k_base + tt[:, None] * sk_t + d[None, :], mask=tt_ok[:, None] & d_ok[None, :], other=0.0)
             vn = tl.load(v_base + tt[None, :, None] * sv_t, mask=v_ok & tt_ok[None, :, None], other=0.0)
             m, l, acc = _attend_tile(kn, vn, tt_ok, q, m, l, acc, qk_scale)
-        if PDL and not EARLY_LAUNCH:
+        if PDL:
             tl.extra.cuda.gdc_launch_dependents()
 
         o_ptrs = out_ptr + b * so_b + heads[:, None] * so_h + d[None, :]
@@ -301,9 +299,6 @@ def decode_chunks(H: int, k: int, hpb: int) -> int:
 
 
 PDL = True  # programmatic dependent launch on sm90+ (see generation.PDL_DECODE); off under the interpreter
-# Under PDL the decode kernel lets the next kernel launch as soon as its own wait returns, not when its loop ends:
-# the next kernel's pre-wait weight reads then overlap this one's attention.
-DECODE_EARLY_LAUNCH = True
 
 
 @functools.lru_cache(maxsize=None)
@@ -390,8 +385,7 @@ def clustered_decode_launch(q_rep, k_slots, v, members, cluster_start, slot_of_r
         out.stride(0), out.stride(1), scale * math.log2(math.e), split, n_splits, n_chunks,
         H=H, K=k, G=H // Hkv, D=D, N_SLOTS=k_slots.shape[1], HKV=Hkv, HPB=hpb, BLOCK_T=block_t, BLOCK_D=block_d,
         BLOCK_K=triton.next_power_of_2(k), BLOCK_S=block_s, ONE_SPLIT=n_splits == 1, STAGES=num_stages, DENSE=dense,
-        NEW=new, ROPE=rope, FUSED_COMBINE=counts is not None, EARLY_LAUNCH=DECODE_EARLY_LAUNCH, num_warps=num_warps,
-        **pdl)
+        NEW=new, ROPE=rope, FUSED_COMBINE=counts is not None, num_warps=num_warps, **pdl)
     if n_splits > 1 and counts is None:
         _decode_combine_kernel[(H, B)](acc, m, l, pos, out, out.stride(0), out.stride(1), split, n_splits,
                                        H=H, D=D, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=4, **pdl)

@@ -32,7 +32,7 @@ def main():
                  qk_scale="fp32", SPLIT=I32, N_SPLITS=I32, N_CHUNKS=I32,
                  **{n: None for n in ("H", "K", "G", "D", "N_SLOTS", "HKV", "HPB", "BLOCK_T", "BLOCK_D", "BLOCK_K",
                                       "BLOCK_S", "ONE_SPLIT", "STAGES", "DENSE", "NEW", "ROPE", "FUSED_COMBINE",
-                                      "EARLY_LAUNCH", "PDL")})
+                                      "PDL")})
     for dense, one_split, fused, pdl, new, rope in ((True, False, True, True, True, True),
                                                     (True, False, True, True, False, False),
                                                     (False, False, True, True, True, True),
@@ -43,7 +43,7 @@ def main():
                     dict(H=32, K=32 if dense else 4, G=2, D=128, N_SLOTS=16 if dense else 4, HKV=16,
                          HPB=1 if dense else 8, BLOCK_T=64 if dense else 32, BLOCK_D=128, BLOCK_K=32 if dense else 4,
                          BLOCK_S=8, ONE_SPLIT=one_split, STAGES=2, DENSE=dense, NEW=new, ROPE=rope,
-                         FUSED_COMBINE=fused, EARLY_LAUNCH=rope, PDL=pdl))
+                         FUSED_COMBINE=fused, PDL=pdl))
     compile_one(k._decode_combine_kernel,
                 dict(acc_ptr="*fp32", m_ptr="*fp32", l_ptr="*fp32", pos_ptr="*i64", out_ptr=BF16, so_b=I32, so_h=I32,
                      SPLIT=I32, N_SPLITS=I32, H=None, D=None, BLOCK_S=None, BLOCK_D=None, PDL=None),
