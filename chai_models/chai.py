@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from . import kernels
 
@@ -252,10 +253,16 @@ NEW_TOKEN_IN_KERNEL = True
 
 
 def dense_attention(q, k, v, mask, scale):
-    # q [B, H, S, D], k/v [B, Hkv, T, D], mask [S, T] bool or None (causal, S == T) -> [B, H, S, D]
+    # q [B, H, S, D], k/v [B, Hkv, T, D], mask [S, T] bool, or None: causal with the S queries at the last S of the
+    # T positions (a prefill chunk) -> [B, H, S, D]
+    S, T = q.shape[2], k.shape[2]
     gqa = k.shape[1] != q.shape[1]  # SDPA maps query heads to their KV head itself: no copy of K and V
-    if mask is None:
+    if mask is None and S == T:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    if mask is None and not gqa:  # causal kernels skip the masked half; a [S, T] mask tensor costs ~4x (H200)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(S, T), scale=scale)
+    if mask is None:
+        mask = torch.arange(T, device=q.device)[None, :] <= torch.arange(T - S, T, device=q.device)[:, None]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
@@ -271,6 +278,9 @@ def attend(attn, q, k, v, rope, pos, mask):
     q, k = attn.rotate(q, rope), attn.rotate(k, rope)
     if pos is not None:
         k, v = attn.kv_cache.update_k(pos, k), attn.kv_cache.update_v(pos, v)  # [B, Hkv, T, D]
+        if q.shape[2] > 1:  # a prefill chunk: keys 0..start+S-1 (the mask's width), causal (prepare_cache_call)
+            n = mask.shape[-1]
+            k, v, mask = k[:, :, :n], v[:, :, :n], None
     return dense_attention(q, k, v, mask, attn.scale)
 
 
@@ -295,17 +305,20 @@ def clustered_attention(q_rep, k_slots, v, head_to_cluster, slot_of_rep, mask, s
     """Attention with probabilities shared inside clusters.
 
     q_rep [B, k, S, D] (representatives' queries), k_slots [B, n_slots, T, D], v [B, Hkv, T, D],
-    head_to_cluster [B, H], slot_of_rep [B, k] (None: slot c is representative c), mask [S, T] bool or
-    None (causal) -> [B, H, S, D].
+    head_to_cluster [B, H], slot_of_rep [B, k] (None: slot c is representative c), mask [S, n] bool (keys n..T-1
+    unused) or None (n = T) -> [B, H, S, D]. With S > 1 (prefill) the queries are the last S of n consecutive
+    positions and attend causally; only the mask's width is read.
     """
     B, k, S, D = q_rep.shape
     H = head_to_cluster.shape[1]
     k_rep = k_slots if slot_of_rep is None else batched_index(k_slots, slot_of_rep)  # [B, k, T, D]
     if S > 1:
-        # prefill: give every head its representative's q and K and run fused attention; the math is the
-        # same as below, without materializing [B, H, S, T] probabilities
-        q_h, k_h = batched_index(q_rep, head_to_cluster), batched_index(k_rep, head_to_cluster)  # [B, H, *, D]
-        return dense_attention(q_h, k_h, expand_kv(v, H), mask, scale)  # K per query head, so V is too
+        # prefill: give every head its representative's q and K and run fused causal attention over the keys the
+        # mask spans (prefill masks are causal: prepare_cache_call); the math is the same as below, without
+        # materializing [B, H, S, T] probabilities
+        n = k_rep.shape[2] if mask is None else mask.shape[-1]
+        q_h, k_h = batched_index(q_rep, head_to_cluster), batched_index(k_rep[:, :, :n], head_to_cluster)  # [B, H, *, D]
+        return dense_attention(q_h, k_h, expand_kv(v[:, :, :n], H), None, scale)  # K per query head, so V is too
     scores = torch.matmul(q_rep, k_rep.transpose(-1, -2)) * scale  # [B, k, S, T]
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
@@ -705,11 +718,12 @@ def ready(model) -> bool:
     return all(a.chai.ready for a in model.attention_layers if a.chai is not None)
 
 
-def prepare_cache_call(model, B: int, S: int, input_pos: torch.Tensor) -> None:
-    """Checks a cached forward's arguments, and tells CHAI layers where the chunk starts.
+def prepare_cache_call(model, B: int, S: int, input_pos: torch.Tensor) -> int | None:
+    """Checks a cached forward's arguments and returns where a prefill chunk (S > 1) starts; None for one token.
 
-    The start position is read from the device once per call, and only while some layer still needs it
-    (prefill or the first W tokens); decode after clustering never synchronises with the host.
+    A chunk's positions must be consecutive: its attention is causal over cache slots 0..start+S-1. They are read
+    from the device once per prefill call; one-token decode never synchronises with the host, except while a CHAI
+    layer is still inside its window (it needs the position on the host).
     """
     if not model.max_batch_size:
         raise RuntimeError("forward with input_pos needs a KV cache: call model.setup_caches(max_batch_size, "
@@ -724,10 +738,22 @@ def prepare_cache_call(model, B: int, S: int, input_pos: torch.Tensor) -> None:
         raise ValueError(f"input_pos must be a 1-D tensor of the {S} positions of the tokens, got shape "
                          f"{tuple(input_pos.shape)}")
     layers = [a.chai for a in model.attention_layers if a.chai is not None]
-    if layers and (S > 1 or not all(c.ready for c in layers)):
+    start = None
+    if S > 1:
+        host = input_pos.tolist()
+        start = host[0]
+        if host != list(range(start, start + S)):
+            raise ValueError(f"input_pos of a {S}-token call must be consecutive positions (start, start+1, ...), "
+                             f"got {host[:3]}...{host[-1:]}")
+        if not 0 <= start <= model.max_seq_len - S:
+            raise ValueError(f"positions {start}..{start + S - 1} do not fit the cache's {model.max_seq_len} slots; "
+                             f"call setup_caches with a larger max_seq_len")
+    elif layers and not all(c.ready for c in layers):
         start = int(input_pos[0])
-        for c in layers:
+    for c in layers:
+        if start is not None:
             c.chunk_start = start
+    return start if S > 1 else None
 
 
 def kv_cache_bytes(model) -> dict:

@@ -275,10 +275,12 @@ class OPT(nn.Module):
             pos = torch.arange(S, device=tokens.device)
             mask = None  # causal
         else:
-            chai.prepare_cache_call(self, B, S, input_pos)
+            start = chai.prepare_cache_call(self, B, S, input_pos)  # a prefill chunk's first position, or None
             pos = input_pos
-            # a query at position p sees cache slots 0..p
-            mask = torch.arange(self.max_seq_len, device=tokens.device)[None, :] <= pos[:, None]  # [S, T]
+            # a query at position p sees cache slots 0..p; one token masks the whole cache (pos stays on the device),
+            # a prefill chunk only slots 0..start+S-1, which is all its attention reads
+            n_keys = self.max_seq_len if start is None else start + S
+            mask = torch.arange(n_keys, device=tokens.device)[None, :] <= pos[:, None]  # [S, n_keys]
         x = self.tok_embeddings(tokens)  # [B, S, E]
         if self.project_in is not None:
             x = self.project_in(x)  # [B, S, hidden]

@@ -324,3 +324,31 @@ def test_specs_and_presets():
         ChaiConfig.from_spec("llama-7b", 30, 32)
     with pytest.raises(ValueError, match="not understood"):
         ChaiConfig.from_spec("lots", 4, 8)
+
+
+@pytest.mark.parametrize("kv", [8, 2], ids=["mha", "gqa"])
+@pytest.mark.parametrize("spec", ["dense", "chai"])
+def test_prefill_in_chunks_equals_full_forward(kv, spec):
+    """Multi-token chunks after position 0 attend causally to the cache's first start+S slots only (the SDPA
+    causal kernels, lower-right aligned); chunk boundaries before, inside and after CHAI's window (5)."""
+    model = tiny_llama(n_kv_heads=kv, seed=3)
+    if spec == "chai":
+        model.set_chai(ChaiConfig(clusters=[8, 3, 1, 2]))
+    x = torch.randint(0, 96, (2, 30), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full = model(x)
+        model.setup_caches(2, 40)  # more slots than positions: the unused tail must not be attended to
+        chai.reset(model)
+        bounds = [0, 3, 7, 8, 19, 20, 30]  # chunks of 3, 4, 1, 11, 1, 10 tokens
+        parts = [model(x[:, a:b], torch.arange(a, b)) for a, b in zip(bounds, bounds[1:])]
+    assert rel_err(torch.cat(parts, 1), full) < 1e-5
+
+
+def test_prefill_positions_must_be_consecutive_and_fit():
+    model = tiny_llama()
+    model.setup_caches(1, 16)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="consecutive"):
+            model(torch.zeros(1, 3, dtype=torch.long), torch.tensor([0, 2, 3]))
+        with pytest.raises(ValueError, match="positions 14..16 do not fit the cache's 16 slots"):
+            model(torch.zeros(1, 3, dtype=torch.long), torch.arange(14, 17))

@@ -221,7 +221,8 @@ def test_cached_decode_equals_uncached_forward(converted, variant):
         model.setup_caches(3, 32)  # a larger cache than needed: unused slots must stay masked
         try:
             parts = [model(x[:, :12], torch.arange(12))]
-            parts += [model(x[:, i:i + 1], torch.tensor([i])) for i in range(12, 20)]
+            parts += [model(x[:, i:i + 1], torch.tensor([i])) for i in range(12, 16)]
+            parts += [model(x[:, 16:20], torch.arange(16, 20))]  # a chunk after position 0: causal over 0..19
         finally:
             model.clear_caches()
     assert rel_err(torch.cat(parts, 1), full) < TOL
