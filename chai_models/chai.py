@@ -625,8 +625,10 @@ class ChaiLayer(nn.Module):
         self.ready = True
         if S == n_w:
             return y_w
-        rest_rope = tuple(r[n_w:] for r in rope)
-        y_r = self._clustered(attn, x[:, n_w:], rest_rope, v[:, :, n_w:], input_pos[n_w:], mask[n_w:], B)
+        # the rows after the window: the whole chunk goes through the clustered path and its window rows are
+        # dropped, so that from position 0 its attention is SDPA's square causal kernel (2x faster on an H200 than
+        # the S - n_w rows alone; the K rows it writes at window positions are the ones already kept)
+        y_r = self._clustered(attn, x, rope, v, input_pos, mask, B)[:, :, n_w:]
         return torch.cat([y_w, y_r], dim=2)
 
     def decode_rows(self, x, input_pos):
