@@ -311,14 +311,15 @@ def clustered_attention(q_rep, k_slots, v, head_to_cluster, slot_of_rep, mask, s
     """
     B, k, S, D = q_rep.shape
     H = head_to_cluster.shape[1]
-    k_rep = k_slots if slot_of_rep is None else batched_index(k_slots, slot_of_rep)  # [B, k, T, D]
     if S > 1:
         # prefill: give every head its representative's q and K and run fused causal attention over the keys the
         # mask spans (prefill masks are causal: prepare_cache_call); the math is the same as below, without
         # materializing [B, H, S, T] probabilities
-        n = k_rep.shape[2] if mask is None else mask.shape[-1]
-        q_h, k_h = batched_index(q_rep, head_to_cluster), batched_index(k_rep[:, :, :n], head_to_cluster)  # [B, H, *, D]
+        n = k_slots.shape[2] if mask is None else mask.shape[-1]
+        slot_of_head = head_to_cluster if slot_of_rep is None else slot_of_rep.gather(1, head_to_cluster)  # [B, H]
+        q_h, k_h = batched_index(q_rep, head_to_cluster), batched_index(k_slots[:, :, :n], slot_of_head)  # [B, H, *, D]
         return dense_attention(q_h, k_h, expand_kv(v[:, :, :n], H), None, scale)  # K per query head, so V is too
+    k_rep = k_slots if slot_of_rep is None else batched_index(k_slots, slot_of_rep)  # [B, k, T, D]
     scores = torch.matmul(q_rep, k_rep.transpose(-1, -2)) * scale  # [B, k, S, T]
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
@@ -362,7 +363,10 @@ def _at_least_fp32(dtype):
 
 def batched_index(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """t [B, N, ...], idx [B, M] -> [B, M, ...] with out[b, m] = t[b, idx[b, m]]."""
-    return t[torch.arange(t.shape[0], device=t.device)[:, None], idx]
+    B, N = t.shape[:2]
+    # index_select of whole rows of t [B*N, ...]: ~8x faster on CUDA than advanced indexing t[arange(B)[:, None], idx]
+    rows = idx if B == 1 else idx + N * torch.arange(B, device=idx.device)[:, None]  # [B, M]
+    return t.flatten(0, 1).index_select(0, rows.flatten()).view(B, idx.shape[1], *t.shape[2:])
 
 
 def window_probs(q, k_win, p0: int, scale):
