@@ -2,6 +2,7 @@
 # GPU work in few calls: the GPU tests and the benchmark tables. Logs go under $OUT (the device tool brings them
 # back). Usage: bash tools/gpu_session.sh STEP... with STEP in: tests b1_512 b1_8192 b8_2048 hf capacity opt calib
 # b1_512_attn b1_512_pdl b1_512_gemv b1_512_new chai_new chai_kernel decode_kernel decode_quick decode_sweep prof prof8
+# ttft
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -41,6 +42,7 @@ for step in "$@"; do
     decode_kernel) timeout -k 5 "$LIMIT" python tools/bench_decode_kernel.py ;;
     decode_quick) timeout -k 5 "$LIMIT" python tools/bench_decode_kernel.py --quick ;;
     decode_sweep) python tools/bench_decode_kernel.py --sweep --batch 1 8 --context 8192 ;;
+    ttft) timeout -k 5 "$LIMIT" python tools/profile_prefill.py --shape llama-2-7b --chai llama-7b --tokens 2048 ;;
     prof8) P="python tools/profile_decode.py --shape llama-2-7b --batch 8 --context 2048"
            $P; $P --chai llama-7b ;;
   esac 2>&1 | tee "$OUT/$step.log"
