@@ -294,6 +294,10 @@ def main(argv=None) -> int:
     for spec in a.chai:
         cfg = None if spec == "dense" else ChaiConfig.from_spec(spec, model.config.n_layers, model.config.n_heads)
         model.set_chai(cfg)
+        # a fresh compile per configuration, as a user's process has, not a recompile of the previous one's step,
+        # so that first-call times are comparable
+        dynamo.reset()
+        model.__dict__.pop("_compiled_decode", None)
         for B in a.batch:
             for T in a.context:
                 for mode in a.mode:

@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from . import chai
+from . import chai, kernels
 from .sampling import sample
 
 
@@ -199,6 +199,7 @@ def decode_step(model, compile: bool = False):
         options = {"triton.cudagraphs": True, "coordinate_descent_tuning": TUNE_DECODE}
         if hasattr(inductor.triton, "enable_pdl"):
             options["triton.enable_pdl"] = PDL_DECODE
+        kernels.register_inductor_fallbacks()
         compiled = torch.compile(model, fullgraph=True, dynamic=False, options=options)
         model.__dict__["_compiled_decode"] = compiled
 

@@ -728,3 +728,27 @@ def linear(x: torch.Tensor, linears, norm=None, residual=None, swiglu=False):
     if residual is not None:
         return residual + ys[0]
     return ys[0] if len(ys) == 1 else tuple(ys)
+
+
+def register_inductor_fallbacks() -> None:
+    """Registers this package's custom ops with inductor as fallback kernels before a compile, as inductor would on
+    first sight of each, with the same layout constraint (the custom-op default: eager's strides).
+
+    Why up front: on first sight, torch 2.11's inductor formats the op's arguments as IR text for an INFO log line
+    whether or not INFO is logged, and IR printing expands a DAG into a tree. In the compiled CHAI step at T=8192
+    the first new_token_decode comes after 18 dense layers, and that formatting ran for minutes (vLLM hit the same
+    bug: vllm-project/vllm#43111); newer torch formats the line lazily.
+    """
+    try:
+        from torch._inductor import lowering
+        from torch._library.utils import get_layout_constraint_tag
+    except ImportError:  # another torch layout: inductor's own first-sight path still works
+        return
+    ops = [torch.ops.chai_models.clustered_decode.default, torch.ops.chai_models.dense_decode.default,
+           torch.ops.chai_models.new_token_decode.default, torch.ops.chai_models.silu_mul.default,
+           torch.ops.chai_models.gemv.default, torch.ops.chai_models.probs_times_v.default]
+    for op in ops:
+        if op not in lowering.lowerings:
+            tag = get_layout_constraint_tag(op, with_default=True)
+            lowering.make_fallback(op, layout_constraint=lowering.tag_to_layout_constraint(tag), warn=False)
+

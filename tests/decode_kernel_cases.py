@@ -312,6 +312,36 @@ GEMV_CASES = {
 }
 
 
+def fallback_case():
+    """kernels.register_inductor_fallbacks: compiling a graph with the custom ops takes none of inductor's implicit
+    fallback paths (torch 2.11 formats the op's IR arguments there, which took minutes on the CHAI step) -> 0.0, and
+    the compiled result equals eager."""
+    import torch._inductor.config as inductor_config
+    import torch._inductor.graph as graph
+
+    seen = []
+    info = graph.log.info
+
+    def spy(msg, *args, **kwargs):
+        if "implicit fallback" in str(msg):
+            seen.append(args)
+        return info(msg, *args, **kwargs)
+
+    def f(x, w, g, u):
+        return kernels.gemv(x, [w], [], None, 0.0, None, False) + kernels.silu_mul_op(g * 2, u).sum()
+
+    args = (torch.randn(1, 1, 16), torch.randn(8, 16), torch.randn(4), torch.randn(4))
+    kernels.register_inductor_fallbacks()
+    graph.log.info, inductor_config.force_disable_caches = spy, True  # a cached graph would skip lowering
+    try:
+        out = torch.compile(f, fullgraph=True)(*args)
+    finally:
+        graph.log.info, inductor_config.force_disable_caches = info, False
+    assert not seen, f"implicit fallbacks: {len(seen)}"
+    ref = f(*args)
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
 SILU_CASES = {
     "silu_mul_one_block": ((2, 1, 96),),
     "silu_mul_partial_block": ((3, 5, 1111),),  # 16665 elements: a partial last block
@@ -383,10 +413,13 @@ def main():
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1 (set before triton is imported)"
     _fix_interpreter_range()
     results = {}
-    names = sys.argv[1:] or list(CASES) + list(NEW_TOKEN_CASES) + list(MODEL_CASES) + list(SILU_CASES) + list(GEMV_CASES)
+    names = sys.argv[1:] or (list(CASES) + list(NEW_TOKEN_CASES) + list(MODEL_CASES) + list(SILU_CASES)
+                             + list(GEMV_CASES) + ["inductor_fallbacks"])
     for name in names:
         try:
-            if name in SILU_CASES:
+            if name == "inductor_fallbacks":
+                results[name] = fallback_case()
+            elif name in SILU_CASES:
                 results[name] = silu_case(*SILU_CASES[name])
             elif name in GEMV_CASES:
                 rows, K, extra = GEMV_CASES[name]

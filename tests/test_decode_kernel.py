@@ -32,7 +32,7 @@ def interpreted():
 
 @needs_triton
 @pytest.mark.parametrize("name", list(CASES) + list(NEW_TOKEN_CASES) + list(MODEL_CASES) + list(SILU_CASES)
-                         + list(GEMV_CASES))
+                         + list(GEMV_CASES) + ["inductor_fallbacks"])
 def test_kernel_matches_torch_decode(interpreted, name):
     err = interpreted[name]
     assert not isinstance(err, str), err  # a traceback
