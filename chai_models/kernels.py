@@ -206,6 +206,7 @@ if triton is not None:
         kv = heads // G  # [HPB] their KV heads (GQA)
         d = tl.arange(0, BLOCK_D)
         d_ok = d < D
+        new_ok = d < tl.where(holds_pos, D, 0)  # [BLOCK_D]: d_ok in the split holding pos, else all False
         k_base = k_ptr + b * sk_b + slot * sk_s
         v_base = v_ptr + b * sv_b + kv[:, None, None] * sv_h + d[None, None, :]  # [HPB, 1, BLOCK_D]
         v_ok = e_ok[:, None, None] & d_ok[None, None, :]
@@ -230,13 +231,14 @@ if triton is not None:
                 for r in range(j, HKV, K):
                     vr = tl.load(vn_ptr + b * svn_b + r * svn_h + d, mask=d_ok, other=0.0)
                     tl.store(v_ptr + b * sv_b + r * sv_h + pos * sv_t + d, vr, mask=d_ok)
-            k_new = _new_row(kn_ptr + b * skn_b + slot * skn_s, d, d_ok & holds_pos, cos_ptr, sin_ptr, D, ROPE)
+            k_new = _new_row(kn_ptr + b * skn_b + slot * skn_s, d, new_ok, cos_ptr, sin_ptr, D, ROPE)
             v_new = tl.load(vn_ptr + b * svn_b + kv[:, None] * svn_h + d[None, :],
-                            mask=e_ok[:, None] & d_ok[None, :] & holds_pos, other=0.0)  # [HPB, BLOCK_D]
+                            mask=e_ok[:, None] & new_ok[None, :], other=0.0)  # [HPB, BLOCK_D]
         else:  # q has RoPE applied and the cache already holds the row at pos (written by the kernels before)
             q = tl.load(q_ptr + b * sq_b + c * sq_c + d, mask=d_ok, other=0.0).to(tl.float32)  # [BLOCK_D]
-            k_new = tl.load(k_base + pos * sk_t + d, mask=d_ok & holds_pos, other=0.0)
-            v_new = tl.sum(tl.load(v_base + pos * sv_t, mask=v_ok & holds_pos, other=0.0), axis=1)  # [HPB, BLOCK_D]
+            k_new = tl.load(k_base + pos * sk_t + d, mask=new_ok, other=0.0)
+            v_new = tl.sum(tl.load(v_base + pos * sv_t, mask=v_ok & new_ok[None, None, :], other=0.0),
+                           axis=1)  # [HPB, BLOCK_D]
         # the row at pos starts the online softmax of the split that holds it (-inf / 0 / 0 elsewhere)
         m = tl.where(holds_pos, tl.sum(k_new.to(tl.float32) * q, axis=0) * qk_scale, -float("inf"))
         l = tl.where(holds_pos, 1.0, 0.0)

@@ -196,11 +196,15 @@ def model_case(n_kv_heads, spec, T, batch=2, seed=0, new_in_kernel=True):
     new_in_kernel False: RoPE and the cache writes run as torch ops before the kernel (chai.NEW_TOKEN_IN_KERNEL)."""
     from chai_models import ChaiConfig
     from chai_models.llama import Llama, LlamaConfig
+    from chai_models.opt import OPT, OPTConfig
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, n_layers=3, n_heads=8,
-                      n_kv_heads=n_kv_heads, head_dim=16, max_seq_len=T)
-    model = Llama(cfg).eval()
+    if n_kv_heads == "opt":  # OPT: no RoPE, q scaled in its projection
+        model = OPT(OPTConfig(vocab_size=96, hidden_size=64, ffn_dim=96, n_layers=3, n_heads=4, max_seq_len=T)).eval()
+    else:
+        cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, n_layers=3, n_heads=8,
+                          n_kv_heads=n_kv_heads, head_dim=16, max_seq_len=T)
+        model = Llama(cfg).eval()
     dense = spec == "dense"
     flag = "DENSE_DECODE_KERNEL" if dense else "CLUSTERED_DECODE_KERNEL"
     if not dense:
@@ -208,7 +212,7 @@ def model_case(n_kv_heads, spec, T, batch=2, seed=0, new_in_kernel=True):
             for attn in model.attention_layers:
                 attn.wq.weight.mul_(4)
                 attn.wk.weight.mul_(4)
-        model.set_chai(ChaiConfig.from_spec(spec, 3, 8))
+        model.set_chai(ChaiConfig.from_spec(spec, 3, model.config.n_heads))
     tokens = torch.randint(0, 96, (batch, 14))
     n0 = 4 if dense else model.chai_config.window + 1
     available, default = kernels.available, getattr(chai, flag)
@@ -359,6 +363,8 @@ MODEL_CASES = {
     "model_gqa": (2, "8,1,3", 128),  # k < Hkv (K slots) and k >= Hkv (K whole); two splits, the second past pos
     "model_gqa_rope_outside": (2, "8,1,3", 128, 2, 0, False),  # RoPE and cache writes as torch ops, then the kernel
     "model_dense_rope_outside": (2, "dense", 128, 1, 0, False),
+    "model_opt_dense": ("opt", "dense", 128),  # OPT: the new token's row without RoPE
+    "model_opt_chai": ("opt", "4,1,3", 128),
 }
 
 NEW_TOKEN_CASES = {
