@@ -270,8 +270,9 @@ def attend(attn, q, k, v, rope, pos, mask):
     """Dense attention of a model's attention module over its KV cache.
 
     q [B, H, S, D], k/v [B, Hkv, S, D] as projected, before RoPE; rope (cos, sin) [S, D], or empty (no RoPE); pos [S]
-    or None (an uncached call); mask [S, T] -> [B, H, S, D]. Rotates q and k (attn.rotate), writes k and v into
-    attn.kv_cache at pos and attends. A decode token on CUDA (DENSE_DECODE_KERNEL) does all three in one launch.
+    or None (an uncached call); mask [S, n_keys] (the model's: keys <= each position) or None (uncached: causal)
+    -> [B, H, S, D]. Rotates q and k (attn.rotate), writes k and v into attn.kv_cache at pos and attends. A decode
+    token on CUDA (DENSE_DECODE_KERNEL) does all three in one launch.
     """
     if pos is not None and _use_kernel(DENSE_DECODE_KERNEL, DENSE_DECODE_MAX_POSITIONS, q, attn.kv_cache.k, pos):
         return decode_token(attn, q, k, v, rope, pos)
