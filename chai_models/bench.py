@@ -156,7 +156,7 @@ def bench_prefill(model, S: int, repeats: int = 5) -> float:
     prompt = torch.randint(0, model.config.vocab_size, (1, S), device=device)
     pos = torch.arange(S, device=device)
     model(prompt, pos)
-    return _median([timer(lambda: model(prompt, pos)[:, -1].argmax(-1)) for _ in range(repeats)])
+    return _median([timer(lambda: model(prompt, pos, last_only=True)[:, -1].argmax(-1)) for _ in range(repeats)])
 
 
 @torch.no_grad()

@@ -119,7 +119,7 @@ def generate(model, tokenizer, prompts: str | Sequence[str] | Sequence[Sequence[
     pos_t = torch.zeros(1, dtype=torch.long, device=device)  # the decode position, updated in place
     compile_s = 0.0
     t0 = time.perf_counter()
-    logits = model(prompt[:, :l_min], torch.arange(l_min, device=device))[:, -1]  # [B, vocab]
+    logits = model(prompt[:, :l_min], torch.arange(l_min, device=device), last_only=True)[:, -1]  # [B, vocab]
     _sync(device)
     t1 = time.perf_counter()
     for pos in range(l_min, l_max + max_new_tokens):

@@ -258,8 +258,10 @@ class OPT(nn.Module):
     def kv_cache_bytes(self) -> dict:
         return chai.kv_cache_bytes(self)
 
-    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens [B, S] -> logits [B, S, vocab].
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """tokens [B, S] -> logits [B, S, vocab]; last_only: of the last position only, [B, 1, vocab] (a prefill
+        that only samples the next token skips the output projection of the other S - 1 rows).
 
         Without input_pos: scores the whole sequence at positions 0..S-1 and touches no cache.
         With input_pos [S] (positions of these tokens, the same for every row): reads and writes the KV cache
@@ -287,6 +289,8 @@ class OPT(nn.Module):
         x = x + self.pos_embeddings(pos + POS_OFFSET)
         for blk in self.layers:
             x = blk(x, NO_ROPE, input_pos, mask)
+        if last_only:
+            x = x[:, -1:]  # [B, 1, hidden]
         if self.norm is not None:
             x = self.norm(x)
         if self.project_out is not None:

@@ -352,3 +352,20 @@ def test_prefill_positions_must_be_consecutive_and_fit():
             model(torch.zeros(1, 3, dtype=torch.long), torch.tensor([0, 2, 3]))
         with pytest.raises(ValueError, match="positions 14..16 do not fit the cache's 16 slots"):
             model(torch.zeros(1, 3, dtype=torch.long), torch.arange(14, 17))
+
+
+@pytest.mark.parametrize("spec", ["dense", "chai"])
+def test_last_only_logits(spec):
+    """forward(..., last_only=True): the last position's logits alone, cached (prefill) and uncached."""
+    model = tiny_llama(n_kv_heads=2, seed=5)
+    if spec == "chai":
+        model.set_chai(ChaiConfig(clusters=[8, 3, 1, 2]))
+    x = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        full = model(x)
+        last = model(x, last_only=True)
+        model.setup_caches(2, 16)
+        chai.reset(model)
+        cached = model(x, torch.arange(12), last_only=True)
+    assert last.shape == cached.shape == (2, 1, 96)
+    assert rel_err(last, full[:, -1:]) < 1e-5 and rel_err(cached, full[:, -1:]) < 1e-5

@@ -223,9 +223,11 @@ def test_cached_decode_equals_uncached_forward(converted, variant):
             parts = [model(x[:, :12], torch.arange(12))]
             parts += [model(x[:, i:i + 1], torch.tensor([i])) for i in range(12, 16)]
             parts += [model(x[:, 16:20], torch.arange(16, 20))]  # a chunk after position 0: causal over 0..19
+            last = model(x, last_only=True)  # uncached, the last position's logits only
         finally:
             model.clear_caches()
     assert rel_err(torch.cat(parts, 1), full) < TOL
+    assert last.shape == (2, 1, full.shape[-1]) and rel_err(last, full[:, -1:]) < TOL
 
 
 def test_forward_without_input_pos_ignores_an_allocated_cache(converted):
