@@ -5,7 +5,8 @@
   dense attention. One program clusters one sequence: the H x H distance matrix lives in registers.
 - clustered_decode: one-token clustered attention (reference: the S == 1 branch of chai.clustered_attention),
   split over the cache length like flash-decoding, so the K slots and every head's V are streamed once;
-  dense_decode is its one-head-per-cluster special case. chai.CLUSTERED_DECODE_KERNEL and
+  dense_decode is its one-head-per-cluster special case. new_token_decode is the same kernel taking the token's
+  q/k/v as projected: it applies RoPE and writes the new K/V rows itself. chai.CLUSTERED_DECODE_KERNEL and
   chai.DENSE_DECODE_KERNEL choose them (by default: for small caches); docs/performance.md has the numbers.
 - silu_mul: SwiGLU's silu(gate) * up, one launch, and a boundary torch.compile does not fuse across.
 - gemv (behind kernels.linear): the projections of one token (batch-1 decode), up to three weights per launch,
@@ -93,7 +94,9 @@ def agglomerative_average(dist: torch.Tensor, k: int) -> torch.Tensor:
 # members); chunks are numbered per row in cluster order, so chunks of a cluster are adjacent programs and
 # share their representative's K block through L2. A program walks its split's positions <= pos in tiles of
 # BLOCK_T: scores of the representative (fp32, log2 domain), running max m and sum l, and for its heads
-# acc_h += p @ V_h (all its heads' V tiles in one [HPB, BLOCK_T, D] load). It stores unnormalised acc [D]
+# acc_h += p @ V_h (all its heads' V tiles in one [HPB, BLOCK_T, D] load). The row at pos (the token being
+# decoded) starts the online softmax of the split that holds it, from the cache or, in new_token_decode, from the
+# token's projections (which that split's first chunks also write into the cache). It stores unnormalised acc [D]
 # and (m, l) per (b, head, split). Splits past pos exit at once and stage 2 never reads them.
 # Stage 2, grid (head, row): combines the valid splits (log-sum-exp rescaling), normalises, writes v.dtype.
 # With one split stage 1 normalises and writes the output itself (no stage 2).
@@ -753,4 +756,3 @@ def register_inductor_fallbacks() -> None:
         if op not in lowering.lowerings:
             tag = get_layout_constraint_tag(op, with_default=True)
             lowering.make_fallback(op, layout_constraint=lowering.tag_to_layout_constraint(tag), warn=False)
-
