@@ -274,15 +274,21 @@ def attend(attn, q, k, v, rope, pos, mask):
     -> [B, H, S, D]. Rotates q and k (attn.rotate), writes k and v into attn.kv_cache at pos and attends. A decode
     token on CUDA (DENSE_DECODE_KERNEL) does all three in one launch.
     """
-    if pos is not None and _use_kernel(DENSE_DECODE_KERNEL, DENSE_DECODE_MAX_POSITIONS, q, attn.kv_cache.k, pos):
+    if pos is None:
+        return dense_attention(attn.rotate(q, rope), attn.rotate(k, rope), v, mask, attn.scale)
+    if _use_kernel(DENSE_DECODE_KERNEL, DENSE_DECODE_MAX_POSITIONS, q, attn.kv_cache.k, pos):
         return decode_token(attn, q, k, v, rope, pos)
-    q, k = attn.rotate(q, rope), attn.rotate(k, rope)
-    if pos is not None:
-        k, v = attn.kv_cache.update_k(pos, k), attn.kv_cache.update_v(pos, v)  # [B, Hkv, T, D]
-        if q.shape[2] > 1:  # a prefill chunk: keys 0..start+S-1 (the mask's width), causal (prepare_cache_call)
-            n = mask.shape[-1]
-            k, v, mask = k[:, :, :n], v[:, :, :n], None
+    q, k, v = rotate_and_cache(attn, q, k, v, rope, pos)  # k, v [B, Hkv, T, D]
+    if q.shape[2] > 1:  # a prefill chunk: keys 0..start+S-1 (the mask's width), causal (prepare_cache_call)
+        n = mask.shape[-1]
+        k, v, mask = k[:, :, :n], v[:, :, :n], None
     return dense_attention(q, k, v, mask, attn.scale)
+
+
+def rotate_and_cache(attn, q, k, v, rope, pos):
+    """RoPE on q and k (attn.rotate), then k and v written into attn.kv_cache at pos -> (q, the cache's K, its V)."""
+    q, k = attn.rotate(q, rope), attn.rotate(k, rope)
+    return q, attn.kv_cache.update_k(pos, k), attn.kv_cache.update_v(pos, v)
 
 
 def decode_token(attn, q, k, v, rope, pos, lists=None):
@@ -295,11 +301,11 @@ def decode_token(attn, q, k, v, rope, pos, lists=None):
         out = kernels.new_token_decode(q[:, :, 0], k[:, :, 0], v[:, :, 0], cos, sin, cache.k, cache.v, pos,
                                        attn.scale, members, start, slot_of_rep)
         return out[:, :, None]
-    q = attn.rotate(q, rope)[:, :, 0]  # [B, n, D]
-    k_all, v_all = cache.update_k(pos, attn.rotate(k, rope)), cache.update_v(pos, v)  # [B, n_slots | Hkv, T, D]
+    q, k_all, v_all = rotate_and_cache(attn, q, k, v, rope, pos)  # k_all, v_all [B, n_slots | Hkv, T, D]
     if lists is None:
-        return kernels.dense_decode(q, k_all, v_all, pos, attn.scale)[:, :, None]
-    return kernels.clustered_decode(q, k_all, v_all, members, start, slot_of_rep, pos, attn.scale)[:, :, None]
+        return kernels.dense_decode(q[:, :, 0], k_all, v_all, pos, attn.scale)[:, :, None]
+    return kernels.clustered_decode(q[:, :, 0], k_all, v_all, members, start, slot_of_rep, pos,
+                                    attn.scale)[:, :, None]
 
 
 def clustered_attention(q_rep, k_slots, v, head_to_cluster, slot_of_rep, mask, scale):
@@ -656,13 +662,12 @@ class ChaiLayer(nn.Module):
 
     def _attend(self, attn, q, k, v, rope, pos, mask):
         # q, k before RoPE; v [B, Hkv, S, D]: the rows at pos, written into the cache here
-        B, cache = q.shape[0], attn.kv_cache
-        if _use_kernel(CLUSTERED_DECODE_KERNEL, CLUSTERED_DECODE_MAX_POSITIONS, q, cache.k, pos):
+        B = q.shape[0]
+        if _use_kernel(CLUSTERED_DECODE_KERNEL, CLUSTERED_DECODE_MAX_POSITIONS, q, attn.kv_cache.k, pos):
             # decode on CUDA: RoPE, the cache writes and a fused split-T attention in one launch (sums in fp32)
             lists = self.members[:B], self.cluster_start[:B], self.slot_of_rep[:B]
             return decode_token(attn, q, k, v, rope, pos, lists)
-        q, k = attn.rotate(q, rope), attn.rotate(k, rope)
-        k_all, v_all = cache.update_k(pos, k), cache.update_v(pos, v)  # [B, n_slots | Hkv, T, D]
+        q, k_all, v_all = rotate_and_cache(attn, q, k, v, rope, pos)  # k_all, v_all [B, n_slots | Hkv, T, D]
         slot_of_rep = None if self.n_k_slots == self.n_clusters else self.slot_of_rep[:B]
         return clustered_attention(q, k_all, v_all, self.head_to_cluster[:B], slot_of_rep, mask, self.scale)
 
@@ -757,8 +762,8 @@ def prepare_cache_call(model, B: int, S: int, input_pos: torch.Tensor) -> int | 
                              f"call setup_caches with a larger max_seq_len")
     elif layers and not all(c.ready for c in layers):
         start = int(input_pos[0])
-    for c in layers:
-        if start is not None:
+    if start is not None:
+        for c in layers:
             c.chunk_start = start
     return start if S > 1 else None
 

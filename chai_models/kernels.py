@@ -134,7 +134,7 @@ if triton is not None:
         """Online softmax over one tile: kt [BLOCK_T, BLOCK_D], vt [HPB, BLOCK_T, BLOCK_D] -> (m, l, acc)."""
         sc = tl.sum(kt.to(tl.float32) * q[None, :], axis=1) * qk_scale  # [BLOCK_T]
         sc = tl.where(t_ok, sc, -float("inf"))
-        m_new = tl.maximum(m, tl.max(sc, axis=0))  # finite: every tile starts at a position <= pos
+        m_new = tl.maximum(m, tl.max(sc, axis=0))  # finite: the row at pos or this split's first tile is valid
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(sc - m_new)  # [BLOCK_T], 0 where masked
         l = l * alpha + tl.sum(p, axis=0)
@@ -357,12 +357,11 @@ def clustered_decode_launch(q_rep, k_slots, v, members, cluster_start, slot_of_r
     split, num_warps, num_stages = split or cfg["split"], num_warps or cfg["num_warps"], num_stages or cfg["num_stages"]
     n_splits = triton.cdiv(T, split)
     n_chunks = decode_chunks(H, k, hpb)
-    q_rep, k_slots, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q_rep, k_slots, v))
     new, rope = k_new is not None, cos is not None
-    if new:
-        k_new, v_new = (t if t.stride(-1) == 1 else t.contiguous() for t in (k_new, v_new))
-    else:
+    if not new:
         k_new = v_new = q_rep  # unused pointers
+    q_rep, k_slots, v, k_new, v_new = (t if t.stride(-1) == 1 else t.contiguous()
+                                       for t in (q_rep, k_slots, v, k_new, v_new))
     if not rope:
         cos = sin = q_rep
     if dense:
