@@ -186,15 +186,16 @@ class HeadRows:
 def gather_rows(linear: nn.Linear, heads: torch.Tensor, head_dim: int, out: HeadRows | None = None) -> HeadRows:
     """The weight (and bias) rows of the listed heads ([B, n] indices), written into out if given."""
     B, n = heads.shape
-    rows = (heads[:, :, None] * head_dim + torch.arange(head_dim, device=heads.device)).reshape(B, n * head_dim)
-    w = linear.weight[rows]  # [B, n*D, hidden]
-    b = None if linear.bias is None else linear.bias[rows]  # [B, n*D]
-    if out is None:
-        return HeadRows(w, b)
-    out.weight[:B] = w
-    if b is not None:
-        out.bias[:B] = b
-    return out
+    idx = heads.flatten()  # [B*n]
+    # whole heads are rows of weight viewed [n_heads, D*hidden]: one index_select per tensor, one launch each
+    w_heads = linear.weight.view(-1, head_dim * linear.weight.shape[1])
+    w_out = None if out is None else out.weight[:B].view(B * n, -1)
+    w = torch.index_select(w_heads, 0, idx, out=w_out).view(B, n * head_dim, -1)  # [B, n*D, hidden]
+    b = None
+    if linear.bias is not None:
+        b_out = None if out is None else out.bias[:B].view(B * n, head_dim)
+        b = torch.index_select(linear.bias.view(-1, head_dim), 0, idx, out=b_out).view(B, n * head_dim)  # [B, n*D]
+    return HeadRows(w, b) if out is None else out
 
 
 def project_heads(x: torch.Tensor, linear: nn.Linear, head_dim: int, heads=None):
@@ -503,10 +504,12 @@ def representatives(dist: torch.Tensor, head_to_cluster: torch.Tensor, k: int, r
 
 def cluster_heads(features: torch.Tensor, k: int, algorithm: str = "agglomerative", rule: str = "medoid"):
     """features [B, H, F] -> (rep_idx [B, k], head_to_cluster [B, H]); clusters ordered by lowest member."""
+    if algorithm == "agglomerative" and kernels.decode_available(features):
+        # on CUDA one Triton kernel runs the same steps as below (kernels.membership)
+        return kernels.membership(features, k, rule == "medoid")[:2]
     dist = cosine_distance(features)
     if algorithm == "agglomerative":
-        # on CUDA a fused Triton kernel (one launch per layer) runs the same merges
-        labels = kernels.agglomerative_average(dist, k) if kernels.available(dist) else agglomerative_average(dist, k)
+        labels = agglomerative_average(dist, k)
     elif algorithm == "kmeans":
         labels = kmeans(features, k)
     else:
@@ -583,22 +586,31 @@ class ChaiLayer(nn.Module):
     def window_bytes(self) -> int:
         return sum(b.numel() * b.element_size() for n, b in self._buffers.items() if n in ("k_win", "p_win"))
 
-
-    def membership(self, probs: torch.Tensor):
-        """probs [B, H, W, W] window probabilities -> rep_idx [B, k], head_to_cluster [B, H], kv_of_slot, slot_of_rep."""
+    def membership(self, probs: torch.Tensor, out: tuple | None = None) -> tuple:
+        """probs [B, H, W, W] window probabilities -> (rep_idx [B, k], head_to_cluster [B, H], kv_of_slot
+        [B, n_slots], slot_of_rep [B, k], members [B, H], cluster_start [B, k+1]), written into out if given."""
         B, H = probs.shape[:2]
         k = self.n_clusters
+        features = probs.reshape(B, H, -1)  # [B, H, W*W]
+        if self.static is None and self.algorithm == "agglomerative" and kernels.decode_available(features):
+            # on CUDA: every step below in one launch (a prefill of ~50 small launches per layer is host-bound)
+            return kernels.membership(features, k, self.rule == "medoid", self.group, self.n_k_slots, out)
         if self.static is not None:
             head_to_cluster = canonical_labels(self.static.to(probs.device).expand(B, H), k)
-            rep_idx = representatives(cosine_distance(probs.reshape(B, H, -1)), head_to_cluster, k, "first")
+            rep_idx = representatives(cosine_distance(features), head_to_cluster, k, "first")
         else:
-            rep_idx, head_to_cluster = cluster_heads(probs.reshape(B, H, -1), k, self.algorithm, self.rule)
+            rep_idx, head_to_cluster = cluster_heads(features, k, self.algorithm, self.rule)
         rep_kv = rep_idx // self.group  # [B, k] KV head of each representative
         if self.n_k_slots == k:
             kv_of_slot, slot_of_rep = rep_kv, torch.arange(k, device=probs.device).expand(B, k)
         else:
             kv_of_slot, slot_of_rep = torch.arange(self.n_kv_heads, device=probs.device).expand(B, -1), rep_kv
-        return rep_idx, head_to_cluster, kv_of_slot, slot_of_rep
+        result = (rep_idx, head_to_cluster, kv_of_slot, slot_of_rep, *cluster_lists(head_to_cluster, k))
+        if out is None:
+            return result
+        for dst, src in zip(out, result):
+            dst.copy_(src)
+        return out
 
     def forward(self, attn, x, rope, v, input_pos, mask):
         """x [B, S, hidden], v [B, Hkv, S, D] (already projected) -> [B, H, S, D]."""
@@ -626,11 +638,9 @@ class ChaiLayer(nn.Module):
         y_w = dense_from_probs(probs.to(v.dtype), v_all[:, :, : self.window])  # [B, H, n_w, D]
         if p0 + n_w < self.window:
             return y_w  # still inside the window: dense
-        rep_idx, h2c, kv_of_slot, slot_of_rep = self.membership(self.p_win[:B])
-        self.rep_idx[:B], self.head_to_cluster[:B] = rep_idx, h2c
-        self.kv_of_slot[:B], self.slot_of_rep[:B] = kv_of_slot, slot_of_rep
-        self.members[:B], self.cluster_start[:B] = cluster_lists(h2c, self.n_clusters)
-        cache.k[:B, :, : self.window] = batched_index(self.k_win[:B], kv_of_slot)  # keep only needed K
+        self.membership(self.p_win[:B], out=(self.rep_idx[:B], self.head_to_cluster[:B], self.kv_of_slot[:B],
+                                             self.slot_of_rep[:B], self.members[:B], self.cluster_start[:B]))
+        cache.k[:B, :, : self.window] = batched_index(self.k_win[:B], self.kv_of_slot[:B])  # keep only needed K
         if self.use_rows:
             self._store_rows(attn, B)
         self.ready = True
@@ -683,7 +693,7 @@ class ChaiLayer(nn.Module):
         y_w = dense_from_probs(probs.to(v.dtype), v[:, :, :n_w])
         if S <= W:
             return y_w
-        rep_idx, h2c, kv_of_slot, slot_of_rep = self.membership(probs)
+        rep_idx, h2c, kv_of_slot, slot_of_rep = self.membership(probs)[:4]
         q = attn.project_q(x[:, W:], tuple(r[W:] for r in rope), rep_idx)  # [B, k, S-W, D]
         k = attn.project_k(x, rope, kv_of_slot)  # [B, n_slots, S, D]
         mask = torch.arange(S, device=x.device)[None, :] <= torch.arange(W, S, device=x.device)[:, None]

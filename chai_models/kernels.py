@@ -1,8 +1,9 @@
 """Fused GPU kernels (Triton) for CHAI. Optional: used on CUDA when triton is importable.
 
-- agglomerative_average: the clustering (reference: chai.agglomerative_average) in one kernel launch per layer
-  instead of ~15 launches per merge (H - k merges), which is what keeps CHAI's prefill from being slower than
-  dense attention. One program clusters one sequence: the H x H distance matrix lives in registers.
+- membership: CHAI's per-request step (cosine distances, average-linkage clustering, representatives, the decode
+  kernel's lists; reference: chai.ChaiLayer.membership) in one kernel launch per layer instead of ~50 small ones
+  plus ~15 per merge, which is what keeps CHAI's prefill from being slower than dense attention. One program
+  clusters one sequence: the H x H distance matrix lives in registers.
 - clustered_decode: one-token clustered attention (reference: the S == 1 branch of chai.clustered_attention),
   split over the cache length like flash-decoding, so the K slots and every head's V are streamed once;
   dense_decode is its one-head-per-cluster special case. new_token_decode is the same kernel taking the token's
@@ -46,16 +47,31 @@ def decode_available(t: torch.Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _agglomerative_kernel(dist_ptr, labels_ptr, H: tl.constexpr, n_merges: tl.constexpr, BH: tl.constexpr):
+    def _membership_kernel(feat_ptr, rep_ptr, h2c_ptr, kv_of_slot_ptr, slot_of_rep_ptr, members_ptr, start_ptr, F,
+                           H: tl.constexpr, K: tl.constexpr, GROUP: tl.constexpr, HKV: tl.constexpr,
+                           SLOTS_ARE_REPS: tl.constexpr, MEDOID: tl.constexpr, BH: tl.constexpr):
         b = tl.program_id(0)
         r = tl.arange(0, BH)
         rows, cols = r[:, None], r[None, :]
         inside = (rows < H) & (cols < H)
-        d = tl.load(dist_ptr + b * H * H + rows * H + cols, mask=inside, other=float("inf"))
-        d = tl.where(rows == cols, float("inf"), d)  # [BH, BH]; inf: no pair
+        # cosine distances of the heads' features [H, F], summed column by column: exactly symmetric
+        f_row = feat_ptr + b * H * F + r * F
+        sq = tl.zeros([BH], tl.float32)
+        for c in range(F):
+            x = tl.load(f_row + c, mask=r < H, other=0.0).to(tl.float32)
+            sq += x * x
+        norm = tl.maximum(tl.sqrt(sq), 1e-12)
+        sim = tl.zeros([BH, BH], tl.float32)
+        for c in range(F):
+            x = tl.load(f_row + c, mask=r < H, other=0.0).to(tl.float32) / norm
+            sim += x[:, None] * x[None, :]
+        dist = tl.where(inside & (rows != cols), tl.maximum(1.0 - sim, 0.0), 0.0)  # [BH, BH]
+
+        # average-linkage merges (reference: chai.agglomerative_average); labels: lowest member of each cluster
+        d = tl.where(inside & (rows != cols), dist, float("inf"))  # inf: no pair
         size = tl.where(r < H, 1.0, 0.0)
         labels = r
-        for _ in range(n_merges):
+        for _ in range(H - K):
             # the closest pair, first in row-major order: i is the first row holding the minimum, j the first
             # column of row i holding it; d is symmetric, so i < j
             i = tl.argmin(tl.min(d, axis=1), axis=0, tie_break_left=True)
@@ -74,17 +90,61 @@ if triton is not None:
             d = tl.where((rows == j) | (cols == j) | ((rows == i) & (cols == i)), float("inf"), d)
             size = tl.where(r == i, ni + nj, tl.where(r == j, 0.0, size))
             labels = tl.where(labels == j, i, labels)
-        tl.store(labels_ptr + b * H + r, labels.to(tl.int64), mask=r < H)
+
+        # canonical ids (reference: chai.canonical_labels): clusters numbered by their lowest member
+        rank = tl.cumsum(((labels == r) & (r < H)).to(tl.int32), axis=0) - 1  # [BH] rank of each root
+        h2c = tl.sum(tl.where(labels[:, None] == cols, rank[None, :], 0), axis=1)  # [BH]
+        h2c = tl.where(r < H, h2c, BH)  # padding sorts after every cluster
+        tl.store(h2c_ptr + b * H + r, h2c.to(tl.int64), mask=r < H)
+
+        # representatives (reference: chai.representatives): least cost in each cluster, lowest index on ties
+        if MEDOID:
+            cost = tl.sum(tl.where(h2c[:, None] == h2c[None, :], dist, 0.0), axis=1)  # [BH]
+        else:
+            cost = r.to(tl.float32)
+        rep = tl.argmin(tl.where(h2c[None, :] == rows, cost[None, :], float("inf")), axis=1,
+                        tie_break_left=True)  # [BH]: rep of cluster c at row c < K
+        tl.store(rep_ptr + b * K + r, rep.to(tl.int64), mask=r < K)
+
+        # the decode kernel's lists (reference: chai.cluster_lists): heads sorted by (cluster, index)
+        before = (h2c[None, :] < h2c[:, None]) | ((h2c[None, :] == h2c[:, None]) & (cols < rows))
+        slot = tl.sum(tl.where(before & (cols < H), 1, 0), axis=1)  # [BH] place of head h in members
+        tl.store(members_ptr + b * H + slot, r.to(tl.int64), mask=r < H)
+        first = tl.sum(tl.where((h2c[None, :] < rows) & (cols < H), 1, 0), axis=1)  # [BH] first entry of cluster c
+        tl.store(start_ptr + b * (K + 1) + r, first.to(tl.int64), mask=r < K)
+        tl.store(start_ptr + b * (K + 1) + K, H)
+
+        # K slots (reference: ChaiLayer.membership): one per representative, or every KV head
+        rep_kv = rep // GROUP
+        if SLOTS_ARE_REPS:
+            tl.store(kv_of_slot_ptr + b * K + r, rep_kv.to(tl.int64), mask=r < K)
+            tl.store(slot_of_rep_ptr + b * K + r, r.to(tl.int64), mask=r < K)
+        else:
+            tl.store(kv_of_slot_ptr + b * HKV + r, r.to(tl.int64), mask=r < HKV)
+            tl.store(slot_of_rep_ptr + b * K + r, rep_kv.to(tl.int64), mask=r < K)
 
 
-def agglomerative_average(dist: torch.Tensor, k: int) -> torch.Tensor:
-    """Same contract as chai.agglomerative_average: dist [B, H, H] -> labels [B, H] (lowest member index)."""
-    B, H, _ = dist.shape
-    d = dist.float().contiguous()
-    labels = torch.empty(B, H, dtype=torch.long, device=dist.device)
+def membership(features: torch.Tensor, k: int, medoid: bool = True, group: int = 1, n_slots: int | None = None,
+               out: tuple | None = None) -> tuple:
+    """CHAI's whole per-request membership step in one launch per layer (one program per sequence): cosine
+    distances, average-linkage clustering, canonical cluster ids, representatives, the decode kernel's lists and
+    the K slots. In torch this is ~50 small launches per layer (chai.ChaiLayer.membership, chai.cluster_lists),
+    enough to make CHAI's prefill host-bound.
+
+    features [B, H, F] -> (rep_idx [B, k], head_to_cluster [B, H], kv_of_slot [B, n_slots], slot_of_rep [B, k],
+    members [B, H], cluster_start [B, k+1]), all int64, written into out (contiguous tensors) when given.
+    n_slots: None or k for one K slot per representative, else n_kv_heads = H // group (K whole).
+    """
+    B, H, F = features.shape
+    n_slots = k if n_slots is None else n_slots
+    if out is None:
+        z = dict(dtype=torch.long, device=features.device)
+        out = tuple(torch.empty(B, n, **z) for n in (k, H, n_slots, k, H, k + 1))
+    assert all(t.is_contiguous() and t.dtype == torch.long for t in out), "membership: out must be contiguous int64"
     BH = max(16, triton.next_power_of_2(H))
-    _agglomerative_kernel[(B,)](d, labels, H, H - k, BH=BH, num_warps=4 if BH <= 32 else 8)
-    return labels
+    _membership_kernel[(B,)](features.float().contiguous(), *out, F, H, k, group, H // group, n_slots == k, medoid,
+                             BH=BH, num_warps=4 if BH <= 32 else 8)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------

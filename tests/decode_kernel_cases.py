@@ -304,6 +304,44 @@ def gemv_case(rows, K, dtype="float32", norm=False, residual=False, swiglu=False
     return ((fast.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
+def membership_case(B, H, Hkv, k, rule="medoid", F=25, duplicates=False, out=True, seed=0):
+    """kernels.membership vs ChaiLayer.membership's torch steps on window-probability-like features: 0.0 when
+    every output (rep_idx, head_to_cluster, kv_of_slot, slot_of_rep, members, cluster_start) is identical."""
+    gen = torch.Generator().manual_seed(seed)
+    feats = torch.rand(B, H, F, generator=gen) ** 3  # skewed, like attention probabilities
+    if duplicates:  # exact ties: heads with the same features, so equal distances must break to the lowest pair
+        feats[:, 1::3] = feats[:, 0::3][:, : feats[:, 1::3].shape[1]]
+    layer = chai.ChaiLayer(H, Hkv, 8, k, chai.ChaiConfig(clusters=[k], representative=rule), scale=1.0)
+    available, kernels.decode_available = kernels.decode_available, lambda t: False
+    try:
+        ref = layer.membership(feats.view(B, H, 5, 5) if F == 25 else feats)
+    finally:
+        kernels.decode_available = available
+    bufs = tuple(torch.full_like(t.contiguous(), -7) for t in ref) if out else None
+    got = kernels.membership(feats, k, rule == "medoid", H // Hkv, layer.n_k_slots, bufs)
+    assert not out or all(g is o for g, o in zip(got, bufs))
+    bad = [name for name, g, r in zip(("rep_idx", "head_to_cluster", "kv_of_slot", "slot_of_rep", "members",
+                                       "cluster_start"), got, ref) if not torch.equal(g, r)]
+    assert not bad, (bad, [(g.tolist(), r.tolist()) for g, r in zip(got, ref)])
+    return 0.0
+
+
+MEMBERSHIP_CASES = {  # name: (B, H, Hkv, k, extra)
+    "membership_llama7b": (3, 32, 32, 4, {}),
+    "membership_first": (2, 32, 32, 4, dict(rule="first")),
+    "membership_gqa_slots": (3, 32, 8, 3, {}),
+    "membership_gqa_whole_k": (3, 12, 4, 5, {}),
+    "membership_k_eq_hkv": (2, 12, 4, 4, {}),
+    "membership_h9": (4, 9, 3, 2, dict(out=False)),
+    "membership_k1": (2, 8, 8, 1, {}),
+    "membership_k_h_minus_1": (2, 8, 8, 7, {}),
+    # exact ties between merge distances; rule "first", since the medoids of duplicate heads tie on costs that
+    # are equal only up to the order of their sums
+    "membership_duplicates": (3, 12, 12, 5, dict(duplicates=True, rule="first")),
+    "membership_wide_features": (2, 16, 16, 6, dict(F=100)),
+}
+
+
 GEMV_CASES = {
     # name: (rows per weight, K, extra); BLOCK_K = 512 at K = 333..512: a partial tile; rows not a multiple of BLOCK_N
     "gemv_qkv_gqa_norm_bias": ((40, 10, 10), 333, dict(norm=True, bias=True)),
@@ -420,11 +458,14 @@ def main():
     _fix_interpreter_range()
     results = {}
     names = sys.argv[1:] or (list(CASES) + list(NEW_TOKEN_CASES) + list(MODEL_CASES) + list(SILU_CASES)
-                             + list(GEMV_CASES) + ["inductor_fallbacks"])
+                             + list(GEMV_CASES) + list(MEMBERSHIP_CASES) + ["inductor_fallbacks"])
     for name in names:
         try:
             if name == "inductor_fallbacks":
                 results[name] = fallback_case()
+            elif name in MEMBERSHIP_CASES:
+                B, H, Hkv, k, extra = MEMBERSHIP_CASES[name]
+                results[name] = membership_case(B, H, Hkv, k, **extra)
             elif name in SILU_CASES:
                 results[name] = silu_case(*SILU_CASES[name])
             elif name in GEMV_CASES:

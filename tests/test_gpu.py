@@ -83,17 +83,21 @@ def test_no_recompilation_across_requests():
     assert dynamo.utils.counters["stats"]["unique_graphs"] == frames  # other lengths and memberships: same graph
 
 
-def test_triton_clustering_matches_torch():
+def test_triton_membership_matches_torch(monkeypatch):
     from chai_models import chai, kernels
 
     gen = torch.Generator(device="cuda").manual_seed(0)
-    for H in (4, 9, 32, 52, 72):
-        for k in (1, 2, H // 3 + 1, H - 1, H):
+    for H, Hkv in ((4, 4), (9, 3), (32, 32), (32, 8), (52, 4), (72, 72)):
+        for k in sorted({1, 2, H // 3 + 1, H - 1}):
             feats = torch.rand(16, H, 25, device="cuda", generator=gen) ** 3
-            dist = chai.cosine_distance(feats)
-            fast = kernels.agglomerative_average(dist, k)
-            ref = chai.agglomerative_average(dist, k)
-            assert torch.equal(fast, ref), (H, k)
+            layer = chai.ChaiLayer(H, Hkv, 8, k, chai.ChaiConfig(clusters=[k]), scale=1.0)
+            fast = layer.membership(feats)
+            with monkeypatch.context() as m:
+                m.setattr(kernels, "decode_available", lambda t: False)
+                ref = layer.membership(feats)
+            for name, a, b in zip(("rep_idx", "head_to_cluster", "kv_of_slot", "slot_of_rep", "members",
+                                   "cluster_start"), fast, ref):
+                assert torch.equal(a, b), (H, Hkv, k, name)
 
 
 DECODE_SHAPES = {  # name: (B, H, Hkv, k, D, T, pos)
