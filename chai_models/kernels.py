@@ -54,7 +54,7 @@ if triton is not None:
         r = tl.arange(0, BH)
         rows, cols = r[:, None], r[None, :]
         inside = (rows < H) & (cols < H)
-        # cosine distances of the heads' features [H, F], summed column by column: exactly symmetric
+        # cosine distances of the heads' features [H, F], summed column by column
         f_row = feat_ptr + b * H * F + r * F
         sq = tl.zeros([BH], tl.float32)
         for c in range(F):
@@ -65,7 +65,11 @@ if triton is not None:
         for c in range(F):
             x = tl.load(f_row + c, mask=r < H, other=0.0).to(tl.float32) / norm
             sim += x[:, None] * x[None, :]
-        dist = tl.where(inside & (rows != cols), tl.maximum(1.0 - sim, 0.0), 0.0)  # [BH, BH]
+        dist = tl.maximum(1.0 - sim, 0.0)
+        # exactly symmetric whatever the compiler contracts or reorders (the merges rely on it: i < j), and equal
+        # costs tie exactly, as in chai.cosine_distance
+        dist = (dist + tl.trans(dist)) * 0.5
+        dist = tl.where(inside & (rows != cols), dist, 0.0)  # [BH, BH]
 
         # average-linkage merges (reference: chai.agglomerative_average); labels: lowest member of each cluster
         d = tl.where(inside & (rows != cols), dist, float("inf"))  # inf: no pair
