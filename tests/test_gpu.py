@@ -83,10 +83,41 @@ def test_no_recompilation_across_requests():
     assert dynamo.utils.counters["stats"]["unique_graphs"] == frames  # other lengths and memberships: same graph
 
 
+def _near_tie(feats, h2c, k, tol=1e-6):
+    """Whether clustering one sequence's features [H, F] meets a near-tie (0 < relative gap < tol, in fp64) between
+    the two closest pairs at some merge, or between the two cheapest medoid candidates of a cluster of h2c: where fp32
+    roundings (a matmul vs the kernel's sums) may decide either way. Exact ties (a two-member cluster's medoid) go to
+    the lowest index in both, so they do not count."""
+    from chai_models import chai
+
+    dist = chai.cosine_distance(feats[None].double().cpu())[0]
+    h2c = h2c.cpu()
+    H = dist.shape[0]
+    cost = (dist * (h2c[:, None] == h2c[None, :])).sum(1)  # medoid costs
+    for c in range(k):
+        costs = cost[h2c == c].sort().values
+        if len(costs) > 1 and 0 < costs[1] - costs[0] < tol * max(costs[0].item(), 1e-3):
+            return True
+    d = dist.clone().fill_diagonal_(float("inf"))
+    size = torch.ones(H, dtype=torch.float64)
+    for _ in range(H - k):
+        pairs = d.triu(1).masked_fill(torch.ones(H, H, dtype=torch.bool).tril(), float("inf")).flatten()
+        best = pairs.topk(2, largest=False).values
+        if 0 < best[1] - best[0] < tol * best[0].clamp_min(1e-3):
+            return True
+        i, j = divmod(int(pairs.argmin()), H)
+        merged = (size[i] * d[i] + size[j] * d[j]) / (size[i] + size[j])
+        d[i], d[:, i] = merged, merged
+        d[j], d[:, j], d[i, i] = float("inf"), float("inf"), float("inf")
+        size[i] += size[j]
+    return False
+
+
 def test_triton_membership_matches_torch(monkeypatch):
     from chai_models import chai, kernels
 
     gen = torch.Generator(device="cuda").manual_seed(0)
+    n, ties = 0, 0
     for H, Hkv in ((4, 4), (9, 3), (32, 32), (32, 8), (52, 4), (72, 72)):
         for k in sorted({1, 2, H // 3 + 1, H - 1}):
             feats = torch.rand(16, H, 25, device="cuda", generator=gen) ** 3
@@ -95,9 +126,14 @@ def test_triton_membership_matches_torch(monkeypatch):
             with monkeypatch.context() as m:
                 m.setattr(kernels, "decode_available", lambda t: False)
                 ref = layer.membership(feats)
-            for name, a, b in zip(("rep_idx", "head_to_cluster", "kv_of_slot", "slot_of_rep", "members",
-                                   "cluster_start"), fast, ref):
-                assert torch.equal(a, b), (H, Hkv, k, name)
+            for b in range(16):
+                n += 1
+                if all(torch.equal(a[b], r[b]) for a, r in zip(fast, ref)):
+                    continue
+                # the two may differ only where fp32 roundings decide a near-tie (seen: 1 sequence in 384)
+                assert _near_tie(feats[b], ref[1][b], k), (H, Hkv, k, b, [(a[b], r[b]) for a, r in zip(fast, ref)])
+                ties += 1
+    assert ties <= n // 100, (ties, n)
 
 
 DECODE_SHAPES = {  # name: (B, H, Hkv, k, D, T, pos)
