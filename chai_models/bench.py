@@ -11,8 +11,13 @@ so "context" is the cache length T.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -236,6 +241,45 @@ def time_calibration(model, n: int, length: int, device) -> int:
     return 0
 
 
+RESULT = "# dense timings: "
+
+
+def _process_per_config(argv, a, device, dtype) -> int:
+    """Each configuration in its own process, dense first (the others' "vs dense" needs it), one table."""
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    dense_ref, header_done = {}, False
+    for spec in sorted(a.chai, key=lambda s: s != "dense"):
+        cmd = [sys.executable, "-m", "chai_models.bench", *argv, "--chai", spec, "--child", json.dumps(dense_ref)]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
+        for line in proc.stdout:
+            if line.startswith(RESULT):
+                dense_ref.update(json.loads(line[len(RESULT):]))
+            elif line.startswith("config") and header_done:
+                continue
+            else:
+                header_done |= line.startswith("config")
+                print(line, end="", flush=True)
+        if proc.wait() != 0:
+            print(f"{spec:<22} failed (exit status {proc.returncode})", flush=True)
+    if a.hf:
+        _print_hf(a, device, dtype)
+    return 0
+
+
+def _print_hf(a, device, dtype) -> None:
+    for B in a.batch:
+        for T in a.context:
+            try:
+                t = hf_decode(a.shape, B, T, device, dtype, a.steps)
+            except Exception as e:  # report, don't hide: HF's compile path changes between releases
+                print(f"{'transformers':<22}{B:>4}{T:>7}  failed: {type(e).__name__}: {e}"[:300])
+                continue
+            if t is not None:
+                print(f"{'transformers static+compile':<22}{B:>4}{T:>7}{'compiled':>10}{B / t:>10.1f}"
+                      f"{t * 1000:>9.3f}", flush=True)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="tiny", help=f"one of {sorted(SHAPES)} or opt-<size>")
@@ -267,6 +311,12 @@ def main(argv=None) -> int:
     p.add_argument("--calibrate", type=int, default=0, metavar="N",
                    help="instead: time the offline calibration on N random sequences of --calibrate-len tokens")
     p.add_argument("--calibrate-len", type=int, default=512)
+    p.add_argument("--processes", default="auto", choices=["auto", "one", "per-config"],
+                   help="time each configuration (dense, a CHAI spec) in its own process (per-config; auto: on CUDA) "
+                        "or all in this one: on an H200 the second compiled configuration of a process measured ~5%% "
+                        "slower, whichever it was")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: the parent's dense timings (json)
+    argv = sys.argv[1:] if argv is None else list(argv)
     a = p.parse_args(argv)
     from .checkpoint import dtype_from_name
 
@@ -279,6 +329,9 @@ def main(argv=None) -> int:
     generation.PDL_DECODE = a.pdl == "on"
     kernels.GEMV = "compiled" if a.gemv == "on" else "never"
     chai.NEW_TOKEN_IN_KERNEL = a.new_token == "kernel"
+    per_config = a.processes == "per-config" or (a.processes == "auto" and device.type == "cuda")
+    if per_config and len(a.chai) > 1 and a.child is None and not a.calibrate:
+        return _process_per_config(argv, a, device, dtype)
     model = random_model(a.shape, device, dtype)
     bw = copy_bandwidth(device)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
@@ -290,8 +343,8 @@ def main(argv=None) -> int:
     hdr = (f"{'config':<22}{'B':>4}{'T':>7}{'mode':>10}{'tok/s':>10}{'ms/tok':>9}{'GB/s':>8}{'%bw':>6}"
            f"{'KV MB':>9}{'vs dense':>9}{'ideal':>7}")
     print(hdr)
-    dense_ref = {}
-    for spec in a.chai:
+    dense_ref = {} if a.child is None else {tuple(json.loads(k)): r for k, r in json.loads(a.child).items()}
+    for spec in sorted(a.chai, key=lambda s: s != "dense"):  # dense first: the others are timed against it
         cfg = None if spec == "dense" else ChaiConfig.from_spec(spec, model.config.n_layers, model.config.n_heads)
         model.set_chai(cfg)
         # a fresh compile per configuration, as a user's process has, not a recompile of the previous one's step,
@@ -328,18 +381,16 @@ def main(argv=None) -> int:
                 n = capacity(model, T, int(a.capacity_gb * 2**30))
                 print(f"{spec:<22} capacity within {a.capacity_gb:g} GiB at T={T}: batch {n}", flush=True)
         model.clear_caches()
-    if a.hf:
+    if a.child is not None:  # the parent reads this process's dense timings from this line
+        print(RESULT + json.dumps({json.dumps(list(k)): {n: r[n] for n in ("s_per_step", "bytes")}
+                                   for k, r in dense_ref.items()}))
+    elif a.hf:
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        for B in a.batch:
-            for T in a.context:
-                try:
-                    t = hf_decode(a.shape, B, T, device, dtype, a.steps)
-                except Exception as e:  # report, don't hide: HF's compile path changes between releases
-                    print(f"{'transformers':<22}{B:>4}{T:>7}  failed: {type(e).__name__}: {e}"[:300])
-                    continue
-                if t is not None:
-                    print(f"{'transformers static+compile':<22}{B:>4}{T:>7}{'compiled':>10}{B / t:>10.1f}"
-                          f"{t * 1000:>9.3f}", flush=True)
+        _print_hf(a, device, dtype)
     return 0
+
+
+if __name__ == "__main__":  # python -m chai_models.bench (one process per configuration runs this)
+    sys.exit(main())
