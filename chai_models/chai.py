@@ -328,30 +328,14 @@ def clustered_attention(q_rep, k_slots, v, head_to_cluster, slot_of_rep, mask, s
         q_h, k_h = batched_index(q_rep, head_to_cluster), batched_index(k_slots[:, :, :n], slot_of_head)  # [B, H, *, D]
         return dense_attention(q_h, k_h, expand_kv(v[:, :, :n], H), None, scale)  # K per query head, so V is too
     k_rep = k_slots if slot_of_rep is None else batched_index(k_slots, slot_of_rep)  # [B, k, T, D]
-    T = k_rep.shape[2]
-    scores = q_times_k(q_rep.reshape(B * k, S, D), k_rep.reshape(B * k, T, D)).view(B, k, S, T) * scale
+    scores = torch.matmul(q_rep, k_rep.transpose(-1, -2)) * scale  # [B, k, S, T]
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores.to(_at_least_fp32(scores.dtype)), dim=-1).to(v.dtype)  # [B, k, S, T]: once per cluster
     probs = batched_index(probs, head_to_cluster)  # [B, H, S, T]: each head takes its cluster's
-    Hkv = v.shape[1]
+    Hkv, T = v.shape[1], v.shape[2]
     out = probs_times_v(probs.view(B * Hkv, H // Hkv, T), v.reshape(B * Hkv, T, D))  # [B*Hkv, G, D], own V
     return out.view(B, H, S, D)
-
-
-@torch.library.custom_op("chai_models::q_times_k", mutates_args=())
-def q_times_k(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """[N, S, D] @ [N, T, D]^T -> [N, S, T]: the representatives' scores, one batched GEMM that streams K once.
-
-    Opaque for the same reason as probs_times_v: inductor fused the one-row product with RoPE and the head gather
-    into a reduction that read K at 1.4 TB/s on an H100 (batch 8, 2048 positions: 11.8 us per layer for 17 MB).
-    """
-    return torch.bmm(q, k.transpose(1, 2))
-
-
-@q_times_k.register_fake
-def _(q, k):
-    return q.new_empty(q.shape[0], q.shape[1], k.shape[1])
 
 
 @torch.library.custom_op("chai_models::probs_times_v", mutates_args=())

@@ -814,8 +814,7 @@ def register_inductor_fallbacks() -> None:
         return
     ops = [torch.ops.chai_models.clustered_decode.default, torch.ops.chai_models.dense_decode.default,
            torch.ops.chai_models.new_token_decode.default, torch.ops.chai_models.silu_mul.default,
-           torch.ops.chai_models.gemv.default, torch.ops.chai_models.probs_times_v.default,
-           torch.ops.chai_models.q_times_k.default]
+           torch.ops.chai_models.gemv.default, torch.ops.chai_models.probs_times_v.default]
     for op in ops:
         if op not in lowering.lowerings:
             tag = get_layout_constraint_tag(op, with_default=True)
