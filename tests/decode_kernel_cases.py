@@ -369,10 +369,12 @@ def fallback_case():
             seen.append(args)
         return info(msg, *args, **kwargs)
 
-    def f(x, w, g, u):
-        return kernels.gemv(x, [w], [], None, 0.0, None, False) + kernels.silu_mul_op(g * 2, u).sum()
+    def f(x, w, g, u, p, v):
+        return (kernels.gemv(x, [w], [], None, 0.0, None, False) + kernels.silu_mul_op(g * 2, u).sum()
+                + chai.probs_times_v(p.softmax(-1), v).sum())
 
-    args = (torch.randn(1, 1, 16), torch.randn(8, 16), torch.randn(4), torch.randn(4))
+    args = (torch.randn(1, 1, 16), torch.randn(8, 16), torch.randn(4), torch.randn(4), torch.randn(2, 1, 5),
+            torch.randn(2, 5, 3))
     kernels.register_inductor_fallbacks()
     graph.log.info, inductor_config.force_disable_caches = spy, True  # a cached graph would skip lowering
     try:
