@@ -625,11 +625,12 @@ class ChaiLayer(nn.Module):
             self.ready = False  # a new sequence starts
         if self.ready:
             return self._clustered(attn, x, rope, v, input_pos, mask, B)
-        v_all = cache.update_v(input_pos, v)  # [B, Hkv, T, D]
         if p0 >= self.window:
             raise RuntimeError(f"CHAI layer {attn.layer_idx}: positions start at {p0} but the window "
                                f"0..{self.window - 1} was never processed; start each sequence at position 0")
         n_w = min(S, self.window - p0)  # rows of this chunk inside the window
+        # the window rows' V (the clustered pass below writes the whole chunk's)
+        v_all = cache.update_v(input_pos[:n_w], v[:, :, :n_w])  # [B, Hkv, T, D]
         w_rope = tuple(r[:n_w] for r in rope)
         q_w = attn.project_q(x[:, :n_w], w_rope)  # [B, H, n_w, D]
         self.k_win[:B, :, p0:p0 + n_w] = attn.project_k(x[:, :n_w], w_rope)  # [B, Hkv, n_w, D]
