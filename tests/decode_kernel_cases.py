@@ -339,6 +339,8 @@ MEMBERSHIP_CASES = {  # name: (B, H, Hkv, k, extra)
     # are equal only up to the order of their sums
     "membership_duplicates": (3, 12, 12, 5, dict(duplicates=True, rule="first")),
     "membership_wide_features": (2, 16, 16, 6, dict(F=100)),
+    "membership_k_eq_h": (2, 8, 8, 8, {}),  # no merge (cluster_heads may be asked for it)
+    "membership_h64": (1, 64, 8, 5, {}),
 }
 
 
