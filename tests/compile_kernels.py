@@ -59,10 +59,11 @@ def main():
                                                            if n != "num_warps"}))
     compile_one(k._silu_mul_kernel, dict(g_ptr=BF16, u_ptr=BF16, out_ptr=BF16, N=I32, BLOCK=None, PDL=None),
                 dict(BLOCK=1024, PDL=True))
-    membership = dict(feat_ptr="*fp32", **{n: "*i64" for n in ("rep_ptr", "h2c_ptr", "kv_of_slot_ptr", "slot_of_rep_ptr",
-                                                               "members_ptr", "start_ptr")},
-                      F=I32, **{n: None for n in ("H", "K", "GROUP", "HKV", "SLOTS_ARE_REPS", "MEDOID", "BH")})
-    for H, K, group, slots_are_reps, medoid in ((32, 4, 1, True, True), (32, 3, 4, True, False), (12, 5, 3, False, True)):
+    outputs = ("rep_ptr", "h2c_ptr", "kv_of_slot_ptr", "slot_of_rep_ptr", "members_ptr", "start_ptr")
+    membership = dict(feat_ptr="*fp32", **{n: "*i64" for n in outputs}, F=I32,
+                      **{n: None for n in ("H", "K", "GROUP", "HKV", "SLOTS_ARE_REPS", "MEDOID", "BH")})
+    for H, K, group, slots_are_reps, medoid in ((32, 4, 1, True, True), (32, 3, 4, True, False),
+                                                (12, 5, 3, False, True)):
         compile_one(k._membership_kernel, membership, dict(H=H, K=K, GROUP=group, HKV=H // group,
                                                            SLOTS_ARE_REPS=slots_are_reps, MEDOID=medoid,
                                                            BH=max(16, 1 << (H - 1).bit_length())))
