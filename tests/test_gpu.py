@@ -101,7 +101,7 @@ def _near_tie(feats, h2c, k, tol=1e-6):
     d = dist.clone().fill_diagonal_(float("inf"))
     size = torch.ones(H, dtype=torch.float64)
     for _ in range(H - k):
-        pairs = d.triu(1).masked_fill(torch.ones(H, H, dtype=torch.bool).tril(), float("inf")).flatten()
+        pairs = d.masked_fill(torch.ones(H, H, dtype=torch.bool).tril(), float("inf")).flatten()  # i < j
         best = pairs.topk(2, largest=False).values
         if 0 < best[1] - best[0] < tol * best[0].clamp_min(1e-3):
             return True
