@@ -631,12 +631,9 @@ class ChaiLayer(nn.Module):
         n_w = min(S, self.window - p0)  # rows of this chunk inside the window
         # the window rows' V (the clustered pass below writes the whole chunk's)
         v_all = cache.update_v(input_pos[:n_w], v[:, :, :n_w])  # [B, Hkv, T, D]
-        w_rope = tuple(r[:n_w] for r in rope)
-        q_w = attn.project_q(x[:, :n_w], w_rope)  # [B, H, n_w, D]
-        self.k_win[:B, :, p0:p0 + n_w] = attn.project_k(x[:, :n_w], w_rope)  # [B, Hkv, n_w, D]
-        probs = window_probs(q_w, self.k_win[:B], p0, self.scale)  # [B, H, n_w, W]
-        self.p_win[:B, :, p0:p0 + n_w] = probs
-        y_w = dense_from_probs(probs.to(v.dtype), v_all[:, :, : self.window])  # [B, H, n_w, D]
+        q_w = attn.project_q(x[:, :n_w], None)  # [B, H, n_w, D], before RoPE
+        k_w = attn.project_k(x[:, :n_w], None)  # [B, Hkv, n_w, D]
+        y_w = self._window(attn, q_w, k_w, tuple(r[:n_w] for r in rope), v_all, p0)  # [B, H, n_w, D]
         if p0 + n_w < self.window:
             return y_w  # still inside the window: dense
         self.membership(self.p_win[:B], out=(self.rep_idx[:B], self.head_to_cluster[:B], self.kv_of_slot[:B],
@@ -652,6 +649,20 @@ class ChaiLayer(nn.Module):
         # the S - n_w rows alone; the K rows it writes at window positions are the ones already kept)
         y_r = self._clustered(attn, x, rope, v, input_pos, mask, B)[:, :, n_w:]
         return torch.cat([y_w, y_r], dim=2)
+
+    def _window(self, attn, q, k, rope, v_all, p0):
+        """Window rows p0..p0+n-1: RoPE on q [B, H, n, D] and k [B, Hkv, n, D], k into k_win, their causal
+        probabilities over the window into p_win (the clustering features), and their dense output [B, H, n, D]."""
+        B, n = q.shape[0], q.shape[2]
+        if kernels.decode_available(q) and self.p_win.dtype == torch.float32:
+            # CUDA: one launch (~20 small ones below; a prefill's launches are host time)
+            cos, sin = rope if rope else (None, None)  # OPT: no RoPE
+            return kernels.window_attention(q, k, cos, sin, self.k_win[:B], self.p_win[:B], v_all, p0, self.scale)
+        q, k = attn.rotate(q, rope), attn.rotate(k, rope)
+        self.k_win[:B, :, p0:p0 + n] = k
+        probs = window_probs(q, self.k_win[:B], p0, self.scale)  # [B, H, n, W]
+        self.p_win[:B, :, p0:p0 + n] = probs
+        return dense_from_probs(probs.to(v_all.dtype), v_all[:, :, : self.window])
 
     def decode_rows(self, x, input_pos):
         """The representatives' Q and K weight rows as (weight, bias) pairs when this call is one clustered token at

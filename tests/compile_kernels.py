@@ -67,6 +67,13 @@ def main():
         compile_one(k._membership_kernel, membership, dict(H=H, K=K, GROUP=group, HKV=H // group,
                                                            SLOTS_ARE_REPS=slots_are_reps, MEDOID=medoid,
                                                            BH=max(16, 1 << (H - 1).bit_length())))
+    window = dict(**{n: BF16 for n in ("q_ptr", "k_ptr", "cos_ptr", "sin_ptr", "kwin_ptr")}, pwin_ptr="*fp32",
+                  v_ptr=BF16, y_ptr=BF16, **{n: I32 for n in ("sq_b", "sq_h", "sq_s", "sk_b", "sk_h", "sk_s", "s_rope",
+                                                                 "skw_b", "skw_h", "skw_t", "sv_b", "sv_h", "sv_t",
+                                                                 "p0", "n")},
+                  scale="fp32", **{n: None for n in ("H", "G", "W", "D", "BW", "BLOCK_D", "ROPE")})
+    for G, rope in ((1, True), (4, False)):
+        compile_one(k._window_kernel, window, dict(H=32, G=G, W=5, D=128, BW=16, BLOCK_D=128, ROPE=rope))
     print("all kernels compile for sm90")
 
 

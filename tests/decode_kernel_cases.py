@@ -326,6 +326,49 @@ def membership_case(B, H, Hkv, k, rule="medoid", F=25, duplicates=False, out=Tru
     return 0.0
 
 
+def window_case(B, H, Hkv, D, p0, n, W=5, rope=True, seed=0):
+    """kernels.window_attention vs ChaiLayer._window's torch branch: rows p0..p0+n-1 of the window, earlier rows
+    already in k_win -> the largest relative error over the output, the window's K and its probabilities."""
+    from chai_models.llama import apply_rope
+
+    gen = torch.Generator().manual_seed(seed)
+    layer = chai.ChaiLayer(H, Hkv, D, 2, chai.ChaiConfig(clusters=[2], window=W), scale=D**-0.5)
+    layer.setup(B + 1, torch.float32, torch.device("cpu"))  # a larger batch than used: slices of the buffers
+    layer.k_win.normal_(generator=gen)  # rows < p0: an earlier chunk's; rows past p0+n: stale
+    layer.p_win.uniform_(generator=gen)
+
+    class Attn:
+        def rotate(self, t, rope_):
+            return apply_rope(t, *rope_) if rope_ else t
+
+    q = torch.randn(B, n, H, D, generator=gen).transpose(1, 2)  # [B, H, n, D] as projected (strided)
+    k = torch.randn(B, n, Hkv, D, generator=gen).transpose(1, 2)
+    v = torch.randn(B, Hkv, 3 * W, D, generator=gen)  # the cache's V; rows past p0+n are not read
+    angles = torch.randn(n, D // 2, generator=gen)
+    cs = (torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)) if rope else ()
+    results = {}
+    available = kernels.decode_available
+    for kernel in (False, True):
+        kernels.decode_available = lambda t: kernel
+        try:
+            lay = dict(k_win=layer.k_win.clone(), p_win=layer.p_win.clone())
+            layer.k_win, layer.p_win = lay["k_win"], lay["p_win"]
+            y = layer._window(Attn(), q, k, cs, v, p0)
+            results[kernel] = (y, lay["k_win"][:B], lay["p_win"][:B])
+        finally:
+            kernels.decode_available = available
+    return max(((a - b).norm() / b.norm()).item() for a, b in zip(results[True], results[False]))
+
+
+WINDOW_CASES = {  # name: (B, H, Hkv, D, p0, n, extra)
+    "window_mha": (2, 8, 8, 16, 0, 5, {}),
+    "window_gqa_chunk": (2, 8, 2, 16, 2, 3, {}),
+    "window_d24_one_row": (1, 6, 3, 24, 4, 1, {}),
+    "window_no_rope": (2, 4, 4, 16, 0, 5, dict(rope=False)),
+    "window_w20": (2, 4, 2, 16, 3, 11, dict(W=20)),
+}
+
+
 MEMBERSHIP_CASES = {  # name: (B, H, Hkv, k, extra)
     "membership_llama7b": (3, 32, 32, 4, {}),
     "membership_first": (2, 32, 32, 4, dict(rule="first")),
@@ -462,11 +505,14 @@ def main():
     _fix_interpreter_range()
     results = {}
     names = sys.argv[1:] or (list(CASES) + list(NEW_TOKEN_CASES) + list(MODEL_CASES) + list(SILU_CASES)
-                             + list(GEMV_CASES) + list(MEMBERSHIP_CASES) + ["inductor_fallbacks"])
+                             + list(GEMV_CASES) + list(MEMBERSHIP_CASES) + list(WINDOW_CASES) + ["inductor_fallbacks"])
     for name in names:
         try:
             if name == "inductor_fallbacks":
                 results[name] = fallback_case()
+            elif name in WINDOW_CASES:
+                B, H, Hkv, D, p0, n, extra = WINDOW_CASES[name]
+                results[name] = window_case(B, H, Hkv, D, p0, n, **extra)
             elif name in MEMBERSHIP_CASES:
                 B, H, Hkv, k, extra = MEMBERSHIP_CASES[name]
                 results[name] = membership_case(B, H, Hkv, k, **extra)
