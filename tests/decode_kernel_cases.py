@@ -326,26 +326,29 @@ def membership_case(B, H, Hkv, k, rule="medoid", F=25, duplicates=False, out=Tru
     return 0.0
 
 
-def window_case(B, H, Hkv, D, p0, n, W=5, rope=True, seed=0):
+def window_case(B, H, Hkv, D, p0, n, W=5, rope=True, seed=0, device="cpu", dtype=torch.float32):
     """kernels.window_attention vs ChaiLayer._window's torch branch: rows p0..p0+n-1 of the window, earlier rows
     already in k_win -> the largest relative error over the output, the window's K and its probabilities."""
     from chai_models.llama import apply_rope
 
     gen = torch.Generator().manual_seed(seed)
     layer = chai.ChaiLayer(H, Hkv, D, 2, chai.ChaiConfig(clusters=[2], window=W), scale=D**-0.5)
-    layer.setup(B + 1, torch.float32, torch.device("cpu"))  # a larger batch than used: slices of the buffers
-    layer.k_win.normal_(generator=gen)  # rows < p0: an earlier chunk's; rows past p0+n: stale
-    layer.p_win.uniform_(generator=gen)
+    layer.setup(B + 1, dtype, torch.device(device))  # a larger batch than used: slices of the buffers
+    layer.k_win.copy_(torch.randn(layer.k_win.shape, generator=gen))  # rows < p0: an earlier chunk's; past p0+n: stale
+    layer.p_win.copy_(torch.rand(layer.p_win.shape, generator=gen))
 
     class Attn:
         def rotate(self, t, rope_):
             return apply_rope(t, *rope_) if rope_ else t
 
-    q = torch.randn(B, n, H, D, generator=gen).transpose(1, 2)  # [B, H, n, D] as projected (strided)
-    k = torch.randn(B, n, Hkv, D, generator=gen).transpose(1, 2)
-    v = torch.randn(B, Hkv, 3 * W, D, generator=gen)  # the cache's V; rows past p0+n are not read
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(device, dtype)
+
+    q = rand(B, n, H, D).transpose(1, 2)  # [B, H, n, D] as projected (strided)
+    k = rand(B, n, Hkv, D).transpose(1, 2)
+    v = rand(B, Hkv, 3 * W, D)  # the cache's V; rows past p0+n are not read
     angles = torch.randn(n, D // 2, generator=gen)
-    cs = (torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)) if rope else ()
+    cs = tuple(torch.cat([f(angles)] * 2, -1).to(device, dtype) for f in (torch.cos, torch.sin)) if rope else ()
     results = {}
     available = kernels.decode_available
     for kernel in (False, True):
@@ -357,7 +360,8 @@ def window_case(B, H, Hkv, D, p0, n, W=5, rope=True, seed=0):
             results[kernel] = (y, lay["k_win"][:B], lay["p_win"][:B])
         finally:
             kernels.decode_available = available
-    return max(((a - b).norm() / b.norm()).item() for a, b in zip(results[True], results[False]))
+    return max(((a.double() - b.double()).norm() / b.double().norm()).item()
+               for a, b in zip(results[True], results[False]))
 
 
 WINDOW_CASES = {  # name: (B, H, Hkv, D, p0, n, extra)

@@ -136,6 +136,25 @@ def test_triton_membership_matches_torch(monkeypatch):
     assert ties <= n // 100, (ties, n)
 
 
+WINDOW_SHAPES = {  # name: (B, H, Hkv, D, p0, n, extra)
+    "llama7b_b8": (8, 32, 32, 128, 0, 5, {}),
+    "llama7b_chunk": (2, 32, 32, 128, 3, 2, {}),  # a chunk that starts inside the window
+    "gqa_w20": (4, 32, 8, 128, 0, 20, dict(W=20)),
+    "opt_no_rope": (2, 32, 32, 128, 0, 5, dict(rope=False)),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", list(WINDOW_SHAPES))
+def test_window_kernel_matches_torch(shape, dtype):
+    """kernels.window_attention vs ChaiLayer._window's torch branch (output, window K, window probabilities)."""
+    from decode_kernel_cases import window_case
+
+    B, H, Hkv, D, p0, n, extra = WINDOW_SHAPES[shape]
+    err = window_case(B, H, Hkv, D, p0, n, device="cuda", dtype=dtype, **extra)
+    assert err < (1e-5 if dtype == torch.float32 else 1e-2), err
+
+
 DECODE_SHAPES = {  # name: (B, H, Hkv, k, D, T, pos)
     "llama7b_b1_t8192": (1, 32, 32, 4, 128, 8192, 8191),
     "llama7b_b1_t8192_mid": (1, 32, 32, 4, 128, 8192, 5000),
