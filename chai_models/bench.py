@@ -300,6 +300,10 @@ def main(argv=None) -> int:
     p.add_argument("--clustered-decode", default="auto", choices=["auto", "torch", "triton"],
                    help="one-token attention of CHAI's clustered layers: the Triton decode kernel for small caches "
                         "and the torch path above (auto), or always one of them (chai.CLUSTERED_DECODE_KERNEL)")
+    p.add_argument("--clustered-probs", default="kernel", choices=["kernel", "torch"],
+                   help="CHAI's clustered decode past the decode kernel's range: probabilities from "
+                        "kernels.clustered_probs, or the torch ops, before the batched GEMM over V "
+                        "(chai.CLUSTERED_PROBS_KERNEL)")
     p.add_argument("--pdl", default="on", choices=["on", "off"],
                    help="programmatic dependent launch in the compiled decode step (generation.PDL_DECODE; sm90+)")
     p.add_argument("--gemv", default="on", choices=["on", "off"],
@@ -327,6 +331,7 @@ def main(argv=None) -> int:
     device, dtype = torch.device(a.device), dtype_from_name(a.dtype)
     chai.DENSE_DECODE_KERNEL = {"auto": None, "sdpa": False, "triton": True}[a.dense_decode]
     chai.CLUSTERED_DECODE_KERNEL = {"auto": None, "torch": False, "triton": True}[a.clustered_decode]
+    chai.CLUSTERED_PROBS_KERNEL = a.clustered_probs == "kernel"
     generation.PDL_DECODE = a.pdl == "on"
     kernels.GEMV = "compiled" if a.gemv == "on" else "never"
     chai.NEW_TOKEN_IN_KERNEL = a.new_token == "kernel"
@@ -338,7 +343,8 @@ def main(argv=None) -> int:
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"# {a.shape} {a.dtype} on {card}, torch {torch.__version__}, copy bandwidth {bw / 1e12:.2f} TB/s, "
           f"weights {weight_bytes(model) / 1e9:.2f} GB, decode attention: dense {a.dense_decode}, "
-          f"clustered {a.clustered_decode}, pdl {a.pdl}, gemv {a.gemv}, new token {a.new_token}")
+          f"clustered {a.clustered_decode} (probs {a.clustered_probs}), pdl {a.pdl}, gemv {a.gemv}, "
+          f"new token {a.new_token}")
     if a.calibrate:
         return time_calibration(model, a.calibrate, a.calibrate_len, device)
     hdr = (f"{'config':<22}{'B':>4}{'T':>7}{'mode':>10}{'tok/s':>10}{'ms/tok':>9}{'GB/s':>8}{'%bw':>6}"

@@ -252,6 +252,11 @@ def _use_kernel(flag: bool | None, max_positions: int, q, k, pos) -> bool:
 # those ops, then kernels.dense_decode / clustered_decode (for A/B runs; the same numbers).
 NEW_TOKEN_IN_KERNEL = True
 
+# A clustered decode token outside the decode kernel's range (B x T > CLUSTERED_DECODE_MAX_POSITIONS) on CUDA:
+# kernels.clustered_probs (RoPE, cache writes, scores, softmax: two launches) and cuBLAS' batched GEMM over V,
+# instead of ~6 torch ops before that GEMM. False: the torch ops (for A/B runs).
+CLUSTERED_PROBS_KERNEL = True
+
 
 def dense_attention(q, k, v, mask, scale):
     # q [B, H, S, D], k/v [B, Hkv, T, D], mask [S, T] bool, or None: causal with the S queries at the last S of the
@@ -307,6 +312,19 @@ def decode_token(attn, q, k, v, rope, pos, lists=None):
         return kernels.dense_decode(q[:, :, 0], k_all, v_all, pos, attn.scale)[:, :, None]
     return kernels.clustered_decode(q[:, :, 0], k_all, v_all, members, start, slot_of_rep, pos,
                                     attn.scale)[:, :, None]
+
+
+def decode_probs_times_v(attn, q, k, v, rope, pos, head_to_cluster, slot_of_rep):
+    """One clustered token as kernels.clustered_probs (RoPE, cache writes, probabilities [B, H, T]) and one batched
+    GEMM over the cache's V: q [B, k, 1, D], k [B, n_slots, 1, D], v [B, Hkv, 1, D] as projected -> [B, H, 1, D]."""
+    cache = attn.kv_cache
+    cos, sin = (rope[0][0], rope[1][0]) if rope else (None, None)  # [D] at pos
+    probs = kernels.clustered_probs(q[:, :, 0], k[:, :, 0], v[:, :, 0], cos, sin, cache.k, cache.v, pos, attn.scale,
+                                    head_to_cluster, slot_of_rep)  # [B, H, T], zero past pos
+    B, H, T = probs.shape
+    Hkv, D = cache.v.shape[1], cache.v.shape[3]
+    out = probs_times_v(probs.view(B * Hkv, H // Hkv, T), cache.v[:B].view(B * Hkv, T, D))  # [B*Hkv, G, D]
+    return out.view(B, H, 1, D)
 
 
 def clustered_attention(q_rep, k_slots, v, head_to_cluster, slot_of_rep, mask, scale):
@@ -689,6 +707,9 @@ class ChaiLayer(nn.Module):
             # decode on CUDA: RoPE, the cache writes and a fused split-T attention in one launch (sums in fp32)
             lists = self.members[:B], self.cluster_start[:B], self.slot_of_rep[:B]
             return decode_token(attn, q, k, v, rope, pos, lists)
+        if CLUSTERED_PROBS_KERNEL and pos is not None and q.shape[2] == 1 and kernels.decode_available(q):
+            # decode past the kernel's range: the probabilities in two launches, then cuBLAS over V
+            return decode_probs_times_v(attn, q, k, v, rope, pos, self.head_to_cluster[:B], self.slot_of_rep[:B])
         q, k_all, v_all = rotate_and_cache(attn, q, k, v, rope, pos)  # k_all, v_all [B, n_slots | Hkv, T, D]
         slot_of_rep = None if self.n_k_slots == self.n_clusters else self.slot_of_rep[:B]
         return clustered_attention(q, k_all, v_all, self.head_to_cluster[:B], slot_of_rep, mask, self.scale)

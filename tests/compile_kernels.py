@@ -74,6 +74,19 @@ def main():
                   scale="fp32", **{n: None for n in ("H", "G", "W", "D", "BW", "BLOCK_D", "ROPE")})
     for G, rope in ((1, True), (4, False)):
         compile_one(k._window_kernel, window, dict(H=32, G=G, W=5, D=128, BW=16, BLOCK_D=128, ROPE=rope))
+    scores = dict(**{n: BF16 for n in ("q_ptr", "k_ptr", "v_ptr", "kn_ptr", "vn_ptr", "cos_ptr", "sin_ptr")},
+                  slot_ptr="*i64", pos_ptr="*i64", s_ptr="*fp32", m_ptr="*fp32", l_ptr="*fp32",
+                  **{n: I32 for n in ("sq_b", "sq_c", "sk_b", "sk_s", "sk_t", "sv_b", "sv_h", "sv_t", "skn_b", "skn_s",
+                                      "svn_b", "svn_h")},
+                  qk_scale="fp32", T=I32, SPLIT=I32, N_SPLITS=I32,
+                  **{n: None for n in ("K", "D", "N_SLOTS", "HKV", "BLOCK_T", "BLOCK_D", "STAGES", "ROPE", "PDL")})
+    for rope, pdl in ((True, True), (False, False)):
+        compile_one(k._cluster_scores_kernel, scores, dict(K=4, D=128, N_SLOTS=4, HKV=32, BLOCK_T=64, BLOCK_D=128,
+                                                           STAGES=2, ROPE=rope, PDL=pdl))
+    compile_one(k._cluster_probs_kernel,
+                dict(s_ptr="*fp32", m_ptr="*fp32", l_ptr="*fp32", h2c_ptr="*i64", pos_ptr="*i64", p_ptr=BF16, T=I32,
+                     SPLIT=I32, N_SPLITS=I32, H=None, K=None, BLOCK_T=None, BLOCK_S=None, PDL=None),
+                dict(H=32, K=4, BLOCK_T=1024, BLOCK_S=16, PDL=True))
     print("all kernels compile for sm90")
 
 

@@ -166,6 +166,81 @@ def new_token_case(B, H, Hkv, k, D, T, pos, dense=False, rope=True, op=False, de
     return max(errs)
 
 
+def probs_case(B, H, Hkv, k, D, T, pos, rope=True, op=False, split=None, device="cpu", dtype=torch.float32):
+    """kernels.clustered_probs (RoPE, the cache writes, the probabilities) then chai.probs_times_v, as
+    chai.decode_probs_times_v runs them, vs an fp64 reference -> the largest relative error of the probabilities,
+    the output and the written K and V rows. Also checks that the probabilities are exactly 0 past pos and that
+    nothing outside the rows at pos of the first B sequences is written."""
+    from chai_models.llama import apply_rope
+
+    x = {n: t.to(device) for n, t in inputs(B, H, Hkv, k, D, T, pos).items()}
+    x["q"] = x["q"].to(dtype)
+    gen = torch.Generator().manual_seed(2)
+    n_slots = x["k_slots"].shape[1]
+    k_new, v_new = (torch.randn(B, n, D, generator=gen).to(device, dtype) for n in (n_slots, Hkv))
+    k_cache = torch.cat([x["k_slots"], torch.randn(1, n_slots, T, D, generator=gen).to(device)]).to(dtype)
+    v_cache = torch.cat([x["v"], torch.randn(1, Hkv, T, D, generator=gen).to(device)]).to(dtype)  # [B + 1, ...]
+    k_cache[:B, :, pos], v_cache[:B, :, pos] = STALE, STALE  # the kernel must write these rows
+    if rope:
+        ang = (pos * 10000.0 ** (-torch.arange(0, D, 2, device=device) / D)).repeat(2)
+        cos, sin = ang.cos().to(dtype), ang.sin().to(dtype)
+        rot = lambda t: apply_rope(t, cos, sin)  # noqa: E731
+    else:
+        cos = sin = None
+        rot = lambda t: t  # noqa: E731
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    k_ref[:B, :, pos], v_ref[:B, :, pos] = rot(k_new), v_new
+    scale = D ** -0.5
+    mask = torch.arange(T, device=device)[None, :] <= pos
+    q64 = rot(x["q"]).double()  # [B, k, D]
+    k_rep = chai.batched_index(k_ref[:B].double(), x["slot_of_rep"])  # [B, k, T, D]
+    scores = torch.einsum("bcd,bctd->bct", q64, k_rep) * scale
+    p_ref = torch.softmax(scores.masked_fill(~mask, float("-inf")), -1)  # [B, k, T]
+    p_ref = chai.batched_index(p_ref, x["h2c"])  # [B, H, T]
+    ref = chai.clustered_attention(q64[:, :, None], k_ref[:B].double(), v_ref[:B].double(), x["h2c"],
+                                   x["slot_of_rep"], mask, scale)[:, :, 0]
+    args = (x["q"], k_new, v_new, cos, sin, k_cache, v_cache, torch.tensor([pos], device=device), scale, x["h2c"],
+            x["slot_of_rep"])
+    saved = kernels.CLUSTER_SCORES_SPLIT
+    kernels.CLUSTER_SCORES_SPLIT = split or saved
+    try:
+        if op == "opcheck":
+            r = torch.library.opcheck(torch.ops.chai_models.clustered_probs.default, args,
+                                      test_utils=("test_schema", "test_faketensor"))
+            assert all(v == "SUCCESS" for v in r.values()), r
+            k_cache.copy_(k_ref), v_cache.copy_(v_ref)  # opcheck ran the op: put back what it must write again
+            k_cache[:B, :, pos], v_cache[:B, :, pos] = STALE, STALE
+        probs = torch.ops.chai_models.clustered_probs(*args)
+    finally:
+        kernels.CLUSTER_SCORES_SPLIT = saved
+    assert probs.shape == (B, H, T) and probs.dtype == dtype
+    assert not probs[:, :, pos + 1:].any(), "probabilities past pos"
+    out = chai.probs_times_v(probs.view(B * Hkv, H // Hkv, T), v_cache[:B].reshape(B * Hkv, T, D)).view(B, H, D)
+
+    def rel(a, b):
+        return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+    errs = (rel(probs, p_ref), rel(out, ref), rel(k_cache[:B, :, pos], k_ref[:B, :, pos]),
+            rel(v_cache[:B, :, pos], v_ref[:B, :, pos]))
+    k_cache[:B, :, pos], v_cache[:B, :, pos] = k_ref[:B, :, pos], v_ref[:B, :, pos]
+    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref), "the kernel wrote outside the rows at pos"
+    return max(errs)
+
+
+PROBS_CASES = {
+    # name: (B, H, Hkv, k, D, T, pos, extra): kernels.clustered_probs
+    "probs_mha_k3": (2, 8, 8, 3, 16, 200, 150, {}),
+    "probs_pos_split_start": (2, 8, 8, 3, 16, 200, 128, dict(split=64)),  # pos alone in its split
+    "probs_pos0": (2, 8, 8, 3, 16, 100, 0, dict(split=32)),
+    "probs_pos_last_many_splits": (2, 8, 8, 3, 24, 100, 99, dict(split=16)),
+    "probs_k_lt_hkv_slots": (2, 12, 4, 3, 16, 100, 64, dict(split=32)),
+    "probs_k_ge_hkv_whole": (2, 12, 4, 7, 24, 100, 70, {}),
+    "probs_mha_k5_many_writers": (3, 16, 16, 5, 16, 300, 257, dict(split=64)),
+    "probs_no_rope": (2, 8, 2, 3, 16, 100, 57, dict(rope=False)),
+    "probs_opcheck": (2, 8, 8, 3, 16, 100, 57, dict(op="opcheck")),
+}
+
+
 def check_decode(B, H, Hkv, k, D, T, pos, dtype, device):
     """The op in dtype on device vs an fp64 reference -> (its relative error, that of the torch path in dtype)."""
     x = inputs(B, H, Hkv, k, D, T, pos, dense=k == H)
@@ -189,11 +264,13 @@ def check_decode(B, H, Hkv, k, D, T, pos, dtype, device):
     return rel(out), rel(torch_path(dtype))
 
 
-def model_case(n_kv_heads, spec, T, batch=2, seed=0, new_in_kernel=True):
+def model_case(n_kv_heads, spec, T, batch=2, seed=0, new_in_kernel=True, probs=False):
     """A tiny Llama (spec "dense", or CHAI with that spec), prefill then one-token decode steps: logits with the
     decode kernel (chai.DENSE_DECODE_KERNEL or CLUSTERED_DECODE_KERNEL, kernels.available forced on) vs the torch
     path. CHAI's prefill is W + 1 tokens, so its last row is already clustered; B = 2, each row its own membership.
-    new_in_kernel False: RoPE and the cache writes run as torch ops before the kernel (chai.NEW_TOKEN_IN_KERNEL)."""
+    new_in_kernel False: RoPE and the cache writes run as torch ops before the kernel (chai.NEW_TOKEN_IN_KERNEL).
+    probs: CHAI's decode through kernels.clustered_probs and a batched GEMM (the path past the decode kernel's
+    range) instead of the decode kernel."""
     from chai_models import ChaiConfig
     from chai_models.llama import Llama, LlamaConfig
     from chai_models.opt import OPT, OPTConfig
@@ -220,7 +297,7 @@ def model_case(n_kv_heads, spec, T, batch=2, seed=0, new_in_kernel=True):
     def logits(kernel):
         kernels.available = (lambda t: True) if kernel else available
         kernels.GEMV = "always" if kernel else "never"  # batch 1: the projections through kernels.gemv too
-        setattr(chai, flag, kernel)
+        setattr(chai, flag, kernel and not probs)
         chai.NEW_TOKEN_IN_KERNEL = new_in_kernel
         try:
             model.setup_caches(batch, T)
@@ -454,6 +531,9 @@ MODEL_CASES = {
     "model_dense_rope_outside": (2, "dense", 128, 1, 0, False),
     "model_opt_dense": ("opt", "dense", 128),  # OPT: the new token's row without RoPE
     "model_opt_chai": ("opt", "4,1,3", 128),
+    "model_probs_gqa": (2, "8,1,3", 128, 2, 0, True, True),  # kernels.clustered_probs, K slots and K whole
+    "model_probs_mha_b1": (8, "1:3", 64, 1, 0, True, True),
+    "model_probs_opt": ("opt", "4,1,3", 128, 2, 0, True, True),
 }
 
 NEW_TOKEN_CASES = {
@@ -509,11 +589,15 @@ def main():
     _fix_interpreter_range()
     results = {}
     names = sys.argv[1:] or (list(CASES) + list(NEW_TOKEN_CASES) + list(MODEL_CASES) + list(SILU_CASES)
-                             + list(GEMV_CASES) + list(MEMBERSHIP_CASES) + list(WINDOW_CASES) + ["inductor_fallbacks"])
+                             + list(GEMV_CASES) + list(MEMBERSHIP_CASES) + list(WINDOW_CASES) + list(PROBS_CASES)
+                             + ["inductor_fallbacks"])
     for name in names:
         try:
             if name == "inductor_fallbacks":
                 results[name] = fallback_case()
+            elif name in PROBS_CASES:
+                B, H, Hkv, k, D, T, pos, extra = PROBS_CASES[name]
+                results[name] = probs_case(B, H, Hkv, k, D, T, pos, **extra)
             elif name in WINDOW_CASES:
                 B, H, Hkv, D, p0, n, extra = WINDOW_CASES[name]
                 results[name] = window_case(B, H, Hkv, D, p0, n, **extra)

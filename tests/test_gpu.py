@@ -155,6 +155,26 @@ def test_window_kernel_matches_torch(shape, dtype):
     assert err < (1e-5 if dtype == torch.float32 else 1e-2), err
 
 
+PROBS_SHAPES = {  # name: (B, H, Hkv, k, D, T, pos)
+    "llama7b_b8_t2048": (8, 32, 32, 4, 128, 2048, 2000),
+    "llama7b_b1_t16384": (1, 32, 32, 4, 128, 16384, 12345),
+    "llama7b_b32_t512_pos_split_start": (32, 32, 32, 4, 128, 512, 384),
+    "gqa_slots": (4, 32, 8, 4, 128, 4096, 3000),
+    "gqa_whole_k": (2, 32, 4, 6, 128, 4096, 700),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", list(PROBS_SHAPES))
+def test_clustered_probs_matches_torch(shape, dtype):
+    """kernels.clustered_probs and the batched GEMM over V (chai.decode_probs_times_v's two steps) vs fp64: the
+    probabilities, the output and the written cache rows."""
+    from decode_kernel_cases import probs_case
+
+    err = probs_case(*PROBS_SHAPES[shape], device="cuda", dtype=dtype)
+    assert err < (1e-5 if dtype == torch.float32 else 1e-2), err
+
+
 DECODE_SHAPES = {  # name: (B, H, Hkv, k, D, T, pos)
     "llama7b_b1_t8192": (1, 32, 32, 4, 128, 8192, 8191),
     "llama7b_b1_t8192_mid": (1, 32, 32, 4, 128, 8192, 5000),
@@ -309,27 +329,31 @@ def test_gemv_logits_match_torch_path():
 
 
 @pytest.mark.parametrize("batch", [3, 1])
-@pytest.mark.parametrize("chai", [None, "2:3"], ids=["dense", "chai"])
+@pytest.mark.parametrize("chai", [None, "2:3", "2:3 probs"], ids=["dense", "chai", "chai-probs"])
 def test_tuned_compiled_decode_matches_eager(chai, batch):
     """The decode graph as benchmarked: coordinate-descent-tuned Triton GEMVs (batch 3) or kernels.gemv (batch 1)
     launched with programmatic dependent launch (sm90+), the Triton decode kernels and silu_mul. A kernel that
     read its input before the kernel writing it had finished would show here as a logits error far above fp32
-    rounding."""
+    rounding. "probs": CHAI's path past the decode kernel's range (kernels.clustered_probs, then cuBLAS over V),
+    against the torch ops in eager."""
     from chai_models import chai as chai_mod
     from chai_models import generation
 
     model = cuda_model(4)
     generation.TUNE_DECODE = True
-    dense_kernel = chai_mod.DENSE_DECODE_KERNEL
+    saved = chai_mod.DENSE_DECODE_KERNEL, chai_mod.CLUSTERED_DECODE_KERNEL, chai_mod.CLUSTERED_PROBS_KERNEL
     chai_mod.DENSE_DECODE_KERNEL = True
     try:
         if chai:
-            model.set_chai(ChaiConfig.from_spec(chai, 4, 8))
+            model.set_chai(ChaiConfig.from_spec(chai.split()[0], 4, 8))
+        if chai and chai.endswith("probs"):
+            chai_mod.CLUSTERED_DECODE_KERNEL = False
         tokens = torch.randint(0, 256, (batch, 48), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
         fast = stepwise_logits(model, tokens, 8, generation.decode_step(model, compile=True))[:, 8:]
+        chai_mod.CLUSTERED_PROBS_KERNEL = False
         ref = stepwise_logits(model, tokens, 8)[:, 8:]  # the one-token steps: prefill is eager in both
         assert ((fast - ref).norm() / ref.norm()).item() < 1e-5
         assert torch.equal(fast.argmax(-1), ref.argmax(-1))
     finally:
         generation.TUNE_DECODE = False
-        chai_mod.DENSE_DECODE_KERNEL = dense_kernel
+        chai_mod.DENSE_DECODE_KERNEL, chai_mod.CLUSTERED_DECODE_KERNEL, chai_mod.CLUSTERED_PROBS_KERNEL = saved

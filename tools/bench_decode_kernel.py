@@ -96,6 +96,16 @@ class Case:
                                         None if self.n_slots == self.k else self.slot_of_rep, self.mask,
                                         self.scale)[:, :, 0]
 
+    def probs(self, b):
+        """kernels.clustered_probs (the new row at pos rewritten with the value it holds) and the batched GEMM over
+        V: CHAI's decode past the Triton kernel's range (chai.decode_probs_times_v, without RoPE)."""
+        k_new = b["k_slots"][:, :, self.pos]
+        v_new = b["v"][:, :, self.pos]
+        p = kernels.clustered_probs(b["q"], k_new, v_new, None, None, b["k_slots"], b["v"], self.pos_t, self.scale,
+                                    self.h2c, self.slot_of_rep)  # [B, H, T]
+        B, T = self.B, self.T
+        return chai.probs_times_v(p.view(B * HKV, H // HKV, T), b["v"].view(B * HKV, T, D)).view(B, H, D)
+
     def sdpa(self, b):
         return chai.dense_attention(b["q_full"], b["k_full"], b["v"], self.mask, self.scale)[:, :, 0]
 
@@ -176,6 +186,7 @@ def main():
     p.add_argument("--pos", type=float, default=1.0, help="fraction of the cache that is valid (pos + 1 = frac T)")
     p.add_argument("--quick", action="store_true", help="fewer replays (a rough table in under a minute)")
     p.add_argument("--sweep", action="store_true", help="also tune the kernel's launch parameters per row")
+    p.add_argument("--sweep-probs", action="store_true", help="also time kernels.clustered_probs' split lengths")
     p.add_argument("--trace", action="store_true", help="print the traceback of a failing variant")
     a = p.parse_args()
     if not torch.cuda.is_available():
@@ -194,8 +205,17 @@ def main():
             print(f"{B:>3} {T:>6} {k:>3}  setup FAILED {type(e).__name__}: {e}")
             continue
         rows = [measure(case, "triton", case.triton, ref, calls, iters),
-                measure(case, "torch", case.torch_path, ref, calls, iters),
-                measure(case, "sdpa", case.sdpa, ref if case.dense else None, calls, iters)]
+                measure(case, "torch", case.torch_path, ref, calls, iters)]
+        if not case.dense:
+            rows.append(measure(case, "probs", case.probs, ref, calls, iters))
+            if a.sweep_probs:  # the scores kernel's positions per program / per tile
+                saved = kernels.CLUSTER_SCORES_SPLIT, kernels.CLUSTER_SCORES_BLOCK_T
+                for split, block_t in itertools.product((64, 128, 256, 512), (32, 64, 128)):
+                    kernels.CLUSTER_SCORES_SPLIT, kernels.CLUSTER_SCORES_BLOCK_T = split, block_t
+                    rows.append(measure(case, f"p{split}/{block_t}", case.probs, ref, calls, iters))
+                kernels.CLUSTER_SCORES_SPLIT, kernels.CLUSTER_SCORES_BLOCK_T = saved
+        rows += [
+                 measure(case, "sdpa", case.sdpa, ref if case.dense else None, calls, iters)]
         base = {r["variant"]: r["us"] for r in rows if "us" in r}
         for row in rows:
             print(fmt(B, T, k, row, case.bytes["sdpa" if row["variant"] == "sdpa" else "chai"], base))
