@@ -26,8 +26,11 @@ def main():
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--clustered-probs", default="kernel", choices=["kernel", "torch"],
                    help="chai.CLUSTERED_PROBS_KERNEL (see chai_models.bench)")
+    p.add_argument("--clustered-decode", default="auto", choices=["auto", "torch", "triton"],
+                   help="chai.CLUSTERED_DECODE_KERNEL (see chai_models.bench)")
     a = p.parse_args()
     chai.CLUSTERED_PROBS_KERNEL = a.clustered_probs == "kernel"
+    chai.CLUSTERED_DECODE_KERNEL = {"auto": None, "torch": False, "triton": True}[a.clustered_decode]
     model = random_model(a.shape, torch.device("cuda"), torch.bfloat16)
     if a.chai:
         model.set_chai(ChaiConfig.from_spec(a.chai, model.config.n_layers, model.config.n_heads))
@@ -56,7 +59,8 @@ def main():
             torch.cuda.synchronize()
     events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
     gpu = sum(e.self_device_time_total for e in events) / n / 1e6
-    print(f"{a.shape} chai={a.chai} (probs {a.clustered_probs}) B={B} T={T}: wall {wall * 1e3:.3f} ms/step, kernels "
+    print(f"{a.shape} chai={a.chai} (clustered {a.clustered_decode}, probs {a.clustered_probs}) B={B} T={T}: "
+          f"wall {wall * 1e3:.3f} ms/step, kernels "
           f"{gpu * 1e3:.3f} ms/step, bytes {step_bytes(model, B) / 1e9:.2f} GB -> "
           f"{step_bytes(model, B) / wall / 1e9:.0f} GB/s wall, {step_bytes(model, B) / gpu / 1e9:.0f} GB/s kernels")
     for e in sorted(events, key=lambda e: -e.self_device_time_total)[:25]:
