@@ -229,11 +229,11 @@ def expand_kv(t: torch.Tensor, n_heads: int) -> torch.Tensor:
 # The fused Triton decode kernels (kernels.py) for one-token attention on CUDA, instead of the torch paths:
 # CLUSTERED for CHAI's clustered layers (kernels.clustered_decode instead of scores + softmax + batched GEMM),
 # DENSE for dense layers (kernels.dense_decode instead of SDPA). None (the default) picks per call: the kernel
-# while the cache holds at most *_MAX_POSITIONS positions (B x T), above that SDPA (dense) or CLUSTERED_PROBS_KERNEL's
-# path (CHAI). True / False: always / never. Measured (docs/performance.md): dense_decode takes 8.8 vs SDPA's 14.1 us for one 7B layer at B=1, T=512
-# and 14.1 vs 16.1 at T=1024 (H200), but cuDNN wins from T=2048 or B=8. One clustered 7B layer on an H100: the
-# kernel 61 us vs 64 (clustered_probs + cuBLAS) at B=8, T=2048, 62 vs 73 at B=1, T=16384, 435 vs 431 at B=8,
-# T=16384; in the compiled B=8, T=2048 step 8.331 vs 8.414 ms.
+# while the cache holds at most *_MAX_POSITIONS positions (B x T); above that SDPA (dense) or the path of
+# CLUSTERED_PROBS_KERNEL (CHAI). True / False: always / never. Measured (docs/performance.md): dense_decode takes
+# 8.8 vs SDPA's 14.1 us for one 7B layer at B=1, T=512 and 14.1 vs 16.1 at T=1024 (H200), but cuDNN wins from
+# T=2048 or B=8. One clustered 7B layer on an H100: the kernel 61 us vs 64 (clustered_probs + cuBLAS) at B=8,
+# T=2048, 62 vs 73 at B=1, T=16384, 435 vs 431 at B=8, T=16384; in the compiled B=8, T=2048 step 8.331 vs 8.414 ms.
 CLUSTERED_DECODE_KERNEL: bool | None = None
 CLUSTERED_DECODE_MAX_POSITIONS = 16384
 DENSE_DECODE_KERNEL: bool | None = None
