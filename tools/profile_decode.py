@@ -38,7 +38,11 @@ def main():
     model.setup_caches(B, T)
     chai.reset(model)
     with torch.no_grad():
-        model(torch.zeros(B, 8, dtype=torch.long, device="cuda"), torch.arange(8, device="cuda"))
+        # a random prompt, as bench.bench_decode: CHAI's clusters (and the decode kernel's work per program) depend
+        # on it; identical rows of zeros give every sequence the same membership
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        prompt = torch.randint(0, model.config.vocab_size, (B, 8), device="cuda", generator=gen)
+        model(prompt, torch.arange(8, device="cuda"))
         step = decode_step(model, True)
         tok = torch.zeros(B, 1, dtype=torch.long, device="cuda")
         pos = torch.tensor([T - 40], device="cuda")
