@@ -248,8 +248,8 @@ def _use_kernel(flag: bool | None, max_positions: int, q, k, pos) -> bool:
 
 
 # A decode token's RoPE and its K/V cache writes happen inside the decode kernel's launch (kernels.new_token_decode)
-# rather than as torch ops before it (launches of their own between the Q/K/V projection and attention). False:
-# those ops, then kernels.dense_decode / clustered_decode (for A/B runs; the same numbers).
+# rather than as torch ops before it (launches of their own between the Q/K/V projection and attention), and in
+# one launch before SDPA (kernels.rope_and_cache). False: those torch ops (for A/B runs; the same numbers).
 NEW_TOKEN_IN_KERNEL = True
 
 # A clustered decode token outside the decode kernel's range (B x T > CLUSTERED_DECODE_MAX_POSITIONS) on CUDA:
@@ -284,6 +284,12 @@ def attend(attn, q, k, v, rope, pos, mask):
         return dense_attention(attn.rotate(q, rope), attn.rotate(k, rope), v, mask, attn.scale)
     if _use_kernel(DENSE_DECODE_KERNEL, DENSE_DECODE_MAX_POSITIONS, q, attn.kv_cache.k, pos):
         return decode_token(attn, q, k, v, rope, pos)
+    if NEW_TOKEN_IN_KERNEL and q.shape[2] == 1 and kernels.decode_available(q):
+        # a decode token for SDPA: RoPE and the cache writes in one launch (three inductor kernels otherwise)
+        cache, B = attn.kv_cache, q.shape[0]
+        cos, sin = (rope[0][0], rope[1][0]) if rope else (None, None)  # [D] at pos
+        q = kernels.rope_and_cache(q[:, :, 0], k[:, :, 0], v[:, :, 0], cos, sin, cache.k, cache.v, pos)[:, :, None]
+        return dense_attention(q, cache.k[:B], cache.v[:B], mask, attn.scale)
     q, k, v = rotate_and_cache(attn, q, k, v, rope, pos)  # k, v [B, Hkv, T, D]
     if q.shape[2] > 1:  # a prefill chunk: keys 0..start+S-1 (the mask's width), causal (prepare_cache_call)
         n = mask.shape[-1]

@@ -11,6 +11,7 @@
   dense_decode is its one-head-per-cluster special case. new_token_decode is the same kernel taking the token's
   q/k/v as projected: it applies RoPE and writes the new K/V rows itself. chai.CLUSTERED_DECODE_KERNEL and
   chai.DENSE_DECODE_KERNEL choose them (by default: for small caches); docs/performance.md has the numbers.
+- rope_and_cache: a decode token's RoPE and K/V cache writes alone, in one launch, before SDPA.
 - clustered_probs: the same token's probabilities alone (one row per query head), for caches past the decode
   kernel's range, where cuBLAS' batched GEMM over V (chai.probs_times_v) streams faster than a Triton loop.
 - silu_mul: SwiGLU's silu(gate) * up, one launch, and a boundary torch.compile does not fuse across.
@@ -617,6 +618,64 @@ def _(q, k, v, cos, sin, k_cache, v_cache, pos, scale, members, cluster_start, s
 
 
 # ----------------------------------------------------------------------------------------------------
+# A decode token's RoPE and K/V cache writes in one launch, for attention that runs outside our kernels (SDPA past
+# the dense decode kernel's range). As inductor kernels these were three launches per layer, and the tuned V write
+# alone measured 1.9 us in one process and 11.2 us in another (H100, 7B, B=8): most of the spread between runs.
+
+if triton is not None:
+
+    @triton.jit
+    def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, pos_ptr, qo_ptr,
+                           sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, skc_b, skc_h, skc_t, svc_b, svc_h, svc_t,
+                           H: tl.constexpr, N_K: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+                           BLOCK_D: tl.constexpr, ROPE: tl.constexpr, PDL: tl.constexpr):
+        # one program per (head h, sequence b): q's row h rotated into qo, and K / V rows h (if any) into the caches
+        h, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+        pos = tl.load(pos_ptr)
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        qr = _new_row(q_ptr + b * sq_b + h * sq_h, d, d_ok, cos_ptr, sin_ptr, D, ROPE)
+        tl.store(qo_ptr + (b * H + h) * D + d, qr, mask=d_ok)
+        if h < N_K:
+            kr = _new_row(k_ptr + b * sk_b + h * sk_h, d, d_ok, cos_ptr, sin_ptr, D, ROPE)
+            tl.store(kc_ptr + b * skc_b + h * skc_h + pos * skc_t + d, kr, mask=d_ok)
+        if h < HKV:
+            vr = tl.load(v_ptr + b * sv_b + h * sv_h + d, mask=d_ok, other=0.0)
+            tl.store(vc_ptr + b * svc_b + h * svc_h + pos * svc_t + d, vr, mask=d_ok)
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+
+
+@torch.library.custom_op("chai_models::rope_and_cache", mutates_args=("k_cache", "v_cache"))
+def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor | None,
+                   sin: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   pos: torch.Tensor) -> torch.Tensor:
+    """One decode token: q [B, H, D], k [B, n_k, D], v [B, Hkv, D] as projected; RoPE (cos, sin [D] at pos, or None)
+    on q and k, RoPE(k) and v written into k_cache [B_max, n_k, T, D] / v_cache [B_max, Hkv, T, D] at pos [1]
+    -> RoPE(q) [B, H, D]. Equal to chai.rotate_and_cache, in one launch."""
+    B, H, D = q.shape
+    n_k, Hkv = k.shape[1], v.shape[1]
+    assert H >= max(n_k, Hkv), "one program per query head writes the K and V rows of the same index"
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    rope = cos is not None
+    cos, sin = (cos.contiguous(), sin.contiguous()) if rope else (q, q)  # unused without RoPE
+    q_out = torch.empty(B, H, D, dtype=q.dtype, device=q.device)
+    _rope_cache_kernel[(H, B)](q, k, v, cos, sin, k_cache, v_cache, pos, q_out, q.stride(0), q.stride(1),
+                               k.stride(0), k.stride(1), v.stride(0), v.stride(1), k_cache.stride(0),
+                               k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
+                               v_cache.stride(2), H=H, N_K=n_k, HKV=Hkv, D=D, BLOCK_D=triton.next_power_of_2(D),
+                               ROPE=rope, num_warps=1, **_pdl_kwargs(q.device))
+    return q_out
+
+
+@rope_and_cache.register_fake
+def _(q, k, v, cos, sin, k_cache, v_cache, pos):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+# ----------------------------------------------------------------------------------------------------
 # CHAI's decode probabilities for long caches and batches (B x T past the decode kernel's range), where cuBLAS'
 # batched GEMM streams V faster than a Triton loop: one launch splits the representatives' scores over T (RoPE
 # and the new K/V rows in it too), a second turns them into one bf16 row of probabilities per query head, and
@@ -1029,7 +1088,7 @@ def register_inductor_fallbacks() -> None:
     ops = [torch.ops.chai_models.clustered_decode.default, torch.ops.chai_models.dense_decode.default,
            torch.ops.chai_models.new_token_decode.default, torch.ops.chai_models.silu_mul.default,
            torch.ops.chai_models.gemv.default, torch.ops.chai_models.probs_times_v.default,
-           torch.ops.chai_models.clustered_probs.default]
+           torch.ops.chai_models.clustered_probs.default, torch.ops.chai_models.rope_and_cache.default]
     for op in ops:
         if op not in lowering.lowerings:
             tag = get_layout_constraint_tag(op, with_default=True)

@@ -87,6 +87,13 @@ def main():
                 dict(s_ptr="*fp32", m_ptr="*fp32", l_ptr="*fp32", h2c_ptr="*i64", pos_ptr="*i64", p_ptr=BF16, T=I32,
                      SPLIT=I32, N_SPLITS=I32, H=None, K=None, BLOCK_T=None, BLOCK_S=None, PDL=None),
                 dict(H=32, K=4, BLOCK_T=1024, BLOCK_S=16, PDL=True))
+    rope_cache = dict(**{n: BF16 for n in ("q_ptr", "k_ptr", "v_ptr", "cos_ptr", "sin_ptr", "kc_ptr", "vc_ptr")},
+                      pos_ptr="*i64", qo_ptr=BF16,
+                      **{n: I32 for n in ("sq_b", "sq_h", "sk_b", "sk_h", "sv_b", "sv_h", "skc_b", "skc_h", "skc_t",
+                                          "svc_b", "svc_h", "svc_t")},
+                      **{n: None for n in ("H", "N_K", "HKV", "D", "BLOCK_D", "ROPE", "PDL")})
+    for rope, pdl in ((True, True), (False, False)):
+        compile_one(k._rope_cache_kernel, rope_cache, dict(H=32, N_K=8, HKV=8, D=128, BLOCK_D=128, ROPE=rope, PDL=pdl))
     print("all kernels compile for sm90")
 
 

@@ -227,6 +227,57 @@ def probs_case(B, H, Hkv, k, D, T, pos, rope=True, op=False, split=None, device=
     return max(errs)
 
 
+def rope_cache_case(B, H, n_k, Hkv, D, T, pos, rope=True, op=False):
+    """kernels.rope_and_cache vs chai.rotate_and_cache (fp32): the largest relative error of the rotated q and the
+    written rows; checks that nothing outside the rows at pos of the first B sequences is written."""
+    from chai_models.llama import apply_rope
+
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(B, 1, H, D, generator=gen).transpose(1, 2)  # [B, H, 1, D] as projected (strided)
+    k = torch.randn(B, 1, n_k, D, generator=gen).transpose(1, 2)
+    v = torch.randn(B, 1, Hkv, D, generator=gen).transpose(1, 2)
+    k_cache, v_cache = torch.randn(B + 1, n_k, T, D, generator=gen), torch.randn(B + 1, Hkv, T, D, generator=gen)
+    ang = (pos * 10000.0 ** (-torch.arange(0, D, 2) / D)).repeat(2)
+    cos, sin = (ang.cos(), ang.sin()) if rope else (None, None)
+
+    class Attn:  # what rotate_and_cache uses of a model's attention module
+        class kv_cache:
+            k, v = k_cache.clone(), v_cache.clone()
+
+            @classmethod
+            def update_k(cls, p, t):
+                cls.k[: t.shape[0]].index_copy_(2, p, t)
+                return cls.k[: t.shape[0]]
+
+            @classmethod
+            def update_v(cls, p, t):
+                cls.v[: t.shape[0]].index_copy_(2, p, t)
+                return cls.v[: t.shape[0]]
+
+        @staticmethod
+        def rotate(t, r):
+            return apply_rope(t, *r) if r else t
+
+    pos_t = torch.tensor([pos])
+    q_ref = chai.rotate_and_cache(Attn, q, k, v, ((cos[None], sin[None]) if rope else ()), pos_t)[0][:, :, 0]
+    args = (q[:, :, 0], k[:, :, 0], v[:, :, 0], cos, sin, k_cache, v_cache, pos_t)
+    if op == "opcheck":
+        r = torch.library.opcheck(torch.ops.chai_models.rope_and_cache.default, args,
+                                  test_utils=("test_schema", "test_faketensor"))
+        assert all(x == "SUCCESS" for x in r.values()), r
+    q_out = torch.ops.chai_models.rope_and_cache(*args)
+    assert torch.equal(k_cache, Attn.kv_cache.k) and torch.equal(v_cache, Attn.kv_cache.v)
+    return ((q_out - q_ref).norm() / q_ref.norm()).item()
+
+
+ROPE_CACHE_CASES = {  # name: (B, H, n_k, Hkv, D, T, pos, extra)
+    "rope_cache_mha": (2, 8, 8, 8, 16, 20, 7, {}),
+    "rope_cache_gqa_d24": (3, 8, 2, 2, 24, 20, 19, {}),
+    "rope_cache_no_rope": (2, 4, 4, 4, 16, 20, 0, dict(rope=False)),
+    "rope_cache_opcheck": (2, 8, 4, 4, 16, 20, 5, dict(op="opcheck")),
+}
+
+
 PROBS_CASES = {
     # name: (B, H, Hkv, k, D, T, pos, extra): kernels.clustered_probs
     "probs_mha_k3": (2, 8, 8, 3, 16, 200, 150, {}),
@@ -269,8 +320,8 @@ def model_case(n_kv_heads, spec, T, batch=2, seed=0, new_in_kernel=True, probs=F
     decode kernel (chai.DENSE_DECODE_KERNEL or CLUSTERED_DECODE_KERNEL, kernels.available forced on) vs the torch
     path. CHAI's prefill is W + 1 tokens, so its last row is already clustered; B = 2, each row its own membership.
     new_in_kernel False: RoPE and the cache writes run as torch ops before the kernel (chai.NEW_TOKEN_IN_KERNEL).
-    probs: CHAI's decode through kernels.clustered_probs and a batched GEMM (the path past the decode kernel's
-    range) instead of the decode kernel."""
+    probs: the path past the decode kernel's range instead of the decode kernel: for CHAI kernels.clustered_probs
+    and a batched GEMM, for dense kernels.rope_and_cache and SDPA."""
     from chai_models import ChaiConfig
     from chai_models.llama import Llama, LlamaConfig
     from chai_models.opt import OPT, OPTConfig
@@ -534,6 +585,9 @@ MODEL_CASES = {
     "model_probs_gqa": (2, "8,1,3", 128, 2, 0, True, True),  # kernels.clustered_probs, K slots and K whole
     "model_probs_mha_b1": (8, "1:3", 64, 1, 0, True, True),
     "model_probs_opt": ("opt", "4,1,3", 128, 2, 0, True, True),
+    # dense with the decode kernel off: kernels.rope_and_cache, then SDPA
+    "model_rope_cache_gqa": (2, "dense", 128, 2, 0, True, True),
+    "model_rope_cache_opt": ("opt", "dense", 128, 2, 0, True, True),
 }
 
 NEW_TOKEN_CASES = {
@@ -590,11 +644,14 @@ def main():
     results = {}
     names = sys.argv[1:] or (list(CASES) + list(NEW_TOKEN_CASES) + list(MODEL_CASES) + list(SILU_CASES)
                              + list(GEMV_CASES) + list(MEMBERSHIP_CASES) + list(WINDOW_CASES) + list(PROBS_CASES)
-                             + ["inductor_fallbacks"])
+                             + list(ROPE_CACHE_CASES) + ["inductor_fallbacks"])
     for name in names:
         try:
             if name == "inductor_fallbacks":
                 results[name] = fallback_case()
+            elif name in ROPE_CACHE_CASES:
+                B, H, n_k, Hkv, D, T, pos, extra = ROPE_CACHE_CASES[name]
+                results[name] = rope_cache_case(B, H, n_k, Hkv, D, T, pos, **extra)
             elif name in PROBS_CASES:
                 B, H, Hkv, k, D, T, pos, extra = PROBS_CASES[name]
                 results[name] = probs_case(B, H, Hkv, k, D, T, pos, **extra)

@@ -15,7 +15,7 @@ import torch
 
 from chai_models import chai
 from decode_kernel_cases import (CASES, GEMV_CASES, MEMBERSHIP_CASES, MODEL_CASES, NEW_TOKEN_CASES, PROBS_CASES,
-                                 SILU_CASES, WINDOW_CASES)
+                                 ROPE_CACHE_CASES, SILU_CASES, WINDOW_CASES)
 
 HERE = Path(__file__).resolve().parent
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
@@ -34,7 +34,7 @@ def interpreted():
 @needs_triton
 @pytest.mark.parametrize("name", list(CASES) + list(NEW_TOKEN_CASES) + list(MODEL_CASES) + list(SILU_CASES)
                          + list(GEMV_CASES) + list(MEMBERSHIP_CASES) + list(WINDOW_CASES) + list(PROBS_CASES)
-                         + ["inductor_fallbacks"])
+                         + list(ROPE_CACHE_CASES) + ["inductor_fallbacks"])
 def test_kernel_matches_torch_decode(interpreted, name):
     err = interpreted[name]
     assert not isinstance(err, str), err  # a traceback
