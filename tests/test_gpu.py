@@ -329,31 +329,35 @@ def test_gemv_logits_match_torch_path():
 
 
 @pytest.mark.parametrize("batch", [3, 1])
-@pytest.mark.parametrize("chai", [None, "2:3", "2:3 probs"], ids=["dense", "chai", "chai-probs"])
+@pytest.mark.parametrize("chai", [None, "dense sdpa", "2:3", "2:3 probs"], ids=["dense", "dense-sdpa", "chai",
+                                                                               "chai-probs"])
 def test_tuned_compiled_decode_matches_eager(chai, batch):
     """The decode graph as benchmarked: coordinate-descent-tuned Triton GEMVs (batch 3) or kernels.gemv (batch 1)
     launched with programmatic dependent launch (sm90+), the Triton decode kernels and silu_mul. A kernel that
     read its input before the kernel writing it had finished would show here as a logits error far above fp32
     rounding. "probs": CHAI's path past the decode kernel's range (kernels.clustered_probs, then cuBLAS over V),
-    against the torch ops in eager."""
+    against the torch ops in eager; "sdpa": dense past it (kernels.rope_and_cache, then SDPA), likewise."""
     from chai_models import chai as chai_mod
     from chai_models import generation
 
     model = cuda_model(4)
     generation.TUNE_DECODE = True
-    saved = chai_mod.DENSE_DECODE_KERNEL, chai_mod.CLUSTERED_DECODE_KERNEL, chai_mod.CLUSTERED_PROBS_KERNEL
-    chai_mod.DENSE_DECODE_KERNEL = True
+    saved = (chai_mod.DENSE_DECODE_KERNEL, chai_mod.CLUSTERED_DECODE_KERNEL, chai_mod.CLUSTERED_PROBS_KERNEL,
+             chai_mod.NEW_TOKEN_IN_KERNEL)
+    chai_mod.DENSE_DECODE_KERNEL = chai != "dense sdpa"
     try:
-        if chai:
+        if chai and chai != "dense sdpa":
             model.set_chai(ChaiConfig.from_spec(chai.split()[0], 4, 8))
         if chai and chai.endswith("probs"):
             chai_mod.CLUSTERED_DECODE_KERNEL = False
         tokens = torch.randint(0, 256, (batch, 48), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
         fast = stepwise_logits(model, tokens, 8, generation.decode_step(model, compile=True))[:, 8:]
         chai_mod.CLUSTERED_PROBS_KERNEL = False
+        chai_mod.NEW_TOKEN_IN_KERNEL = chai != "dense sdpa"
         ref = stepwise_logits(model, tokens, 8)[:, 8:]  # the one-token steps: prefill is eager in both
         assert ((fast - ref).norm() / ref.norm()).item() < 1e-5
         assert torch.equal(fast.argmax(-1), ref.argmax(-1))
     finally:
         generation.TUNE_DECODE = False
-        chai_mod.DENSE_DECODE_KERNEL, chai_mod.CLUSTERED_DECODE_KERNEL, chai_mod.CLUSTERED_PROBS_KERNEL = saved
+        (chai_mod.DENSE_DECODE_KERNEL, chai_mod.CLUSTERED_DECODE_KERNEL, chai_mod.CLUSTERED_PROBS_KERNEL,
+         chai_mod.NEW_TOKEN_IN_KERNEL) = saved
