@@ -2,7 +2,7 @@
 # GPU work in few calls: the GPU tests and the benchmark tables. Logs go under $OUT (the device tool brings them
 # back). Usage: bash tools/gpu_session.sh STEP... with STEP in: tests b1_512 b1_8192 b8_2048 hf capacity opt calib
 # b1_512_attn b1_512_pdl b1_512_gemv b1_512_new chai_new chai_kernel decode_kernel decode_quick decode_sweep prof prof8
-# ttft prof8_probs prof8_kernel gpu_probs probs_op b8_paths
+# ttft prof8_probs prof8_kernel gpu_probs probs_op b8_paths tests_tuned
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -56,6 +56,8 @@ for step in "$@"; do
                 timeout -k 5 "$LIMIT" python tools/profile_decode.py --shape llama-2-7b --batch 8 --context 2048 \
                   --chai llama-7b --clustered-decode $path
               done ;;
+    tests_tuned) timeout -k 5 "$LIMIT" python -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider \
+                   -W ignore::DeprecationWarning -k tuned 2>&1 ;;
     gpu_probs) timeout -k 5 "$LIMIT" python -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider \
                  -W ignore::DeprecationWarning -k probs 2>&1 ;;
   esac 2>&1 | tee "$OUT/$step.log"
