@@ -126,6 +126,10 @@ def bench_decode(model, B: int, T: int, compiled: bool, steps: int = 32, repeats
 
     device = next(model.parameters()).device
     timer = _time_cuda if device.type == "cuda" else _time_cpu
+    if device.type == "cuda":  # peak over this configuration: weights, caches, activations, CUDA-graph pools
+        model.clear_caches()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
     model.setup_caches(B, T)
     chai.reset(model)
     W = model.chai_config.window if model.chai_config else 1
@@ -148,8 +152,9 @@ def bench_decode(model, B: int, T: int, compiled: bool, steps: int = 32, repeats
             step(tok, pos)
 
     t = _median([timer(run) for _ in range(repeats)]) / steps
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return {"s_per_step": t, "first_call_s": first, "bytes": step_bytes(model, B),
-            "kv_bytes": model.kv_cache_bytes()["total"]}
+            "kv_bytes": model.kv_cache_bytes()["total"], "peak_bytes": peak}
 
 
 @torch.no_grad()
@@ -198,7 +203,8 @@ def capacity(model, T: int, budget_bytes: int, b_max: int = 4096) -> int:
 
 
 def hf_decode(shape: str, B: int, T: int, device, dtype, steps: int = 32) -> float | None:
-    """Seconds per decode step of transformers' model of the same shape, static cache + torch.compile."""
+    """(Seconds per decode step, peak allocated bytes or None) of transformers' model of the same shape, static
+    cache + torch.compile; None without transformers."""
     try:
         import transformers
     except ImportError:
@@ -209,6 +215,8 @@ def hf_decode(shape: str, B: int, T: int, device, dtype, steps: int = 32) -> flo
                                    num_attention_heads=s["n_heads"], num_key_value_heads=s["n_kv_heads"],
                                    head_dim=s["head_dim"], max_position_embeddings=s["max_seq_len"],
                                    tie_word_embeddings=s.get("tie_word_embeddings", False))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     with torch.device(device):
         hf = transformers.LlamaForCausalLM(cfg).to(dtype).eval()
     prompt = torch.randint(0, s["vocab_size"], (B, T - steps - 1), device=device)
@@ -222,7 +230,8 @@ def hf_decode(shape: str, B: int, T: int, device, dtype, steps: int = 32) -> flo
         timer = _time_cuda if device.type == "cuda" else _time_cpu
         t_long = _median([timer(lambda: run(steps)) for _ in range(3)])
         t_short = _median([timer(lambda: run(1)) for _ in range(3)])
-    return (t_long - t_short) / (steps - 1)  # the model is freed with this frame
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return (t_long - t_short) / (steps - 1), peak  # the model is freed with this frame
 
 
 def time_calibration(model, n: int, length: int, device) -> int:
@@ -267,17 +276,22 @@ def _process_per_config(argv, a, device, dtype) -> int:
     return 0
 
 
+def _mb(n) -> str:
+    return "-" if n is None else f"{n / 1e6:.0f}"
+
+
 def _print_hf(a, device, dtype) -> None:
     for B in a.batch:
         for T in a.context:
             try:
-                t = hf_decode(a.shape, B, T, device, dtype, a.steps)
+                r = hf_decode(a.shape, B, T, device, dtype, a.steps)
             except Exception as e:  # report, don't hide: HF's compile path changes between releases
                 print(f"{'transformers':<22}{B:>4}{T:>7}  failed: {type(e).__name__}: {e}"[:300])
                 continue
-            if t is not None:
+            if r is not None:
+                t, peak = r
                 print(f"{'transformers static+compile':<22}{B:>4}{T:>7}{'compiled':>10}{B / t:>10.1f}"
-                      f"{t * 1000:>9.3f}", flush=True)
+                      f"{t * 1000:>9.3f}{'':>8}{'':>6}{'':>9}{_mb(peak):>9}", flush=True)
 
 
 def main(argv=None) -> int:
@@ -348,7 +362,7 @@ def main(argv=None) -> int:
     if a.calibrate:
         return time_calibration(model, a.calibrate, a.calibrate_len, device)
     hdr = (f"{'config':<22}{'B':>4}{'T':>7}{'mode':>10}{'tok/s':>10}{'ms/tok':>9}{'GB/s':>8}{'%bw':>6}"
-           f"{'KV MB':>9}{'vs dense':>9}{'ideal':>7}")
+           f"{'KV MB':>9}{'peak MB':>9}{'vs dense':>9}{'ideal':>7}")
     print(hdr)
     dense_ref = {} if a.child is None else {tuple(json.loads(k)): r for k, r in json.loads(a.child).items()}
     for spec in a.chai:
@@ -377,7 +391,8 @@ def main(argv=None) -> int:
                     speed = f"{ref['s_per_step'] / t:>8.3f}x" if ref and cfg is not None else f"{'':>9}"
                     ideal = f"{ref['bytes'] / r['bytes']:>6.3f}x" if ref and cfg is not None else f"{'':>7}"
                     line = (f"{spec:<22}{B:>4}{T:>7}{mode:>10}{B / t:>10.1f}{t * 1000:>9.3f}{gbs:>8.0f}"
-                            f"{100 * gbs * 1e9 / bw:>6.1f}{r['kv_bytes'] / 1e6:>9.1f}{speed}{ideal}")
+                            f"{100 * gbs * 1e9 / bw:>6.1f}{r['kv_bytes'] / 1e6:>9.1f}{_mb(r['peak_bytes']):>9}"
+                            f"{speed}{ideal}")
                     print(line + (f"   (first call {r['first_call_s']:.1f} s)" if mode == "compiled" else ""),
                           flush=True)
         if a.ttft:
