@@ -307,6 +307,19 @@ if triton is not None:
         return x
 
     @triton.jit
+    def _write_token_rows(k_row, v_row, kn_ptr, vn_ptr, cos_ptr, sin_ptr, j, sk_s, sv_h, skn_s, svn_h, d, d_ok,
+                          K: tl.constexpr, N_SLOTS: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+                          ROPE: tl.constexpr):
+        """Writer j of K writes the new token's K rows j, j+K, ... (rotated) and V rows j, j+K, ... into the caches;
+        k_row / v_row point at the cache's row pos of one sequence, kn / vn at that sequence's new rows."""
+        for r in range(j, N_SLOTS, K):
+            kr = _new_row(kn_ptr + r * skn_s, d, d_ok, cos_ptr, sin_ptr, D, ROPE)
+            tl.store(k_row + r * sk_s + d, kr, mask=d_ok)
+        for r in range(j, HKV, K):
+            vr = tl.load(vn_ptr + r * svn_h + d, mask=d_ok, other=0.0)
+            tl.store(v_row + r * sv_h + d, vr, mask=d_ok)
+
+    @triton.jit
     def _decode_split_kernel(q_ptr, k_ptr, v_ptr, kn_ptr, vn_ptr, cos_ptr, sin_ptr,
                              members_ptr, start_ptr, slot_ptr, pos_ptr,
                              acc_ptr, m_ptr, l_ptr, count_ptr, out_ptr,
@@ -356,12 +369,9 @@ if triton is not None:
             # No program of this launch reads those rows back from the cache.
             q = _new_row(q_ptr + b * sq_b + c * sq_c, d, d_ok, cos_ptr, sin_ptr, D, ROPE).to(tl.float32)
             if holds_pos & (j < K):
-                for r in range(j, N_SLOTS, K):
-                    kr = _new_row(kn_ptr + b * skn_b + r * skn_s, d, d_ok, cos_ptr, sin_ptr, D, ROPE)
-                    tl.store(k_ptr + b * sk_b + r * sk_s + pos * sk_t + d, kr, mask=d_ok)
-                for r in range(j, HKV, K):
-                    vr = tl.load(vn_ptr + b * svn_b + r * svn_h + d, mask=d_ok, other=0.0)
-                    tl.store(v_ptr + b * sv_b + r * sv_h + pos * sv_t + d, vr, mask=d_ok)
+                _write_token_rows(k_ptr + b * sk_b + pos * sk_t, v_ptr + b * sv_b + pos * sv_t, kn_ptr + b * skn_b,
+                                  vn_ptr + b * svn_b, cos_ptr, sin_ptr, j, sk_s, sv_h, skn_s, svn_h, d, d_ok,
+                                  K, N_SLOTS, HKV, D, ROPE)
             k_new = _new_row(kn_ptr + b * skn_b + slot * skn_s, d, new_ok, cos_ptr, sin_ptr, D, ROPE)
             v_new = tl.load(vn_ptr + b * svn_b + kv[:, None] * svn_h + d[None, :],
                             mask=e_ok[:, None] & new_ok[None, :], other=0.0)  # [HPB, BLOCK_D]
@@ -722,12 +732,9 @@ if triton is not None:
             tl.extra.cuda.gdc_wait()
         q = _new_row(q_ptr + b * sq_b + c * sq_c, d, d_ok, cos_ptr, sin_ptr, D, ROPE).to(tl.float32)
         if holds_pos:  # the split holding pos writes the token's K rows (slots c, c+K, ...) and V rows
-            for r in range(c, N_SLOTS, K):
-                kr = _new_row(kn_ptr + b * skn_b + r * skn_s, d, d_ok, cos_ptr, sin_ptr, D, ROPE)
-                tl.store(k_ptr + b * sk_b + r * sk_s + pos * sk_t + d, kr, mask=d_ok)
-            for r in range(c, HKV, K):
-                vr = tl.load(vn_ptr + b * svn_b + r * svn_h + d, mask=d_ok, other=0.0)
-                tl.store(v_ptr + b * sv_b + r * sv_h + pos * sv_t + d, vr, mask=d_ok)
+            _write_token_rows(k_ptr + b * sk_b + pos * sk_t, v_ptr + b * sv_b + pos * sv_t, kn_ptr + b * skn_b,
+                              vn_ptr + b * svn_b, cos_ptr, sin_ptr, c, sk_s, sv_h, skn_s, svn_h, d, d_ok,
+                              K, N_SLOTS, HKV, D, ROPE)
         # the row at pos from registers (no program reads it back from the cache), as in _decode_split_kernel
         new_ok = d < tl.where(holds_pos, D, 0)
         k_new = _new_row(kn_ptr + b * skn_b + slot * skn_s, d, new_ok, cos_ptr, sin_ptr, D, ROPE)

@@ -113,30 +113,40 @@ def _case(B, H, Hkv, k, D, T, pos, dense, strided, op, dense_op, **launch):
     return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
+def token_inputs(B, H, Hkv, k, D, T, pos, dense, rope, device, dtype, seed):
+    """inputs() as a decode token's: its k/v rows (k_new, v_new), caches with one more row than B (which must stay
+    untouched) and STALE rows at pos (which the kernel must write), RoPE at pos (cos, sin, rot), and the caches as
+    they must be after the token (k_ref, v_ref)."""
+    from chai_models.llama import apply_rope
+
+    x = {n: t.to(device) for n, t in inputs(B, H, Hkv, k, D, T, pos, dense).items()}
+    x["q"] = x["q"].to(dtype)
+    gen = torch.Generator().manual_seed(seed)
+    n_slots = x["k_slots"].shape[1]
+    x["k_new"], x["v_new"] = (torch.randn(B, n, D, generator=gen).to(device, dtype) for n in (n_slots, Hkv))
+    x["k_cache"] = torch.cat([x["k_slots"], torch.randn(1, n_slots, T, D, generator=gen).to(device)]).to(dtype)
+    x["v_cache"] = torch.cat([x["v"], torch.randn(1, Hkv, T, D, generator=gen).to(device)]).to(dtype)
+    x["k_cache"][:B, :, pos], x["v_cache"][:B, :, pos] = STALE, STALE
+    if rope:
+        ang = (pos * 10000.0 ** (-torch.arange(0, D, 2, device=device) / D)).repeat(2)
+        x["cos"], x["sin"] = ang.cos().to(dtype), ang.sin().to(dtype)
+        x["rot"] = lambda t: apply_rope(t, x["cos"], x["sin"])
+    else:
+        x["cos"] = x["sin"] = None
+        x["rot"] = lambda t: t
+    x["k_ref"], x["v_ref"] = x["k_cache"].clone(), x["v_cache"].clone()
+    x["k_ref"][:B, :, pos], x["v_ref"][:B, :, pos] = x["rot"](x["k_new"]), x["v_new"]
+    return x
+
+
 def new_token_case(B, H, Hkv, k, D, T, pos, dense=False, rope=True, op=False, device="cpu", dtype=torch.float32,
                    **launch):
     """kernels.new_token_decode: the token's q/k before RoPE and its k/v rows, written into caches with one more
     row than B (which must stay untouched) -> the largest relative error of the output and of the written K and V
     rows vs rotating in torch, writing the rows and calling chai.clustered_attention."""
-    from chai_models.llama import apply_rope
-
-    x = {n: t.to(device) for n, t in inputs(B, H, Hkv, k, D, T, pos, dense).items()}
-    x["q"] = x["q"].to(dtype)
-    gen = torch.Generator().manual_seed(1)
-    n_slots = x["k_slots"].shape[1]
-    k_new, v_new = (torch.randn(B, n, D, generator=gen).to(device, dtype) for n in (n_slots, Hkv))
-    k_cache = torch.cat([x["k_slots"], torch.randn(1, n_slots, T, D, generator=gen).to(device)]).to(dtype)
-    v_cache = torch.cat([x["v"], torch.randn(1, Hkv, T, D, generator=gen).to(device)]).to(dtype)  # [B + 1, ...]
-    k_cache[:B, :, pos], v_cache[:B, :, pos] = STALE, STALE  # the kernel must write these rows
-    if rope:
-        ang = (pos * 10000.0 ** (-torch.arange(0, D, 2, device=device) / D)).repeat(2)
-        cos, sin = ang.cos().to(dtype), ang.sin().to(dtype)
-        rot = lambda t: apply_rope(t, cos, sin)  # noqa: E731
-    else:
-        cos = sin = None
-        rot = lambda t: t  # noqa: E731
-    k_ref, v_ref = k_cache.clone(), v_cache.clone()
-    k_ref[:B, :, pos], v_ref[:B, :, pos] = rot(k_new), v_new
+    x = token_inputs(B, H, Hkv, k, D, T, pos, dense, rope, device, dtype, seed=1)
+    k_new, v_new, k_cache, v_cache, k_ref, v_ref, cos, sin, rot = (
+        x[n] for n in ("k_new", "v_new", "k_cache", "v_cache", "k_ref", "v_ref", "cos", "sin", "rot"))
     scale = D ** -0.5
     mask = torch.arange(T, device=device)[None, :] <= pos
     ref = chai.clustered_attention(rot(x["q"])[:, :, None].double(), k_ref[:B].double(), v_ref[:B].double(), x["h2c"],
@@ -171,25 +181,9 @@ def probs_case(B, H, Hkv, k, D, T, pos, rope=True, op=False, split=None, device=
     chai.decode_probs_times_v runs them, vs an fp64 reference -> the largest relative error of the probabilities,
     the output and the written K and V rows. Also checks that the probabilities are exactly 0 past pos and that
     nothing outside the rows at pos of the first B sequences is written."""
-    from chai_models.llama import apply_rope
-
-    x = {n: t.to(device) for n, t in inputs(B, H, Hkv, k, D, T, pos).items()}
-    x["q"] = x["q"].to(dtype)
-    gen = torch.Generator().manual_seed(2)
-    n_slots = x["k_slots"].shape[1]
-    k_new, v_new = (torch.randn(B, n, D, generator=gen).to(device, dtype) for n in (n_slots, Hkv))
-    k_cache = torch.cat([x["k_slots"], torch.randn(1, n_slots, T, D, generator=gen).to(device)]).to(dtype)
-    v_cache = torch.cat([x["v"], torch.randn(1, Hkv, T, D, generator=gen).to(device)]).to(dtype)  # [B + 1, ...]
-    k_cache[:B, :, pos], v_cache[:B, :, pos] = STALE, STALE  # the kernel must write these rows
-    if rope:
-        ang = (pos * 10000.0 ** (-torch.arange(0, D, 2, device=device) / D)).repeat(2)
-        cos, sin = ang.cos().to(dtype), ang.sin().to(dtype)
-        rot = lambda t: apply_rope(t, cos, sin)  # noqa: E731
-    else:
-        cos = sin = None
-        rot = lambda t: t  # noqa: E731
-    k_ref, v_ref = k_cache.clone(), v_cache.clone()
-    k_ref[:B, :, pos], v_ref[:B, :, pos] = rot(k_new), v_new
+    x = token_inputs(B, H, Hkv, k, D, T, pos, False, rope, device, dtype, seed=2)
+    k_new, v_new, k_cache, v_cache, k_ref, v_ref, cos, sin, rot = (
+        x[n] for n in ("k_new", "v_new", "k_cache", "v_cache", "k_ref", "v_ref", "cos", "sin", "rot"))
     scale = D ** -0.5
     mask = torch.arange(T, device=device)[None, :] <= pos
     q64 = rot(x["q"]).double()  # [B, k, D]
