@@ -6,7 +6,8 @@ and we report achieved bandwidth (bytes per step / time) as a fraction of the me
 CHAI reads fewer bytes (K of the representatives only; at small batch only the representatives' Q/K weight
 rows), so its ideal decode speedup over dense is the ratio of the two byte counts; we print measured next to
 ideal. The static cache is read whole each step (positions past the current one are masked), as in gpt-fast,
-so "context" is the cache length T.
+so "context" is the cache length T. Peak MB is the allocator's peak over one configuration on CUDA (weights,
+caches, activations, CUDA-graph pools; "-" on CPU).
 """
 from __future__ import annotations
 
