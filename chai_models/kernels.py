@@ -686,11 +686,12 @@ def _(q, k, v, cos, sin, k_cache, v_cache, pos):
 
 
 # ----------------------------------------------------------------------------------------------------
-# CHAI's decode probabilities for long caches and batches (B x T past the decode kernel's range), where cuBLAS'
-# batched GEMM streams V faster than a Triton loop: one launch splits the representatives' scores over T (RoPE
-# and the new K/V rows in it too), a second turns them into one bf16 row of probabilities per query head, and
-# chai.probs_times_v multiplies by V. In torch ops this was ~6 launches and ~27 us per 7B layer at B=8, T=2048 on
-# an H100, where the bytes (the K slots) need ~6 us.
+# CHAI's decode probabilities for long caches and batches (B x T past chai.CLUSTERED_DECODE_MAX_POSITIONS), where
+# cuBLAS' batched GEMM streams V at least as fast as the decode kernel's loop (one 7B layer, B=8, T=16384, H100:
+# 431 vs 435 us): one launch splits the representatives' scores over T (RoPE and the new K/V rows in it too), a
+# second turns them into one bf16 row of probabilities per query head, and chai.probs_times_v multiplies by V.
+# Before V, inductor's torch ops took ~27 us per 7B layer at B=8, T=2048 (H100), these two launches ~13 us, for K
+# slots whose bytes need ~6 us.
 
 if triton is not None:
 
