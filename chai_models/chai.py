@@ -240,11 +240,21 @@ DENSE_DECODE_KERNEL: bool | None = None
 DENSE_DECODE_MAX_POSITIONS = 1024
 
 
+def _cuda_decode(q, pos) -> bool:
+    # q [B, n, S, D]: one cached token (pos None: an uncached call) that our Triton kernels can serve
+    return pos is not None and q.shape[2] == 1 and kernels.decode_available(q)
+
+
 def _use_kernel(flag: bool | None, max_positions: int, q, k, pos) -> bool:
-    # q [B, n, S, D], k [B, n_k, T, D]; pos None: an uncached call
-    if pos is None or q.shape[2] != 1 or not kernels.decode_available(q):
+    # q [B, n, S, D], k [B, n_k, T, D]
+    if not _cuda_decode(q, pos):
         return False
     return q.shape[0] * k.shape[2] <= max_positions if flag is None else flag
+
+
+def _rope_at_pos(rope):
+    # a one-token call's RoPE (cos, sin) [1, D] -> the [D] rows the kernels take, or (None, None): no RoPE
+    return (rope[0][0], rope[1][0]) if rope else (None, None)
 
 
 # A decode token's RoPE and its K/V cache writes happen inside the decode kernel's launch (kernels.new_token_decode)
@@ -284,10 +294,10 @@ def attend(attn, q, k, v, rope, pos, mask):
         return dense_attention(attn.rotate(q, rope), attn.rotate(k, rope), v, mask, attn.scale)
     if _use_kernel(DENSE_DECODE_KERNEL, DENSE_DECODE_MAX_POSITIONS, q, attn.kv_cache.k, pos):
         return decode_token(attn, q, k, v, rope, pos)
-    if NEW_TOKEN_IN_KERNEL and q.shape[2] == 1 and kernels.decode_available(q):
+    if NEW_TOKEN_IN_KERNEL and _cuda_decode(q, pos):
         # a decode token for SDPA: RoPE and the cache writes in one launch (three inductor kernels otherwise)
         cache, B = attn.kv_cache, q.shape[0]
-        cos, sin = (rope[0][0], rope[1][0]) if rope else (None, None)  # [D] at pos
+        cos, sin = _rope_at_pos(rope)
         q = kernels.rope_and_cache(q[:, :, 0], k[:, :, 0], v[:, :, 0], cos, sin, cache.k, cache.v, pos)[:, :, None]
         return dense_attention(q, cache.k[:B], cache.v[:B], mask, attn.scale)
     q, k, v = rotate_and_cache(attn, q, k, v, rope, pos)  # k, v [B, Hkv, T, D]
@@ -309,7 +319,7 @@ def decode_token(attn, q, k, v, rope, pos, lists=None):
     cache = attn.kv_cache
     members, start, slot_of_rep = lists or (None, None, None)
     if NEW_TOKEN_IN_KERNEL:
-        cos, sin = (rope[0][0], rope[1][0]) if rope else (None, None)  # [D] at pos
+        cos, sin = _rope_at_pos(rope)
         out = kernels.new_token_decode(q[:, :, 0], k[:, :, 0], v[:, :, 0], cos, sin, cache.k, cache.v, pos,
                                        attn.scale, members, start, slot_of_rep)
         return out[:, :, None]
@@ -324,7 +334,7 @@ def decode_probs_times_v(attn, q, k, v, rope, pos, head_to_cluster, slot_of_rep)
     """One clustered token as kernels.clustered_probs (RoPE, cache writes, probabilities [B, H, T]) and one batched
     GEMM over the cache's V: q [B, k, 1, D], k [B, n_slots, 1, D], v [B, Hkv, 1, D] as projected -> [B, H, 1, D]."""
     cache = attn.kv_cache
-    cos, sin = (rope[0][0], rope[1][0]) if rope else (None, None)  # [D] at pos
+    cos, sin = _rope_at_pos(rope)
     probs = kernels.clustered_probs(q[:, :, 0], k[:, :, 0], v[:, :, 0], cos, sin, cache.k, cache.v, pos, attn.scale,
                                     head_to_cluster, slot_of_rep)  # [B, H, T], zero past pos
     B, H, T = probs.shape
@@ -713,7 +723,7 @@ class ChaiLayer(nn.Module):
             # decode on CUDA: RoPE, the cache writes and a fused split-T attention in one launch (sums in fp32)
             lists = self.members[:B], self.cluster_start[:B], self.slot_of_rep[:B]
             return decode_token(attn, q, k, v, rope, pos, lists)
-        if CLUSTERED_PROBS_KERNEL and pos is not None and q.shape[2] == 1 and kernels.decode_available(q):
+        if CLUSTERED_PROBS_KERNEL and _cuda_decode(q, pos):
             # decode past the kernel's range: the probabilities in two launches, then cuBLAS over V
             return decode_probs_times_v(attn, q, k, v, rope, pos, self.head_to_cluster[:B], self.slot_of_rep[:B])
         q, k_all, v_all = rotate_and_cache(attn, q, k, v, rope, pos)  # k_all, v_all [B, n_slots | Hkv, T, D]

@@ -49,6 +49,16 @@ def decode_available(t: torch.Tensor) -> bool:
     return available(t) and t.dtype != torch.float64
 
 
+def _unit_stride(*ts: torch.Tensor) -> tuple:
+    """The tensors with a unit last stride (how the kernels index a row), copied only where they lack it."""
+    return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in ts)
+
+
+def _rope_args(cos, sin, placeholder: torch.Tensor) -> tuple:
+    """cos, sin as a kernel reads them; without RoPE (None) a placeholder pointer the kernel never reads."""
+    return (cos.contiguous(), sin.contiguous()) if cos is not None else (placeholder, placeholder)
+
+
 if triton is not None:
 
     @triton.jit
@@ -180,9 +190,9 @@ def window_attention(q, k, cos, sin, k_win, p_win, v, p0: int, scale: float) -> 
     B, H, n, D = q.shape
     Hkv, W = k.shape[1], k_win.shape[2]
     assert p_win.is_contiguous() and p_win.dtype == torch.float32 and k_win.stride(-1) == 1 and v.stride(-1) == 1
-    q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
+    q, k = _unit_stride(q, k)
     rope = cos is not None
-    cos, sin = (cos.contiguous(), sin.contiguous()) if rope else (q, q)  # unused without RoPE
+    cos, sin = _rope_args(cos, sin, q)
     y = torch.empty(B, H, n, D, dtype=v.dtype, device=v.device)
     _window_kernel[(B, Hkv)](q, k, cos, sin, k_win, p_win, v, y, q.stride(0), q.stride(1), q.stride(2),
                              k.stride(0), k.stride(1), k.stride(2), cos.stride(0) if rope else 0,
@@ -498,10 +508,8 @@ def clustered_decode_launch(q_rep, k_slots, v, members, cluster_start, slot_of_r
     new, rope = k_new is not None, cos is not None
     if not new:
         k_new = v_new = q_rep  # unused pointers
-    q_rep, k_slots, v, k_new, v_new = (t if t.stride(-1) == 1 else t.contiguous()
-                                       for t in (q_rep, k_slots, v, k_new, v_new))
-    if not rope:
-        cos = sin = q_rep
+    q_rep, k_slots, v, k_new, v_new = _unit_stride(q_rep, k_slots, v, k_new, v_new)
+    cos, sin = _rope_args(cos, sin, q_rep)
     if dense:
         members = cluster_start = slot_of_rep = pos  # unused pointers
     else:
@@ -520,7 +528,7 @@ def clustered_decode_launch(q_rep, k_slots, v, members, cluster_start, slot_of_r
     fused = FUSED_COMBINE and n_splits > 1 and hpb * n_splits <= FUSED_COMBINE_MAX_PARTIALS
     counts = _split_counters(v.device, B * n_chunks) if fused else None
     _decode_split_kernel[(n_chunks, n_splits, B)](
-        q_rep, k_slots, v, k_new, v_new, cos.contiguous(), sin.contiguous(), members, cluster_start, slot_of_rep, pos,
+        q_rep, k_slots, v, k_new, v_new, cos, sin, members, cluster_start, slot_of_rep, pos,
         acc, m, l, counts if counts is not None else pos, out,
         q_rep.stride(0), q_rep.stride(1), k_slots.stride(0), k_slots.stride(1), k_slots.stride(2),
         v.stride(0), v.stride(1), v.stride(2), k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
@@ -668,9 +676,9 @@ def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch
     B, H, D = q.shape
     n_k, Hkv = k.shape[1], v.shape[1]
     assert H >= max(n_k, Hkv), "one program per query head writes the K and V rows of the same index"
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    q, k, v = _unit_stride(q, k, v)
     rope = cos is not None
-    cos, sin = (cos.contiguous(), sin.contiguous()) if rope else (q, q)  # unused without RoPE
+    cos, sin = _rope_args(cos, sin, q)
     q_out = torch.empty(B, H, D, dtype=q.dtype, device=q.device)
     _rope_cache_kernel[(H, B)](q, k, v, cos, sin, k_cache, v_cache, pos, q_out, q.stride(0), q.stride(1),
                                k.stride(0), k.stride(1), v.stride(0), v.stride(1), k_cache.stride(0),
@@ -808,8 +816,8 @@ def clustered_probs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torc
     split = CLUSTER_SCORES_SPLIT
     n_splits = triton.cdiv(T, split)
     rope = cos is not None
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    cos, sin = (cos.contiguous(), sin.contiguous()) if rope else (q, q)  # unused without RoPE
+    q, k, v = _unit_stride(q, k, v)
+    cos, sin = _rope_args(cos, sin, q)
     scores = torch.empty(B, k_, T, dtype=torch.float32, device=q.device)  # log2 units; rows past pos unwritten
     m = torch.empty(B, k_, n_splits, dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)

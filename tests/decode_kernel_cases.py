@@ -224,7 +224,9 @@ def probs_case(B, H, Hkv, k, D, T, pos, rope=True, op=False, split=None, device=
 def rope_cache_case(B, H, n_k, Hkv, D, T, pos, rope=True, op=False):
     """kernels.rope_and_cache vs chai.rotate_and_cache (fp32): the largest relative error of the rotated q and the
     written rows; checks that nothing outside the rows at pos of the first B sequences is written."""
-    from chai_models.llama import apply_rope
+    from types import SimpleNamespace
+
+    from chai_models.llama import KVCache, apply_rope
 
     gen = torch.Generator().manual_seed(3)
     q = torch.randn(B, 1, H, D, generator=gen).transpose(1, 2)  # [B, H, 1, D] as projected (strided)
@@ -233,34 +235,18 @@ def rope_cache_case(B, H, n_k, Hkv, D, T, pos, rope=True, op=False):
     k_cache, v_cache = torch.randn(B + 1, n_k, T, D, generator=gen), torch.randn(B + 1, Hkv, T, D, generator=gen)
     ang = (pos * 10000.0 ** (-torch.arange(0, D, 2) / D)).repeat(2)
     cos, sin = (ang.cos(), ang.sin()) if rope else (None, None)
-
-    class Attn:  # what rotate_and_cache uses of a model's attention module
-        class kv_cache:
-            k, v = k_cache.clone(), v_cache.clone()
-
-            @classmethod
-            def update_k(cls, p, t):
-                cls.k[: t.shape[0]].index_copy_(2, p, t)
-                return cls.k[: t.shape[0]]
-
-            @classmethod
-            def update_v(cls, p, t):
-                cls.v[: t.shape[0]].index_copy_(2, p, t)
-                return cls.v[: t.shape[0]]
-
-        @staticmethod
-        def rotate(t, r):
-            return apply_rope(t, *r) if r else t
-
+    ref_cache = KVCache(B + 1, T, n_k, Hkv, D, torch.float32, "cpu")  # the model's cache, for the torch path
+    ref_cache.k.copy_(k_cache), ref_cache.v.copy_(v_cache)
+    attn = SimpleNamespace(kv_cache=ref_cache, rotate=lambda t, r: apply_rope(t, *r) if r else t)
     pos_t = torch.tensor([pos])
-    q_ref = chai.rotate_and_cache(Attn, q, k, v, ((cos[None], sin[None]) if rope else ()), pos_t)[0][:, :, 0]
+    q_ref = chai.rotate_and_cache(attn, q, k, v, ((cos[None], sin[None]) if rope else ()), pos_t)[0][:, :, 0]
     args = (q[:, :, 0], k[:, :, 0], v[:, :, 0], cos, sin, k_cache, v_cache, pos_t)
     if op == "opcheck":
         r = torch.library.opcheck(torch.ops.chai_models.rope_and_cache.default, args,
                                   test_utils=("test_schema", "test_faketensor"))
         assert all(x == "SUCCESS" for x in r.values()), r
     q_out = torch.ops.chai_models.rope_and_cache(*args)
-    assert torch.equal(k_cache, Attn.kv_cache.k) and torch.equal(v_cache, Attn.kv_cache.v)
+    assert torch.equal(k_cache, ref_cache.k) and torch.equal(v_cache, ref_cache.v)
     return ((q_out - q_ref).norm() / q_ref.norm()).item()
 
 

@@ -214,8 +214,7 @@ def main():
                     kernels.CLUSTER_SCORES_SPLIT, kernels.CLUSTER_SCORES_BLOCK_T = split, block_t
                     rows.append(measure(case, f"p{split}/{block_t}", case.probs, ref, calls, iters))
                 kernels.CLUSTER_SCORES_SPLIT, kernels.CLUSTER_SCORES_BLOCK_T = saved
-        rows += [
-                 measure(case, "sdpa", case.sdpa, ref if case.dense else None, calls, iters)]
+        rows.append(measure(case, "sdpa", case.sdpa, ref if case.dense else None, calls, iters))
         base = {r["variant"]: r["us"] for r in rows if "us" in r}
         for row in rows:
             print(fmt(B, T, k, row, case.bytes["sdpa" if row["variant"] == "sdpa" else "chai"], base))
