@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .chai import ChaiConfig, k_slots
+from .chai import ChaiConfig, n_k_slots
 from .progress import progress
 
 
@@ -65,7 +65,7 @@ def savings(cfg: ChaiConfig | None, n_heads: int, n_kv_heads: int) -> dict:
     if cfg is None:
         return {"k": 0.0, "kv": 0.0, "scores": 0.0}
     L = len(cfg.clusters)
-    kept = sum(k_slots(k, n_heads, n_kv_heads) for k in cfg.clusters)
+    kept = sum(n_k_slots(k, n_heads, n_kv_heads) for k in cfg.clusters)
     k_frac = 1 - kept / (L * n_kv_heads)
     return {"k": k_frac, "kv": k_frac / 2, "scores": 1 - sum(cfg.clusters) / (L * n_heads)}
 

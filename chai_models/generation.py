@@ -13,7 +13,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from . import chai, kernels
+from .chai import reset as reset_chai
+from .fast.compile import decode_step
 from .sampling import sample
 
 
@@ -101,7 +102,7 @@ def generate(model, tokenizer, prompts: str | Sequence[str] | Sequence[Sequence[
     total = min(limit, max(total, max_seq_len or 0))
     if model.max_batch_size < B or model.max_seq_len < total:
         model.setup_caches(max(B, model.max_batch_size), max(total, model.max_seq_len))
-    chai.reset(model)
+    reset_chai(model)
     device = next(model.parameters()).device
     gen = torch.Generator(device=device)
     gen.manual_seed(seed if seed is not None else torch.seed())
@@ -165,51 +166,6 @@ def generate(model, tokenizer, prompts: str | Sequence[str] | Sequence[Sequence[
                  "tokens_per_s": n_decode / res.decode_s if res.decode_s > 0 else float("nan"),
                  "kv_cache_bytes": model.kv_cache_bytes()["total"]}
     return res
-
-
-TUNE_DECODE = True  # coordinate-descent tuning of the compiled decode kernels (slower first compile)
-# programmatic dependent launch (Hopper and newer): a kernel of the decode graph is launched while the one before
-# it drains, and waits on the device only before it reads that kernel's output; hides most of the gap between
-# the ~10 kernels of a layer (H200, 7B step at B=1, T=512: 69.8% -> 75.7% of copy bandwidth, docs/performance.md).
-# Our own Triton kernels follow kernels.PDL.
-PDL_DECODE = True
-
-
-def decode_step(model, compile: bool = False):
-    """The one-token decode step: tokens [B, 1], position [1] -> next-token logits [B, vocab].
-
-    compile=True: torch.compile with CUDA graphs (mode reduce-overhead), static shapes, built once per model and
-    reused across requests: prompt length and CHAI membership live in buffers, so they never recompile.
-    """
-    if not compile:
-        return lambda tok, pos: model(tok, pos)[:, -1]
-    compiled = model.__dict__.get("_compiled_decode")  # kept outside nn.Module's registry (not a submodule)
-    if compiled is None:
-        import torch._dynamo as dynamo
-        import torch._inductor.config as inductor
-
-        # one graph per (batch size, cache length, CHAI layout) and per model instance: allow many
-        dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 64)
-        # mode="reduce-overhead" spelled as its inductor option (CUDA graphs), so that the other options apply to
-        # this graph only and not to whatever else the process compiles:
-        # - coordinate-descent tuning: decode is a chain of matrix-vector products, and tuned Triton reductions
-        #   read the weights faster than the library GEMV (H200: 4.64 vs 4.98 ms per 7B step, docs/performance.md);
-        #   at batch 1 kernels.gemv takes the projections, and the tuning serves what inductor still generates;
-        # - programmatic dependent launch (sm90+; newer inductors only).
-        options = {"triton.cudagraphs": True, "coordinate_descent_tuning": TUNE_DECODE}
-        if hasattr(inductor.triton, "enable_pdl"):
-            options["triton.enable_pdl"] = PDL_DECODE
-        kernels.register_inductor_fallbacks()
-        compiled = torch.compile(model, fullgraph=True, dynamic=False, options=options)
-        model.__dict__["_compiled_decode"] = compiled
-
-    def step(tok, pos):
-        if not chai.ready(model):  # a prompt shorter than CHAI's window: dense steps run eagerly until it fills
-            return model(tok, pos)[:, -1]
-        torch.compiler.cudagraph_mark_step_begin()
-        return compiled(tok, pos)[:, -1].clone()  # the graph's output buffer is reused on the next replay
-
-    return step
 
 
 def _first_stop(text: str, stop: list[str]) -> int | None:

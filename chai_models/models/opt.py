@@ -1,6 +1,7 @@
-"""OPT (Meta's Open Pre-trained Transformers, 125M to 66B), with CHAI in the attention.
+"""OPT (Meta's Open Pre-trained Transformers, 125M to 66B).
 
-One file, top to bottom: config and the public sizes, the static KV cache, attention, MLP, block, model.
+One file, top to bottom: config and the public sizes, attention, MLP, block, model. The KV cache and the attention
+call are shared with LLaMA (shared.py); CHAI and the fast path attach from outside, as for LLaMA.
 Conventions follow Hugging Face's OPTForCausalLM so that its weights load by renaming:
   - learned position embeddings with an offset of 2 (row p + 2 holds position p; fairseq reserved rows 0-1);
   - q is scaled by head_dim^-0.5 right after its projection, before the product with K, so the attention
@@ -9,8 +10,7 @@ Conventions follow Hugging Face's OPTForCausalLM so that its weights load by ren
   - pre-LN blocks with a final LayerNorm, except OPT-350m: post-LN blocks, no final LayerNorm, and a
     512-wide embedding projected in to / out of the 1024-wide model (project_in, project_out);
   - the output projection is tied to the token embedding.
-There is no RoPE: the `rope` argument that the attention interface carries (CHAI slices it per window)
-is an empty tuple here.
+There is no RoPE: attention modules of both families take a `rope` argument, unused here.
 
 Shapes: B batch, S new tokens, T cache length, H heads, D head_dim, E word_embed_proj_dim.
 """
@@ -22,10 +22,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import chai
+from . import shared
+from .shared import KVCache
 
 POS_OFFSET = 2  # OPT's learned position table starts at row 2
-NO_ROPE = ()  # what OPT passes where LLaMA passes (cos, sin): CHAI slices it, project_q/k ignore it
 
 
 @dataclass
@@ -94,38 +94,10 @@ def opt_config(name: str, **overrides) -> OPTConfig:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Static KV cache (the same as llama.py's; one file per family)
-
-
-class KVCache(nn.Module):
-    """K and V for max_batch_size sequences of max_seq_len positions, held as buffers.
-
-    n_k_heads may be smaller than n_v_heads: a CHAI-clustered layer keeps K only for its representatives.
-    """
-
-    def __init__(self, max_batch_size, max_seq_len, n_k_heads, n_v_heads, head_dim, dtype, device):
-        super().__init__()
-        self.register_buffer("k", torch.zeros(max_batch_size, n_k_heads, max_seq_len, head_dim, dtype=dtype,
-                                              device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(max_batch_size, n_v_heads, max_seq_len, head_dim, dtype=dtype,
-                                              device=device), persistent=False)
-
-    def update_k(self, pos, k):  # pos [S], k [B, n, S, D] -> all K [B, n, T, D]
-        self.k[: k.shape[0]].index_copy_(2, pos, k)
-        return self.k[: k.shape[0]]
-
-    def update_v(self, pos, v):
-        self.v[: v.shape[0]].index_copy_(2, pos, v)
-        return self.v[: v.shape[0]]
-
-
-# ----------------------------------------------------------------------------------------------------
 # Attention, MLP, block
 
 
 class Attention(nn.Module):
-    forward_takes_norm = False  # forward(x, ...) takes the normalised input (calibrate's hooks read this)
-
     def __init__(self, cfg: OPTConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
@@ -135,31 +107,37 @@ class Attention(nn.Module):
         self.wk = nn.Linear(d, d, bias=bias)
         self.wv = nn.Linear(d, d, bias=bias)
         self.wo = nn.Linear(d, d, bias=bias)
-        self.q_scale = cfg.head_dim**-0.5  # applied to q in project_q, as OPT was trained
-        self.scale = 1.0  # what the attention kernels multiply q.K^T by: q is already scaled
+        self.q_scale = cfg.head_dim**-0.5  # applied to q after its projection, as OPT was trained
+        self.scale = 1.0  # what attention multiplies q.K^T by: q is already scaled
         self.kv_cache: KVCache | None = None
-        self.chai: chai.ChaiLayer | None = None  # set when this layer is clustered (k < n_heads)
 
-    def rotate(self, t, rope):  # OPT has no RoPE (rope is NO_ROPE): learned positions are in the embeddings
-        return t
-
-    # CHAI projects a subset of heads; heads=None means all of them. rope is NO_ROPE or None, and unused.
-    def project_q(self, x, rope, heads=None):  # -> [B, n, S, D]
-        return chai.project_heads(x, self.wq, self.head_dim, heads) * self.q_scale
-
-    def project_k(self, x, rope, heads=None):
-        return chai.project_heads(x, self.wk, self.head_dim, heads)
-
-    def forward(self, x, rope, input_pos=None, mask=None):
-        # x [B, S, hidden]; rope unused; input_pos [S] or None (no cache); mask [S, T] bool
+    def project(self, x, rope=None):
+        # x [B, S, hidden] -> q, k, v [B, H, S, D]; q scaled; no RoPE (positions are in the embeddings)
         B, S, _ = x.shape
-        v = chai.project_heads(x, self.wv, self.head_dim)  # [B, H, S, D]
-        if self.chai is not None:
-            y = self.chai(self, x, rope, v, input_pos, mask)  # [B, H, S, D]
-        else:
-            q, k = self.project_q(x, rope), self.project_k(x, rope)  # [B, H, S, D]
-            y = chai.attend(self, q, k, v, rope, input_pos, mask)  # the cache write at input_pos, attention
+        q = (self.wq(x) * self.q_scale).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
+        return q, k, v
+
+    def attend(self, q, k, v, input_pos, mask):
+        # writes k, v at input_pos (None: no cache) and attends over the cache -> [B, H, S, D]
+        return shared.cached_attention(self.kv_cache, q, k, v, input_pos, mask, self.scale)
+
+    def forward(self, x, rope=None, input_pos=None, mask=None):
+        # x [B, S, hidden]; input_pos [S] or None; mask [S, n_keys] bool or None
+        B, S, _ = x.shape
+        q, k, v = self.project(x, rope)
+        y = self.attend(q, k, v, input_pos, mask)  # [B, H, S, D]
         return self.wo(y.transpose(1, 2).reshape(B, S, -1))
+
+    def setup_cache(self, max_batch_size, max_seq_len, dtype, device):
+        self.kv_cache = KVCache(max_batch_size, max_seq_len, self.n_heads, self.n_heads, self.head_dim, dtype, device)
+
+    def release_cache(self):
+        self.kv_cache = None
+
+    def cache_nbytes(self) -> dict:
+        return self.kv_cache.nbytes()
 
 
 class MLP(nn.Module):
@@ -213,7 +191,7 @@ class OPT(nn.Module):
                      if config.do_layer_norm_before else None)
         # the output projection reads tok_embeddings.weight (tied); no second copy exists
         self.max_batch_size, self.max_seq_len = 0, 0
-        self.chai_config: chai.ChaiConfig | None = None
+        self.chai_config = None  # set by chai_models.chai.install
         self.init_buffers(None)
 
     def init_buffers(self, device):
@@ -228,35 +206,16 @@ class OPT(nn.Module):
 
     def setup_caches(self, max_batch_size: int, max_seq_len: int | None = None):
         """Allocates the static KV cache (and CHAI's per-sequence state) for this many sequences and positions."""
-        cfg = self.config
-        max_seq_len = max_seq_len or cfg.max_seq_len
-        if max_batch_size < 1 or max_seq_len < 1:
-            raise ValueError(f"setup_caches needs max_batch_size >= 1 and max_seq_len >= 1, got "
-                             f"{max_batch_size}, {max_seq_len}")
-        if max_seq_len > cfg.max_seq_len:
+        if (max_seq_len or 0) > self.config.max_seq_len:
             raise ValueError(f"setup_caches(max_seq_len={max_seq_len}) but OPT has learned positions for "
-                             f"{cfg.max_seq_len} only; use max_seq_len <= {cfg.max_seq_len}")
-        w = self.tok_embeddings.weight
-        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
-        for attn in self.attention_layers:
-            n_k = attn.chai.n_k_slots if attn.chai is not None else cfg.n_heads
-            attn.kv_cache = KVCache(max_batch_size, max_seq_len, n_k, cfg.n_heads, cfg.head_dim, w.dtype, w.device)
-            if attn.chai is not None:
-                attn.chai.setup(max_batch_size, w.dtype, w.device)
+                             f"{self.config.max_seq_len} only; use max_seq_len <= {self.config.max_seq_len}")
+        shared.setup_caches(self, max_batch_size, max_seq_len)
 
     def clear_caches(self):
-        for attn in self.attention_layers:
-            attn.kv_cache = None
-            if attn.chai is not None:
-                attn.chai.release()
-        self.max_batch_size, self.max_seq_len = 0, 0
-
-    def set_chai(self, cfg: chai.ChaiConfig | None):
-        """Turns CHAI on with this config (None: dense). Re-allocates caches if they exist."""
-        chai.install(self, cfg)
+        shared.clear_caches(self)
 
     def kv_cache_bytes(self) -> dict:
-        return chai.kv_cache_bytes(self)
+        return shared.kv_cache_bytes(self)
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,
                 last_only: bool = False) -> torch.Tensor:
@@ -274,21 +233,16 @@ class OPT(nn.Module):
             if S > self.config.max_seq_len:
                 raise ValueError(f"{S} tokens but OPT has learned positions for {self.config.max_seq_len}; "
                                  f"score at most {self.config.max_seq_len} tokens at a time")
-            pos = torch.arange(S, device=tokens.device)
-            mask = None  # causal
+            pos, mask = torch.arange(S, device=tokens.device), None  # causal
         else:
-            start = chai.prepare_cache_call(self, B, S, input_pos)  # a prefill chunk's first position, or None
-            pos = input_pos
-            # a query at position p sees cache slots 0..p; one token masks the whole cache (pos stays on the device),
-            # a prefill chunk only slots 0..start+S-1, which is all its attention reads
-            n_keys = self.max_seq_len if start is None else start + S
-            mask = torch.arange(n_keys, device=tokens.device)[None, :] <= pos[:, None]  # [S, n_keys]
+            start = shared.check_cache_call(self, B, S, input_pos)
+            pos, mask = input_pos, shared.cache_mask(self, input_pos, start)  # mask [S, n_keys]
         x = self.tok_embeddings(tokens)  # [B, S, E]
         if self.project_in is not None:
             x = self.project_in(x)  # [B, S, hidden]
         x = x + self.pos_embeddings(pos + POS_OFFSET)
         for blk in self.layers:
-            x = blk(x, NO_ROPE, input_pos, mask)
+            x = blk(x, None, input_pos, mask)
         if last_only:
             x = x[:, -1:]  # [B, 1, hidden]
         if self.norm is not None:

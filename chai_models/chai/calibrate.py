@@ -37,8 +37,10 @@ from pathlib import Path
 
 import torch
 
-from .chai import ChaiConfig, cluster_heads, k_slots, window_probs
-from .progress import progress
+from ..progress import progress
+from .attention import ChaiAttention, n_k_slots, swap_class, window_probs
+from .clustering import cluster_heads
+from .config import ChaiConfig
 
 CHAI_JSON = "chai.json"
 CHAI_STATIC_JSON = "chai_static.json"
@@ -68,16 +70,17 @@ class _StopForward(Exception):
 def _dense(model):
     """Runs the model densely (CHAI layers detached, eval mode) and restores it afterwards."""
     layers = model.attention_layers
-    saved = [attn.chai for attn in layers]
+    saved = [type(attn) for attn in layers]
     training = model.training
     for attn in layers:
-        attn.chai = None
+        if isinstance(attn, ChaiAttention):
+            swap_class(attn)  # the plain class: dense attention (uncached calls touch no CHAI state)
     model.eval()
     try:
         yield
     finally:
-        for attn, c in zip(layers, saved):
-            attn.chai = c
+        for attn, cls in zip(layers, saved):
+            attn.__class__ = cls
         model.train(training)
 
 
@@ -85,13 +88,9 @@ def _window_hook(store: list, window: int, stop: bool):
     """A forward pre-hook that appends the layer's window probabilities [B, H, W*W] (fp32) to store."""
 
     def hook(attn, args, kwargs):
-        x = args[0] if args else kwargs["x"]
-        if attn.forward_takes_norm:  # LLaMA: forward(x, norm, rope, ...) normalises x itself
-            norm = args[1] if len(args) > 1 else kwargs["norm"]
-            x, args = norm(x), args[:1] + args[2:]
+        x = args[0] if args else kwargs["x"]  # [B, W, hidden], the attention's (normalised) input
         rope = args[1] if len(args) > 1 else kwargs.get("rope")
-        q = attn.project_q(x, rope)  # [B, H, W, D]
-        k = attn.project_k(x, rope)  # [B, Hkv, W, D]
+        q, k, _ = attn.project(x, rope)  # [B, H, W, D], [B, Hkv, W, D], RoPE applied
         probs = window_probs(q, k, 0, attn.scale)  # [B, H, W, W], causal, fp32
         store.append(probs.flatten(2))  # [B, H, W*W]
         if stop:
@@ -314,7 +313,7 @@ class CalibrationResult:
 
     def k_saving(self) -> list[float]:
         """Share of each layer's K cache that CHAI drops."""
-        return [1 - k_slots(k, self.n_heads, self.n_kv_heads) / self.n_kv_heads for k in self.clusters]
+        return [1 - n_k_slots(k, self.n_heads, self.n_kv_heads) / self.n_kv_heads for k in self.clusters]
 
     def calibration_info(self, **extra) -> dict:
         info = {"rule": RULE, "tolerance": self.tolerance, "n_sequences": self.n_sequences,

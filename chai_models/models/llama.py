@@ -1,6 +1,8 @@
-"""LLaMA (1, 2, 3.x) and llama-architecture models (SmolLM2, TinyLlama), with CHAI in the attention.
+"""LLaMA (1, 2, 3.x) and llama-architecture models (SmolLM2, TinyLlama).
 
-One file, top to bottom: config, RoPE, RMSNorm, the static KV cache, attention, MLP, block, model.
+One file, top to bottom: config, RoPE, RMSNorm, attention, MLP, block, model. The KV cache and the attention
+call are shared with OPT (shared.py). CHAI replaces `Attention.attend` and the cache's shape from outside
+(chai_models.chai), and the fast path swaps in fused forwards (chai_models.fast): neither is visible here.
 Conventions follow Hugging Face's LlamaForCausalLM so that its weights load by renaming:
 rotate-half RoPE (Q/K rows in HF order), cos/sin computed in fp32, RMSNorm computed in fp32.
 
@@ -13,8 +15,10 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from . import chai, kernels
+from . import shared
+from .shared import KVCache
 
 
 @dataclass
@@ -85,8 +89,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class RMSNorm(nn.Module):
-    gemv_fusable = True  # kernels.linear may fold this norm into a decode GEMV (same math, same roundings)
-
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
@@ -99,38 +101,10 @@ class RMSNorm(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Static KV cache
-
-
-class KVCache(nn.Module):
-    """K and V for max_batch_size sequences of max_seq_len positions, held as buffers.
-
-    n_k_heads may be smaller than n_v_heads: a CHAI-clustered layer keeps K only for its representatives.
-    """
-
-    def __init__(self, max_batch_size, max_seq_len, n_k_heads, n_v_heads, head_dim, dtype, device):
-        super().__init__()
-        self.register_buffer("k", torch.zeros(max_batch_size, n_k_heads, max_seq_len, head_dim, dtype=dtype,
-                                              device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(max_batch_size, n_v_heads, max_seq_len, head_dim, dtype=dtype,
-                                              device=device), persistent=False)
-
-    def update_k(self, pos, k):  # pos [S], k [B, n, S, D] -> all K [B, n, T, D]
-        self.k[: k.shape[0]].index_copy_(2, pos, k)
-        return self.k[: k.shape[0]]
-
-    def update_v(self, pos, v):
-        self.v[: v.shape[0]].index_copy_(2, pos, v)
-        return self.v[: v.shape[0]]
-
-
-# ----------------------------------------------------------------------------------------------------
 # Attention, MLP, block
 
 
 class Attention(nn.Module):
-    forward_takes_norm = True  # forward(x, norm, ...) normalises x itself (calibrate's hooks read this)
-
     def __init__(self, cfg: LlamaConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
@@ -141,41 +115,35 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.attention_bias)
         self.scale = cfg.head_dim**-0.5
         self.kv_cache: KVCache | None = None
-        self.chai: chai.ChaiLayer | None = None  # set when this layer is clustered (k < n_heads)
 
-    def rotate(self, t, rope):  # RoPE on q or k [B, n, S, D]; rope (cos, sin) [S, D]
-        return apply_rope(t, *rope)
-
-    # CHAI projects a subset of heads; heads=None means all of them; rope=None leaves RoPE to the caller.
-    def project_q(self, x, rope, heads=None):  # -> [B, n, S, D]
-        q = chai.project_heads(x, self.wq, self.head_dim, heads)
-        return q if rope is None else self.rotate(q, rope)
-
-    def project_k(self, x, rope, heads=None):
-        k = chai.project_heads(x, self.wk, self.head_dim, heads)
-        return k if rope is None else self.rotate(k, rope)
-
-    def forward(self, x, norm, rope, input_pos=None, mask=None):
-        # x [B, S, hidden] (the residual stream) -> x + attention(norm(x)); rope (cos, sin) [S, D];
-        # input_pos [S] or None (no cache); mask [S, T] bool. kernels.linear folds the norm and the residual add
-        # into the projections when it can (one token on CUDA).
+    def project(self, x, rope):
+        # x [B, S, hidden]; rope (cos, sin) [S, D] -> q [B, H, S, D], k and v [B, Hkv, S, D], RoPE on q and k
         B, S, _ = x.shape
-        # a clustered token at batch 1 projects only its representatives' Q/K rows, with V in the same call
-        rows = self.chai.decode_rows(x, input_pos) if self.chai is not None else None
-        if self.chai is not None and rows is None:
-            h = norm(x)
-            v = chai.project_heads(h, self.wv, self.head_dim)  # [B, Hkv, S, D]
-            y = self.chai(self, h, rope, v, input_pos, mask)  # [B, H, S, D]
-        else:
-            wq, wk = (self.wq, self.wk) if rows is None else rows
-            q, k, v = kernels.linear(x, (wq, wk, self.wv), norm=norm)  # [B, S, n*D] each
-            q, k, v = (t.view(B, S, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))  # [B, n, S, D]
-            # RoPE on q and k, the cache write at input_pos, attention: one kernel launch for a decode token on CUDA
-            if rows is not None:
-                y = self.chai.decode(self, q, k, v, rope, input_pos, mask)  # [B, H, 1, D]
-            else:
-                y = chai.attend(self, q, k, v, rope, input_pos, mask)  # [B, H, S, D]
-        return kernels.linear(y.transpose(1, 2).reshape(B, S, -1), (self.wo,), residual=x)
+        q = self.wq(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        return apply_rope(q, *rope), apply_rope(k, *rope), v
+
+    def attend(self, q, k, v, input_pos, mask):
+        # writes k, v at input_pos (None: no cache) and attends over the cache -> [B, H, S, D]
+        return shared.cached_attention(self.kv_cache, q, k, v, input_pos, mask, self.scale)
+
+    def forward(self, x, rope, input_pos=None, mask=None):
+        # x [B, S, hidden] (normalised); input_pos [S] or None; mask [S, n_keys] bool or None
+        B, S, _ = x.shape
+        q, k, v = self.project(x, rope)
+        y = self.attend(q, k, v, input_pos, mask)  # [B, H, S, D]
+        return self.wo(y.transpose(1, 2).reshape(B, S, -1))
+
+    def setup_cache(self, max_batch_size, max_seq_len, dtype, device):
+        self.kv_cache = KVCache(max_batch_size, max_seq_len, self.n_kv_heads, self.n_kv_heads, self.head_dim,
+                                dtype, device)
+
+    def release_cache(self):
+        self.kv_cache = None
+
+    def cache_nbytes(self) -> dict:
+        return self.kv_cache.nbytes()
 
 
 class MLP(nn.Module):
@@ -185,9 +153,8 @@ class MLP(nn.Module):
         self.w3 = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)  # up
         self.w2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)  # down
 
-    def forward(self, x, norm):  # x + w2(silu(w1 norm(x)) * w3 norm(x))
-        h = kernels.linear(x, (self.w1, self.w3), norm=norm, swiglu=True)  # [B, S, intermediate]
-        return kernels.linear(h, (self.w2,), residual=x)
+    def forward(self, x):  # SwiGLU
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class Block(nn.Module):
@@ -199,8 +166,8 @@ class Block(nn.Module):
         self.feed_forward = MLP(cfg)
 
     def forward(self, x, rope, input_pos, mask):
-        x = self.attention(x, self.attention_norm, rope, input_pos, mask)  # x + attention(norm(x))
-        return self.feed_forward(x, self.ffn_norm)  # x + mlp(norm(x))
+        x = x + self.attention(self.attention_norm(x), rope, input_pos, mask)
+        return x + self.feed_forward(self.ffn_norm(x))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -221,7 +188,7 @@ class Llama(nn.Module):
         self.output = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
                                                                         bias=False)
         self.max_batch_size, self.max_seq_len = 0, 0
-        self.chai_config: chai.ChaiConfig | None = None
+        self.chai_config = None  # set by chai_models.chai.install
         self.init_buffers(None)
 
     def init_buffers(self, device):
@@ -234,32 +201,13 @@ class Llama(nn.Module):
 
     def setup_caches(self, max_batch_size: int, max_seq_len: int | None = None):
         """Allocates the static KV cache (and CHAI's per-sequence state) for this many sequences and positions."""
-        cfg = self.config
-        max_seq_len = max_seq_len or cfg.max_seq_len
-        if max_batch_size < 1 or max_seq_len < 1:
-            raise ValueError(f"setup_caches needs max_batch_size >= 1 and max_seq_len >= 1, got "
-                             f"{max_batch_size}, {max_seq_len}")
-        w = self.tok_embeddings.weight
-        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
-        for attn in self.attention_layers:
-            n_k = attn.chai.n_k_slots if attn.chai is not None else cfg.n_kv_heads
-            attn.kv_cache = KVCache(max_batch_size, max_seq_len, n_k, cfg.n_kv_heads, cfg.head_dim, w.dtype, w.device)
-            if attn.chai is not None:
-                attn.chai.setup(max_batch_size, w.dtype, w.device)
+        shared.setup_caches(self, max_batch_size, max_seq_len)
 
     def clear_caches(self):
-        for attn in self.attention_layers:
-            attn.kv_cache = None
-            if attn.chai is not None:
-                attn.chai.release()
-        self.max_batch_size, self.max_seq_len = 0, 0
-
-    def set_chai(self, cfg: chai.ChaiConfig | None):
-        """Turns CHAI on with this config (None: dense). Re-allocates caches if they exist."""
-        chai.install(self, cfg)
+        shared.clear_caches(self)
 
     def kv_cache_bytes(self) -> dict:
-        return chai.kv_cache_bytes(self)
+        return shared.kv_cache_bytes(self)
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,
                 last_only: bool = False) -> torch.Tensor:
@@ -272,20 +220,16 @@ class Llama(nn.Module):
         """
         B, S = tokens.shape
         if input_pos is None:
-            pos = torch.arange(S, device=tokens.device)
-            mask = None  # causal
+            pos, mask = torch.arange(S, device=tokens.device), None  # causal
         else:
-            start = chai.prepare_cache_call(self, B, S, input_pos)  # a prefill chunk's first position, or None
-            pos = input_pos
-            # a query at position p sees cache slots 0..p; one token masks the whole cache (pos stays on the device),
-            # a prefill chunk only slots 0..start+S-1, which is all its attention reads
-            n_keys = self.max_seq_len if start is None else start + S
-            mask = torch.arange(n_keys, device=tokens.device)[None, :] <= pos[:, None]  # [S, n_keys]
+            start = shared.check_cache_call(self, B, S, input_pos)
+            pos, mask = input_pos, shared.cache_mask(self, input_pos, start)  # mask [S, n_keys]
         x = self.tok_embeddings(tokens)  # [B, S, hidden]
-        rope = rope_cos_sin(self.inv_freq, pos, x.dtype)
+        rope = rope_cos_sin(self.inv_freq, pos, x.dtype)  # cos, sin [S, D]
         for blk in self.layers:
             x = blk(x, rope, input_pos, mask)
         if last_only:
             x = x[:, -1:]  # [B, 1, hidden]
+        x = self.norm(x)
         w = self.tok_embeddings.weight if self.output is None else self.output.weight
-        return kernels.linear(x, (w,), norm=self.norm)  # [B, S, vocab]
+        return F.linear(x, w)  # [B, S, vocab]

@@ -1,0 +1,329 @@
+"""CHAI: Clustered Head Attention (Agarwal et al., ICML 2024), in plain torch. The one module a porter reads.
+
+Many heads of a layer put nearly the same attention probabilities on the same tokens. CHAI groups a layer's H query
+heads into C clusters, computes the probabilities once per cluster with a representative head, and lets every head
+of the cluster use them with its OWN values:
+
+    A_c   = softmax(q_rep(c) . K_rep(c)^T * scale + causal_mask)   # C times, not H
+    out_h = A_c(h) . V_h                                           # every head h, its own V
+
+Member heads need no Q or K and no K cache: a clustered layer keeps K for C heads ("slots"), V for all.
+
+Per request (per sequence), the first W tokens decide the membership:
+  1. Window rows (positions < W) attend densely. Their causal probabilities over the window, softmax(q_i K_<=i^T) for
+     i < W, are both their attention output and the clustering features: [H, W, W] per sequence.
+  2. Once position W-1 is processed, the layer clusters its heads on those features (clustering.py: average-linkage
+     on cosine distance, batched, on the device), picks each cluster's representative (the medoid, or the lowest
+     index), and keeps only the slots' K of the window.
+  3. Every later position uses clustered attention with that membership, fixed for the rest of the request.
+Window rows are the same whether a prompt arrives in one chunk or token by token, so a sequence shorter than W is
+dense until it reaches W tokens, and batching never changes a sequence's result.
+
+GQA (G = H / Hkv query heads share a KV head): query heads are clustered. With C < Hkv the layer keeps C K slots,
+slot c holding representative c's KV head (two representatives of one KV head each hold a copy: the allocation stays
+C < Hkv). With C >= Hkv every KV head may be some representative's, so K stays whole: such a layer saves score
+compute but no memory.
+
+Membership lives in fixed-shape index tensors per layer (one compiled decode step serves every request):
+rep_idx [B, C] (each cluster's representative query head), head_to_cluster [B, H], kv_of_slot [B, n_slots] (the KV
+head each K slot holds) and slot_of_rep [B, C] (the slot each representative reads).
+
+How it attaches: `install` swaps a model's attention modules for ChaiAttention subclasses of their own class (same
+weights, same projections); ChaiAttention overrides `attend` (the attention after projection and RoPE) and
+`setup_cache` (the compact K). The models never call into this module.
+
+Shapes: B batch, S new tokens, T cache length, H query heads, Hkv KV heads, C clusters, W window, D head_dim.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..models.shared import KVCache, attention, repeat_kv
+from .clustering import canonical_labels, cluster_heads, cosine_distance, representatives
+from .config import ChaiConfig
+
+# ----------------------------------------------------------------------------------------------------
+# The math
+
+
+def window_probs(q, k_win, p0: int, scale):
+    """Causal probabilities of window rows over window keys, in fp32 (the clustering features).
+
+    q [B, H, n, D] at positions p0..p0+n-1 (all < W), k_win [B, Hkv, W, D] -> [B, H, n, W], zero past each row.
+    """
+    n, W = q.shape[2], k_win.shape[2]
+    dt = torch.promote_types(q.dtype, torch.float32)
+    k = repeat_kv(k_win, q.shape[1]).to(dt)
+    scores = torch.matmul(q.to(dt), k.transpose(-1, -2)) * scale  # [B, H, n, W]
+    future = torch.arange(W, device=q.device)[None, :] > (p0 + torch.arange(n, device=q.device))[:, None]
+    return torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
+
+
+def clustered_attention(q_rep, k_slots, v, head_to_cluster, slot_of_rep, mask, scale):
+    """Attention with probabilities shared inside clusters.
+
+    q_rep [B, C, S, D] (the representatives' queries), k_slots [B, n_slots, n, D], v [B, Hkv, n, D],
+    head_to_cluster [B, H], slot_of_rep [B, C] (None: slot c is representative c's), mask [S, n] bool, or None:
+    causal with the S queries at the last S of the n positions -> [B, H, S, D].
+    """
+    B, C, S, D = q_rep.shape
+    H = head_to_cluster.shape[1]
+    if S > 1:
+        # a prompt: every head takes its representative's q and K, and one fused causal attention runs over them:
+        # the same probabilities as below, without materialising [B, H, S, n] of them
+        slot_of_head = head_to_cluster if slot_of_rep is None else slot_of_rep.gather(1, head_to_cluster)  # [B, H]
+        q_h = batched_index(q_rep, head_to_cluster)  # [B, H, S, D]
+        k_h = batched_index(k_slots, slot_of_head)  # [B, H, n, D]
+        return attention(q_h, k_h, repeat_kv(v, H), mask, scale)
+    k_rep = k_slots if slot_of_rep is None else batched_index(k_slots, slot_of_rep)  # [B, C, n, D]
+    scores = torch.matmul(q_rep, k_rep.transpose(-1, -2)) * scale  # [B, C, 1, n]
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    dt = torch.promote_types(scores.dtype, torch.float32)
+    probs = torch.softmax(scores.to(dt), dim=-1).to(v.dtype)  # [B, C, 1, n]: once per cluster
+    probs = batched_index(probs, head_to_cluster)  # [B, H, 1, n]: each head takes its cluster's
+    return torch.matmul(probs, repeat_kv(v, H))  # [B, H, 1, D]: each head its own V
+
+
+def batched_index(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """t [B, N, ...], idx [B, M] -> [B, M, ...] with out[b, m] = t[b, idx[b, m]]."""
+    B, N = t.shape[:2]
+    # index_select of whole rows of t [B*N, ...]: several times faster on CUDA than t[arange(B)[:, None], idx]
+    rows = idx if B == 1 else idx + N * torch.arange(B, device=idx.device)[:, None]  # [B, M]
+    return t.flatten(0, 1).index_select(0, rows.flatten()).view(B, idx.shape[1], *t.shape[2:])
+
+
+def n_k_slots(n_clusters: int, n_heads: int, n_kv_heads: int) -> int:
+    """K heads a layer keeps per sequence: one slot per representative when that is fewer than the KV heads, else
+    every KV head (dense layers, n_clusters == n_heads, keep all too)."""
+    return n_clusters if n_clusters < n_kv_heads and n_clusters < n_heads else n_kv_heads
+
+
+# ----------------------------------------------------------------------------------------------------
+# A clustered attention layer
+
+
+class ChaiAttention:
+    """Placed before a family's attention class (install): CHAI's `attend` and cache; the rest is the family's.
+
+    Uses from the family's module: n_heads, n_kv_heads, head_dim, scale, and project()'s q [B, H, S, D] and k, v
+    [B, Hkv, S, D] with RoPE already applied.
+    """
+
+    def init_chai(self, n_clusters: int, cfg: ChaiConfig, static: list[int] | None = None):
+        self.n_clusters, self.window = n_clusters, cfg.window
+        self.algorithm, self.representative = cfg.algorithm, cfg.representative
+        self.n_k_slots = n_k_slots(n_clusters, self.n_heads, self.n_kv_heads)
+        # CHAI-static: a fixed head -> cluster list from calibration instead of the request's window
+        self.static = None if static is None else torch.tensor(static, dtype=torch.long)
+        self.ready = False  # host flag: the sequences in the cache have their membership
+
+    # -- the cache: K of n_k_slots heads, plus the window state and the membership of each sequence
+
+    def setup_cache(self, max_batch_size, max_seq_len, dtype, device):
+        B, H, Hkv, C, W, D = (max_batch_size, self.n_heads, self.n_kv_heads, self.n_clusters, self.window,
+                              self.head_dim)
+        self.kv_cache = KVCache(B, max_seq_len, self.n_k_slots, Hkv, D, dtype, device)
+        idx = dict(dtype=torch.long, device=device)
+        self.register_buffer("rep_idx", torch.zeros(B, C, **idx), persistent=False)
+        self.register_buffer("head_to_cluster", torch.zeros(B, H, **idx), persistent=False)
+        self.register_buffer("kv_of_slot", torch.zeros(B, self.n_k_slots, **idx), persistent=False)
+        self.register_buffer("slot_of_rep", torch.zeros(B, C, **idx), persistent=False)
+        # the window: every KV head's K of positions < W, and the window rows' probabilities (the features)
+        self.register_buffer("k_win", torch.zeros(B, Hkv, W, D, dtype=dtype, device=device), persistent=False)
+        p_dtype = torch.promote_types(dtype, torch.float32)
+        self.register_buffer("p_win", torch.zeros(B, H, W, W, dtype=p_dtype, device=device), persistent=False)
+        self.ready = False
+
+    def release_cache(self):
+        self.kv_cache = None
+        for name in ("rep_idx", "head_to_cluster", "kv_of_slot", "slot_of_rep", "k_win", "p_win"):
+            self._buffers.pop(name, None)
+        self.ready = False
+
+    def cache_nbytes(self) -> dict:
+        window = sum(b.numel() * b.element_size() for b in (self.k_win, self.p_win))
+        return {**self.kv_cache.nbytes(), "chai_window": window}
+
+    # -- attention
+
+    def attend(self, q, k, v, input_pos, mask):
+        """q [B, H, S, D], k/v [B, Hkv, S, D] (RoPE applied); input_pos [S] or None (no cache); mask [S, n_keys]
+        -> [B, H, S, D]. Window rows attend densely and record the features; later rows are clustered."""
+        if input_pos is None:
+            return self.attend_uncached(q, k, v)
+        S = q.shape[2]
+        if self.ready and S == 1:  # decode: no host read
+            return self.attend_clustered(q, k, v, input_pos, mask)
+        # a prefill chunk spans keys 0..start+S-1 (its mask's width); a single token inside the window is read from
+        # the device (only until the window is full)
+        start = mask.shape[-1] - S if S > 1 else int(input_pos[0])
+        if start == 0:
+            self.ready = False  # a new sequence
+        if self.ready:
+            return self.attend_clustered(q, k, v, input_pos, mask)
+        if start >= self.window:
+            raise RuntimeError(f"CHAI layer {self.layer_idx}: positions start at {start} but the window "
+                               f"0..{self.window - 1} was never processed; start each sequence at position 0")
+        n_w = min(S, self.window - start)  # rows of this call inside the window
+        y_w = self.attend_window(q[:, :, :n_w], k[:, :, :n_w], v[:, :, :n_w], start)  # [B, H, n_w, D]
+        if start + n_w < self.window:
+            return y_w  # still inside the window: dense
+        self.decide_membership(q.shape[0])
+        if S == n_w:
+            return y_w
+        # the rows after the window: the whole chunk goes through the clustered pass and its window rows are dropped,
+        # so that its attention is one square causal kernel from position 0 (the K it writes at window positions is
+        # the K just kept)
+        y_r = self.attend_clustered(q, k, v, input_pos, mask)[:, :, n_w:]
+        return torch.cat([y_w, y_r], dim=2)
+
+    def attend_window(self, q, k, v, p0: int):
+        """Window rows p0..p0+n-1: q [B, H, n, D], k/v [B, Hkv, n, D] -> their dense output [B, H, n, D]; k into the
+        window's K, v into the cache, their probabilities over the window into p_win (the features)."""
+        B, n = q.shape[0], q.shape[2]
+        self.k_win[:B, :, p0:p0 + n] = k
+        self.kv_cache.v[:B, :, p0:p0 + n] = v
+        probs = window_probs(q, self.k_win[:B], p0, self.scale)  # [B, H, n, W]
+        self.p_win[:B, :, p0:p0 + n] = probs
+        v_win = repeat_kv(self.kv_cache.v[:B, :, :self.window], self.n_heads)  # [B, H, W, D]
+        return torch.matmul(probs.to(v.dtype), v_win)
+
+    def membership(self, probs):
+        """probs [B, H, W, W] (the window's probabilities) -> rep_idx [B, C], head_to_cluster [B, H],
+        kv_of_slot [B, n_slots], slot_of_rep [B, C]."""
+        B, H = probs.shape[:2]
+        C = self.n_clusters
+        features = probs.reshape(B, H, -1)  # [B, H, W*W]
+        if self.static is not None:
+            head_to_cluster = canonical_labels(self.static.to(probs.device).expand(B, H), C)
+            rep_idx = representatives(cosine_distance(features), head_to_cluster, C, "first")
+        else:
+            rep_idx, head_to_cluster = cluster_heads(features, C, self.algorithm, self.representative)
+        rep_kv = rep_idx // (H // self.n_kv_heads)  # [B, C]: each representative's KV head
+        if self.n_k_slots == C:  # slot c holds representative c's KV head
+            kv_of_slot, slot_of_rep = rep_kv, torch.arange(C, device=probs.device).expand(B, C)
+        else:  # K whole: representative c reads its own KV head
+            kv_of_slot, slot_of_rep = torch.arange(self.n_kv_heads, device=probs.device).expand(B, -1), rep_kv
+        return rep_idx, head_to_cluster, kv_of_slot, slot_of_rep
+
+    def decide_membership(self, B: int):
+        """Clusters the first B sequences on their window features and keeps only their slots' window K."""
+        for dst, src in zip((self.rep_idx, self.head_to_cluster, self.kv_of_slot, self.slot_of_rep),
+                            self.membership(self.p_win[:B])):
+            dst[:B].copy_(src)
+        self.kv_cache.k[:B, :, :self.window] = batched_index(self.k_win[:B], self.kv_of_slot[:B])
+        self.ready = True
+
+    def attend_clustered(self, q, k, v, input_pos, mask):
+        """Rows past the window: the representatives' q, the slots' K into the compact cache, V into the cache."""
+        B = q.shape[0]
+        q_rep = batched_index(q, self.rep_idx[:B])  # [B, C, S, D]
+        k_slots = batched_index(k, self.kv_of_slot[:B])  # [B, n_slots, S, D]
+        k_all, v_all = self.kv_cache.update(input_pos, k_slots, v)  # [B, n_slots, T, D], [B, Hkv, T, D]
+        if q.shape[2] > 1:  # a prefill chunk reads keys 0..start+S-1, causally
+            n = mask.shape[-1]
+            k_all, v_all, mask = k_all[:, :, :n], v_all[:, :, :n], None
+        return clustered_attention(q_rep, k_all, v_all, self.head_to_cluster[:B], self.slot_of_rep_or_none(B), mask,
+                                   self.scale)
+
+    def attend_uncached(self, q, k, v):
+        """A whole sequence from position 0, no cache: the window dense, then the rest clustered."""
+        S, W = q.shape[2], self.window
+        n_w = min(S, W)
+        probs = window_probs(q[:, :, :n_w], k[:, :, :n_w], 0, self.scale)  # [B, H, n_w, n_w]
+        y_w = torch.matmul(probs.to(v.dtype), repeat_kv(v[:, :, :n_w], self.n_heads))
+        if S <= W:
+            return y_w
+        rep_idx, head_to_cluster, kv_of_slot, slot_of_rep = self.membership(probs)
+        q_rep = batched_index(q[:, :, W:], rep_idx)  # [B, C, S-W, D]
+        k_slots = batched_index(k, kv_of_slot)  # [B, n_slots, S, D]
+        slot_of_rep = None if self.n_k_slots == self.n_clusters else slot_of_rep
+        y_r = clustered_attention(q_rep, k_slots, v, head_to_cluster, slot_of_rep, None, self.scale)
+        return torch.cat([y_w, y_r], dim=2)
+
+    def slot_of_rep_or_none(self, B: int):
+        # with one slot per representative, slot c is representative c's: no gather needed
+        return None if self.n_k_slots == self.n_clusters else self.slot_of_rep[:B]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Attaching CHAI to a model
+
+
+_CLASSES: dict = {}
+
+
+def swap_class(module, *mixins) -> None:
+    """Gives module the class `mixins + its plain class` (no mixins: the plain class back). Weights, buffers and
+    state-dict names stay; only methods change, the way an adapter overrides one method of a module."""
+    plain = getattr(type(module), "plain_class", type(module))
+    if not mixins:
+        module.__class__ = plain
+        return
+    key = (mixins, plain)
+    if key not in _CLASSES:
+        name = "".join(m.__name__ for m in mixins) + "_" + plain.__name__
+        _CLASSES[key] = type(name, (*mixins, plain), {"plain_class": plain})
+    module.__class__ = _CLASSES[key]
+
+
+def install(model, cfg: ChaiConfig | None, cluster_dense_layers: bool = False) -> None:
+    """Makes the model's clustered layers (a count below n_heads) use CHAI; None restores dense attention.
+
+    cluster_dense_layers: layers whose count equals n_heads run the clustered code too (each head its own cluster;
+    the same logits as dense attention, which is how the tests check the clustered path); else they stay dense.
+    Caches are re-allocated if the model has them. chai_models.set_chai also re-applies the model's backend.
+    """
+    mc = model.config
+    if cfg is not None:
+        cfg.validate(mc.n_layers, mc.n_heads)
+    for i, attn in enumerate(model.attention_layers):
+        n_clusters = mc.n_heads if cfg is None else cfg.clusters[i]
+        if cfg is None or (n_clusters == mc.n_heads and not cluster_dense_layers):
+            if isinstance(attn, ChaiAttention):
+                attn.release_cache()
+            swap_class(attn)
+            continue
+        static = None if cfg.static_membership is None else cfg.static_membership[i]
+        swap_class(attn, ChaiAttention)
+        attn.init_chai(n_clusters, cfg, static)
+    model.chai_config = cfg
+    if model.max_batch_size:
+        model.setup_caches(model.max_batch_size, model.max_seq_len)
+
+
+def chai_layers(model) -> list[ChaiAttention]:
+    return [a for a in model.attention_layers if isinstance(a, ChaiAttention)]
+
+
+def reset(model) -> None:
+    """Forgets every sequence's membership (a new request starts)."""
+    for attn in chai_layers(model):
+        attn.ready = False
+
+
+def ready(model) -> bool:
+    """True when every clustered layer has its membership (decode runs without host reads)."""
+    return all(a.ready for a in chai_layers(model))
+
+
+def summary(model) -> str:
+    """One line: clusters per layer and the measured K-cache saving."""
+    cfg = model.chai_config
+    if cfg is None:
+        return "CHAI off (dense)"
+    parts, run = [], None
+    for n in cfg.clusters:  # run-length: "18x32 14x4"
+        if run and run[1] == n:
+            run[0] += 1
+        else:
+            run = [1, n]
+            parts.append(run)
+    line = ("CHAI clusters per layer: " + " ".join(f"{n}x{c}" for n, c in parts) +
+            f" (of {model.config.n_heads} heads)")
+    if model.max_batch_size:
+        b = model.kv_cache_bytes()
+        line += (f"; K cache {b['k'] / 2**20:.2f} MiB vs dense {b['v'] / 2**20:.2f} MiB, "
+                 f"KV saved {b['saved'] / 2**20:.2f} MiB ({100 * b['saved'] / b['dense_total']:.1f}%)")
+    return line

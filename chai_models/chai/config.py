@@ -1,0 +1,137 @@
+"""CHAI's configuration: per-layer cluster counts, the window, the clustering rule; presets; chai.json."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .clustering import ALGORITHMS, REPRESENTATIVES
+
+# Published per-layer cluster counts of the CHAI reference code (LLaMA, MHA). See shared/CHAI.md.
+PRESETS = {
+    "llama-7b": dict(n_heads=32, clusters=[32] * 18 + [4] * 14),
+    "llama-7b-aggressive": dict(n_heads=32, clusters=[28] * 3 + [18] * 11 + [8] * 2 + [4] * 16),
+    "llama-33b": dict(n_heads=52, clusters=[48] * 18 + [36] * 8 + [24] * 6 + [8] * 2 + [6] * 26),
+}
+
+
+@dataclass
+class ChaiConfig:
+    """Per-layer cluster counts (k == n_heads: that layer stays dense) and how to cluster.
+
+    static_membership: CHAI-static, one head->cluster list per layer (None for a dense layer), fixed
+    offline instead of decided per request; representatives are then the lowest index of each cluster.
+    """
+
+    clusters: list[int]
+    window: int = 5
+    representative: str = "medoid"
+    algorithm: str = "agglomerative"
+    static_membership: list[list[int] | None] | None = None
+    calibration: dict | None = None  # how the counts were obtained (written by calibrate)
+
+    def validate(self, n_layers: int, n_heads: int) -> "ChaiConfig":
+        if len(self.clusters) != n_layers:
+            raise ValueError(f"ChaiConfig has {len(self.clusters)} cluster counts but the model has {n_layers} "
+                             f"layers; give one count per layer ({n_heads} keeps a layer dense)")
+        for i, n in enumerate(self.clusters):
+            if not isinstance(n, int) or not 1 <= n <= n_heads:
+                raise ValueError(f"ChaiConfig.clusters[{i}] = {n!r}: a layer's cluster count must be an int in "
+                                 f"1..{n_heads} (n_heads; {n_heads} means dense)")
+        if not isinstance(self.window, int) or self.window < 1:
+            raise ValueError(f"ChaiConfig.window = {self.window!r}: the clustering window must be an int >= 1")
+        if self.representative not in REPRESENTATIVES:
+            raise ValueError(f"ChaiConfig.representative = {self.representative!r}; use one of {REPRESENTATIVES}")
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"ChaiConfig.algorithm = {self.algorithm!r}; use one of {ALGORITHMS}")
+        if self.static_membership is not None:
+            if len(self.static_membership) != n_layers:
+                raise ValueError(f"ChaiConfig.static_membership has {len(self.static_membership)} entries for "
+                                 f"{n_layers} layers")
+            for i, (n, m) in enumerate(zip(self.clusters, self.static_membership)):
+                if n == n_heads:
+                    continue
+                if m is None or len(m) != n_heads or sorted(set(m)) != list(range(n)):
+                    raise ValueError(f"ChaiConfig.static_membership[{i}] must list a cluster id in 0..{n - 1} "
+                                     f"for each of the {n_heads} heads, every id used; got {m}")
+        return self
+
+    @classmethod
+    def from_spec(cls, spec: str, n_layers: int, n_heads: int, **kw) -> "ChaiConfig":
+        """A config from a short string: a preset name, 'k' (every layer k clusters), 'N:k' (first N layers
+        dense, the rest k), or a comma list of n_layers counts."""
+        spec = spec.strip()
+        if spec in PRESETS:
+            p = PRESETS[spec]
+            if p["n_heads"] != n_heads or len(p["clusters"]) != n_layers:
+                raise ValueError(f"preset {spec!r} is for {len(p['clusters'])} layers of {p['n_heads']} heads; "
+                                 f"this model has {n_layers} layers of {n_heads} heads")
+            return cls(clusters=list(p["clusters"]), **kw).validate(n_layers, n_heads)
+        try:
+            if "," in spec:
+                counts = [int(c) for c in spec.split(",")]
+            elif ":" in spec:
+                n_dense, n_clusters = (int(c) for c in spec.split(":"))
+                counts = [n_heads] * n_dense + [n_clusters] * (n_layers - n_dense)
+            else:
+                counts = [int(spec)] * n_layers
+        except ValueError:
+            raise ValueError(f"CHAI spec {spec!r} not understood: use a preset ({', '.join(PRESETS)}), 'k', "
+                             "'N:k' or a comma list of per-layer counts") from None
+        return cls(clusters=counts, **kw).validate(n_layers, n_heads)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict, where: str = "chai.json") -> "ChaiConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"{where}: unknown field(s) {unknown}; known: {sorted(known)}")
+        if "clusters" not in d:
+            raise ValueError(f"{where}: missing 'clusters' (one cluster count per layer)")
+        return cls(**d)
+
+    def save(self, path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path) -> "ChaiConfig":
+        path = Path(path)
+        try:
+            return cls.from_json(json.loads(path.read_text()), str(path))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e}); re-run calibration") from e
+
+
+def resolve(chai, model, path=None, required: bool = False) -> ChaiConfig | None:
+    """Turns a `chai` argument (load, the CLI, evaluate, bench) into a validated ChaiConfig, or None for dense.
+
+    chai: None | "auto" (chai.json in the checkpoint folder `path`) | a preset name or spec string | a chai.json
+    path | a ChaiConfig. "auto" without a chai.json means dense, unless `required`, where it is an error.
+    """
+    cfg = model.config
+    if chai is None:
+        return None
+    if isinstance(chai, ChaiConfig):
+        return chai.validate(cfg.n_layers, cfg.n_heads)
+    if not isinstance(chai, str):
+        raise TypeError(f"chai must be None, 'auto', a preset or spec string, a chai.json path or a ChaiConfig; "
+                        f"got {type(chai).__name__}")
+    if chai == "auto":
+        if path is None:
+            raise ValueError("chai='auto' needs the checkpoint folder (chai.json beside config.json)")
+        f = Path(path) / "chai.json"
+        if not f.is_file():
+            if required:
+                raise ValueError(f"{f} does not exist; calibrate first (python tools/calibrate.py {path}) or give "
+                                 "a spec such as 15:4")
+            return None
+        return ChaiConfig.load(f).validate(cfg.n_layers, cfg.n_heads)
+    if chai.endswith(".json"):
+        if not Path(chai).is_file():
+            raise ValueError(f"CHAI config {chai} does not exist")
+        return ChaiConfig.load(chai).validate(cfg.n_layers, cfg.n_heads)
+    return ChaiConfig.from_spec(chai, cfg.n_layers, cfg.n_heads)

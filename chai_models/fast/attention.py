@@ -1,0 +1,164 @@
+"""The attention of the triton backend: the plain modules' math through the Triton kernels, installed as mixins
+before a model's attention class (fast/__init__.py).
+
+Both mixins add `attend_unrotated(q, k, v, rope, input_pos, mask)`: attention from projections made before RoPE, so
+that a decode token's RoPE, its cache writes and its attention are one launch. Everything that is not a decode token
+on a device the kernels serve goes through the plain `attend` (prefill runs SDPA, as the plain path does).
+
+Which kernel serves a decode token is a rule on the cache's size (B x T positions), from the measurements in
+docs/performance.md: the split-T decode kernel while it beats cuDNN's SDPA (dense) or cuBLAS over V (CHAI).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..chai.attention import ChaiAttention, batched_index
+from ..models.llama import apply_rope
+from ..models.shared import attention
+from .kernels import available
+from .kernels.decode import new_token_decode
+from .kernels.membership import membership as membership_kernel
+from .kernels.probs import clustered_probs, probs_times_v
+from .kernels.rope_cache import rope_and_cache
+from .kernels.window import window_attention
+
+DENSE_DECODE_MAX_POSITIONS = 1024  # dense layers: the decode kernel up to B x T = 1024, then RoPE + writes + SDPA
+CLUSTERED_DECODE_MAX_POSITIONS = 16384  # CHAI layers: the decode kernel up to B x T = 16384, then probs + cuBLAS
+
+
+def rotate(q, k, rope):
+    # RoPE on q [B, H, S, D] and k [B, n, S, D]; rope None: the family has none (OPT)
+    return (q, k) if rope is None else (apply_rope(q, *rope), apply_rope(k, *rope))
+
+
+def rope_row(rope):
+    # a decode token's RoPE (cos, sin) [1, D] -> the [D] rows the kernels take, or (None, None)
+    return (None, None) if rope is None else (rope[0][0], rope[1][0])
+
+
+def is_decode(q, input_pos) -> bool:
+    # q [B, n, S, D]: one cached token that the kernels can serve
+    return input_pos is not None and q.shape[2] == 1 and available(q)
+
+
+class FastAttention:
+    """A dense attention layer's decode token through the kernels."""
+
+    def attend_unrotated(self, q, k, v, rope, input_pos, mask):
+        # q [B, H, S, D], k/v [B, Hkv, S, D] as projected (before RoPE) -> [B, H, S, D]
+        if not is_decode(q, input_pos):
+            return self.attend(*rotate(q, k, rope), v, input_pos, mask)
+        cache, B = self.kv_cache, q.shape[0]
+        cos, sin = rope_row(rope)
+        if B * cache.k.shape[2] <= DENSE_DECODE_MAX_POSITIONS:  # RoPE, cache writes and attention: one launch
+            out = new_token_decode(q[:, :, 0], k[:, :, 0], v[:, :, 0], cos, sin, cache.k, cache.v, input_pos,
+                                   self.scale, None, None, None)
+            return out[:, :, None]
+        q = rope_and_cache(q[:, :, 0], k[:, :, 0], v[:, :, 0], cos, sin, cache.k, cache.v, input_pos)[:, :, None]
+        return attention(q, cache.k[:B], cache.v[:B], mask, self.scale)
+
+    def qk_weights(self, batch_size: int, input_pos):
+        return self.wq, self.wk
+
+
+def cluster_lists(head_to_cluster: torch.Tensor, n_clusters: int):
+    """head_to_cluster [B, H] -> (members [B, H], cluster_start [B, C+1]), the decode kernel's layout.
+
+    members[b] lists the query heads cluster by cluster (ascending head index inside a cluster); cluster c's heads are
+    members[b, cluster_start[b, c]:cluster_start[b, c+1]].
+    """
+    labels, members = head_to_cluster.sort(dim=1, stable=True)
+    ids = torch.arange(n_clusters + 1, device=head_to_cluster.device).expand(labels.shape[0], -1).contiguous()
+    return members, torch.searchsorted(labels.contiguous(), ids)  # first entry of each cluster; C -> H
+
+
+def gather_rows(weight: torch.Tensor, bias, heads: torch.Tensor, head_dim: int, out=None):
+    """The weight (and bias) rows of the listed heads ([n] indices) -> (weight [n*D, hidden], bias [n*D] or None),
+    written into out's tensors if given."""
+    w = torch.index_select(weight.view(-1, head_dim * weight.shape[1]), 0, heads,
+                           out=None if out is None else out[0].view(len(heads), -1)).view(-1, weight.shape[1])
+    if bias is None:
+        return w, None
+    b = torch.index_select(bias.view(-1, head_dim), 0, heads,
+                           out=None if out is None else out[1].view(len(heads), head_dim)).view(-1)
+    return w, b
+
+
+class FastChaiAttention(ChaiAttention):
+    """A CHAI layer through the kernels: the window rows and the membership step in one launch each per prefill, a
+    decode token in one launch (or two and cuBLAS for long caches), and at batch 1 a decode token projects only its
+    representatives' Q and K rows (qk_weights)."""
+
+    def setup_cache(self, max_batch_size, max_seq_len, dtype, device):
+        super().setup_cache(max_batch_size, max_seq_len, dtype, device)
+        B, H, C = max_batch_size, self.n_heads, self.n_clusters
+        self.register_buffer("members", torch.zeros(B, H, dtype=torch.long, device=device), persistent=False)
+        self.register_buffer("cluster_start", torch.zeros(B, C + 1, dtype=torch.long, device=device),
+                             persistent=False)
+        # batch 1: the representatives' Q rows and the slots' K rows, re-gathered per request into static buffers;
+        # fewer bytes than the whole projections whenever the layer is clustered
+        self.rows = None
+        if max_batch_size == 1 and C < H:
+            self.rows = tuple(gather_rows(lin.weight, lin.bias, idx[0], self.head_dim)
+                              for lin, idx in ((self.wq, self.rep_idx), (self.wk, self.kv_of_slot)))
+
+    def release_cache(self):
+        super().release_cache()
+        for name in ("members", "cluster_start"):
+            self._buffers.pop(name, None)
+        self.rows = None
+
+    def attend_window(self, q, k, v, p0: int):
+        if not (available(q) and self.p_win.dtype == torch.float32):
+            return super().attend_window(q, k, v, p0)
+        B, n = q.shape[0], q.shape[2]
+        self.kv_cache.v[:B, :, p0:p0 + n] = v
+        # q and k arrive rotated: the kernel runs without RoPE
+        return window_attention(q, k, None, None, self.k_win[:B], self.p_win[:B], self.kv_cache.v[:B], p0,
+                                self.scale)
+
+    def decide_membership(self, B: int):
+        features = self.p_win[:B].reshape(B, self.n_heads, -1)  # [B, H, W*W]
+        out = (self.rep_idx[:B], self.head_to_cluster[:B], self.kv_of_slot[:B], self.slot_of_rep[:B],
+               self.members[:B], self.cluster_start[:B])
+        if self.static is None and self.algorithm == "agglomerative" and available(features):
+            membership_kernel(features, self.n_clusters, self.representative == "medoid",
+                              self.n_heads // self.n_kv_heads, self.n_k_slots, out)
+        else:
+            for dst, src in zip(out, self.membership(self.p_win[:B])):
+                dst.copy_(src)
+            for dst, src in zip(out[4:], cluster_lists(self.head_to_cluster[:B], self.n_clusters)):
+                dst.copy_(src)
+        self.kv_cache.k[:B, :, :self.window] = batched_index(self.k_win[:B], self.kv_of_slot[:B])
+        if self.rows is not None:
+            for (w, b), lin, idx in zip(self.rows, (self.wq, self.wk), (self.rep_idx, self.kv_of_slot)):
+                gather_rows(lin.weight, lin.bias, idx[0], self.head_dim, out=(w, b))
+        self.ready = True
+
+    def qk_weights(self, batch_size: int, input_pos):
+        """The Q and K projections for this call: the representatives' rows for a clustered token at batch 1."""
+        if self.rows is not None and self.ready and batch_size == 1 and input_pos is not None:
+            return self.rows
+        return self.wq, self.wk
+
+    def attend_unrotated(self, q, k, v, rope, input_pos, mask):
+        # q [B, H or C, S, D], k [B, Hkv or n_slots, S, D] (C, n_slots: projected from the rows), v [B, Hkv, S, D]
+        if not (self.ready and is_decode(q, input_pos)):
+            return self.attend(*rotate(q, k, rope), v, input_pos, mask)
+        cache, B = self.kv_cache, q.shape[0]
+        if q.shape[1] != self.n_clusters:
+            q = batched_index(q, self.rep_idx[:B])  # [B, C, 1, D]
+        if k.shape[1] != self.n_k_slots:
+            k = batched_index(k, self.kv_of_slot[:B])  # [B, n_slots, 1, D]
+        cos, sin = rope_row(rope)
+        q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
+        if B * cache.k.shape[2] <= CLUSTERED_DECODE_MAX_POSITIONS:  # RoPE, cache writes, clustered attention
+            out = new_token_decode(q, k, v, cos, sin, cache.k, cache.v, input_pos, self.scale, self.members[:B],
+                                   self.cluster_start[:B], self.slot_of_rep[:B])
+            return out[:, :, None]
+        # long caches: the probabilities in two launches (RoPE and the writes too), then cuBLAS streams V
+        probs = clustered_probs(q, k, v, cos, sin, cache.k, cache.v, input_pos, self.scale,
+                                self.head_to_cluster[:B], self.slot_of_rep[:B])  # [B, H, T]
+        H, (Hkv, T, D) = probs.shape[1], cache.v.shape[1:]
+        out = probs_times_v(probs.view(B * Hkv, H // Hkv, T), cache.v[:B].view(B * Hkv, T, D))  # [B*Hkv, G, D]
+        return out.view(B, H, 1, D)

@@ -1,0 +1,201 @@
+"""One-row GEMV with the RMSNorm before it and SwiGLU or the residual add after it folded in, and `linear`, which
+uses it for a decode token at batch 1 inside torch.compile."""
+from __future__ import annotations
+
+import torch
+
+from ...models.llama import RMSNorm
+from .common import _pdl_kwargs, available, triton
+from .silu_mul import silu_mul
+
+if triton is not None:
+    import triton.language as tl
+
+# ----------------------------------------------------------------------------------------------------
+# One-row GEMV: y = W x for a single token (B = S = 1 decode), the bulk of a decode step's bytes.
+#
+# One launch serves up to three weights of one K (Q, K and V; or SwiGLU's gate and up), and folds in what sits
+# around a projection in a LLaMA block, so that none of it is a launch of its own:
+#   - an RMSNorm prologue (llama.RMSNorm's math and roundings; each program recomputes the 8 KB of x it needs);
+#   - SwiGLU: a program reads the same rows of gate and up and writes silu(gate x) * (up x);
+#   - a bias, and a residual add.
+# Each program owns BLOCK_N rows and walks K in BLOCK_K tiles, one tile loaded ahead. The weights do not depend on
+# the previous kernel, so under PDL the first tile is requested before gdc_wait: the weight stream starts while
+# the previous kernel drains. It reads the weights faster than inductor's tuned reductions of the same products
+# (docs/performance.md, "dense decode").
+
+if triton is not None:
+
+    @triton.jit
+    def _gemv_kernel(x_ptr, g_ptr, w0_ptr, w1_ptr, w2_ptr, b0_ptr, b1_ptr, b2_ptr, res_ptr, out_ptr, N0, N1, N2,
+                     eps, K: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+        # programs 0..nb0-1 take weight 0, then weight 1, then weight 2; outputs are concatenated in that order
+        pid = tl.program_id(0)
+        nb0 = tl.cdiv(N0, BLOCK_N)
+        nb1 = tl.cdiv(N1, BLOCK_N)
+        if pid < nb0:
+            w_ptr, b_ptr, n_rows, row0, out0 = w0_ptr, b0_ptr, N0, pid * BLOCK_N, 0
+        elif pid < nb0 + nb1:
+            w_ptr, b_ptr, n_rows, row0, out0 = w1_ptr, b1_ptr, N1, (pid - nb0) * BLOCK_N, N0
+        else:
+            w_ptr, b_ptr, n_rows, row0, out0 = w2_ptr, b2_ptr, N2, (pid - nb0 - nb1) * BLOCK_N, N0 + N1
+        rows = row0 + tl.arange(0, BLOCK_N)
+        r_ok = rows < n_rows
+        ks = tl.arange(0, BLOCK_K)
+        w_ptrs = w_ptr + rows[:, None].to(tl.int64) * K + ks[None, :]  # [BLOCK_N, BLOCK_K]
+        u_ptrs = w1_ptr + rows[:, None].to(tl.int64) * K + ks[None, :]  # SWIGLU: the same rows of up
+        w_next = tl.load(w_ptrs, mask=r_ok[:, None] & (ks[None, :] < K), other=0.0)  # before the wait
+        if SWIGLU:
+            u_next = tl.load(u_ptrs, mask=r_ok[:, None] & (ks[None, :] < K), other=0.0)
+        if PDL:
+            tl.extra.cuda.gdc_wait()  # x and the residual are the previous kernel's output
+            tl.extra.cuda.gdc_launch_dependents()
+        if NORM:
+            sq = tl.zeros([BLOCK_K], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                xk = tl.load(x_ptr + k0 + ks, mask=k0 + ks < K, other=0.0).to(tl.float32)
+                sq += xk * xk
+            inv_rms = 1.0 / tl.sqrt(tl.sum(sq, 0) / K + eps)
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k_ok = k0 + ks < K
+            xk = tl.load(x_ptr + k0 + ks, mask=k_ok, other=0.0)  # [BLOCK_K]
+            if NORM:  # weight * (x * inv_rms).to(dtype), rounded as llama.RMSNorm rounds it
+                gk = tl.load(g_ptr + k0 + ks, mask=k_ok, other=0.0).to(tl.float32)
+                xk = (gk * (xk.to(tl.float32) * inv_rms).to(xk.dtype).to(tl.float32)).to(xk.dtype)
+            xk = xk.to(tl.float32)[None, :]
+            w = w_next
+            ahead = r_ok[:, None] & (k0 + BLOCK_K + ks[None, :] < K)  # the next tile, loaded ahead
+            w_next = tl.load(w_ptrs + k0 + BLOCK_K, mask=ahead, other=0.0)
+            acc += w.to(tl.float32) * xk
+            if SWIGLU:
+                u = u_next
+                u_next = tl.load(u_ptrs + k0 + BLOCK_K, mask=ahead, other=0.0)
+                acc_u += u.to(tl.float32) * xk
+        odt = out_ptr.dtype.element_ty
+        y = tl.sum(acc, 1)  # [BLOCK_N], fp32
+        if HAS_BIAS:
+            y += tl.load(b_ptr + rows, mask=r_ok, other=0.0).to(tl.float32)
+        if SWIGLU:  # F.silu(gate x) * (up x), each product rounded to the output dtype as the torch path does
+            u = tl.sum(acc_u, 1)
+            if HAS_BIAS:
+                u += tl.load(b1_ptr + rows, mask=r_ok, other=0.0).to(tl.float32)
+            g = y.to(odt).to(tl.float32)
+            y = (g / (1.0 + tl.exp(-g))).to(odt).to(tl.float32) * u.to(odt).to(tl.float32)
+        if HAS_RES:  # residual + (W x).to(dtype)
+            y = tl.load(res_ptr + rows, mask=r_ok, other=0.0).to(tl.float32) + y.to(odt).to(tl.float32)
+        tl.store(out_ptr + out0 + rows, y.to(odt), mask=r_ok)
+
+
+def gemv_config(n_rows: int, K: int, swiglu: bool) -> dict:
+    """BLOCK_N, BLOCK_K, num_warps of _gemv_kernel for weights of n_rows (all segments) x K.
+
+    The winners of a launch-config sweep over the LLaMA-2-7B projections (docs/performance.md, "dense decode"):
+    fused Q/K/V and the output head, wo, gate+up, down each get their own.
+    """
+    if swiglu:
+        bn, bk, warps = 4, 1024, 4
+    elif K >= 8192:
+        bn, bk, warps = 16, 512, 8
+    elif n_rows <= 4096:
+        bn, bk, warps = 2, 2048, 4
+    else:
+        bn, bk, warps = 4, 2048, 8
+    bk = min(bk, max(16, triton.next_power_of_2(K)))
+    return dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+
+
+def gemv_launch(x, weights, biases, norm_weight, eps, residual, swiglu):
+    K = x.shape[-1]
+    x = x.contiguous()
+    ns = [w.shape[0] for w in weights]
+    if swiglu:
+        ns = [ns[0]]
+    n_out = sum(ns)
+    out = x.new_empty(*x.shape[:-1], n_out)
+    ws = list(weights) + [weights[0]] * (3 - len(weights))
+    bs = list(biases) + [ws[0]] * (3 - len(biases))  # unused pointers where there is no bias
+    ns = ns + [0] * (3 - len(ns))
+    cfg = gemv_config(n_out, K, swiglu)
+    grid = (sum(triton.cdiv(n, cfg["BLOCK_N"]) for n in ns),)
+    _gemv_kernel[grid](x, norm_weight if norm_weight is not None else x, *ws, *bs,
+                       residual.contiguous() if residual is not None else x, out, ns[0], ns[1], ns[2], eps, K=K,
+                       NORM=norm_weight is not None, SWIGLU=swiglu, HAS_BIAS=bool(biases),
+                       HAS_RES=residual is not None, **cfg, **_pdl_kwargs(x.device))
+    return out
+
+
+@torch.library.custom_op("chai_models::gemv", mutates_args=())
+def gemv(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor], norm_weight: torch.Tensor | None,
+         eps: float, residual: torch.Tensor | None, swiglu: bool) -> torch.Tensor:
+    """One row x [..., K] (one element in the leading dims) through up to three weights [N_i, K] -> [..., sum N_i].
+
+    biases: one per weight, or empty. norm_weight: RMSNorm x first (llama.RMSNorm, eps). swiglu: two weights of one
+    shape, out = silu(W0 x) * (W1 x) [..., N_0]. residual [..., N]: out = residual + W x. An opaque op, so
+    torch.compile keeps it one launch. The contract and the checks live in kernels.linear.
+    """
+    return gemv_launch(x, weights, biases, norm_weight, eps, residual, swiglu)
+
+
+@gemv.register_fake
+def _(x, weights, biases, norm_weight, eps, residual, swiglu):
+    n = weights[0].shape[0] if swiglu else sum(w.shape[0] for w in weights)
+    return x.new_empty(*x.shape[:-1], n)
+
+
+def _weight_bias(m):  # an nn.Linear, a (weight, bias) pair, or a bare weight
+    if isinstance(m, torch.nn.Module):
+        return m.weight, m.bias
+    return tuple(m) if isinstance(m, (tuple, list)) else (m, None)
+
+
+def gemv_applies(x: torch.Tensor, weights, biases=(), norm=None, residual=None, swiglu=False) -> bool:
+    """Whether `linear` runs this call as one _gemv_kernel launch: one row, inside torch.compile (where CUDA graphs
+    make its launch free; in eager decode cuBLAS's launches cost less host time than a Triton launch)."""
+    if not torch.compiler.is_compiling():
+        return False
+    if not available(x) or x.numel() != x.shape[-1] or not 1 <= len(weights) <= 3:
+        return False
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, residual, *weights, *biases)):
+        return False  # no backward
+    K, dt = x.shape[-1], x.dtype
+    if any(w.dim() != 2 or w.shape[1] != K or w.dtype != dt or not w.is_contiguous() for w in weights):
+        return False
+    if biases and any(b is None or b.dtype != dt or b.shape != (w.shape[0],) for w, b in zip(weights, biases)):
+        return False
+    if norm is not None and not (type(norm) is RMSNorm and norm.weight.shape == (K,)):  # its math is in the kernel
+        return False
+    if swiglu and (len(weights) != 2 or weights[0].shape != weights[1].shape):
+        return False
+    return residual is None or (residual.numel() == weights[0].shape[0] and residual.dtype == dt)
+
+
+def linear(x: torch.Tensor, linears, norm=None, residual=None, swiglu=False):
+    """The projections of a block, with what surrounds them, in one call.
+
+    linears: nn.Linear modules, (weight, bias) pairs or bare weights, sharing an input; norm: an RMSNorm module
+    applied to x first; swiglu: out = silu(l0(x)) * l1(x); residual: out = residual + l0(x). Returns one tensor,
+    or with several linears and no swiglu a tuple, one per linear. One token on CUDA (decode at batch 1) in a
+    compiled graph: one _gemv_kernel launch (gemv_applies); otherwise the plain torch ops, which are also the
+    reference.
+    """
+    if residual is not None and (swiglu or len(linears) != 1):
+        raise ValueError("linear: a residual goes with exactly one linear and no swiglu")
+    wb = [_weight_bias(m) for m in linears]
+    weights = [w for w, _ in wb]
+    biases = [b for _, b in wb] if any(b is not None for _, b in wb) else []
+    if gemv_applies(x, weights, biases, norm, residual, swiglu):
+        out = gemv(x, weights, biases, norm.weight if norm is not None else None,
+                   float(norm.eps) if norm is not None else 0.0, residual, swiglu)
+        if len(weights) == 1 or swiglu:
+            return out
+        return out.split([w.shape[0] for w in weights], dim=-1)
+    h = norm(x) if norm is not None else x
+    ys = [torch.nn.functional.linear(h, w, b) for w, b in wb]
+    if swiglu:
+        return silu_mul(ys[0], ys[1])
+    if residual is not None:
+        return residual + ys[0]
+    return ys[0] if len(ys) == 1 else tuple(ys)
