@@ -261,20 +261,21 @@ def load_weights(model: torch.nn.Module, folder: str | os.PathLike, device, dtyp
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
-         chai=None):
+         chai=None, backend: str = "auto"):
     """Loads a converted checkpoint as a Llama or OPT model, in eval mode, on device, in dtype.
 
-    dtype None keeps the checkpoint's own. chai: None (dense), "auto" (chai.json beside the checkpoint if
-    present), a preset name, or a ChaiConfig.
+    dtype None keeps the checkpoint's own. chai: None (dense), "auto" (chai.json beside the checkpoint if present),
+    a preset name or spec string, a chai.json path, or a ChaiConfig. backend: "auto" (the Triton kernels on CUDA
+    when triton is installed), "torch" (the plain modules) or "triton" (chai_models.fast).
     """
-    import importlib
+    from .chai import install, resolve
+    from .fast import apply
+    from .models import FAMILIES
 
     cfg = read_config(path)
-    families = {"llama": ("llama", "Llama"), "opt": ("opt", "OPT")}
-    if cfg["family"] not in families:
-        raise CheckpointError(f"{path}/config.json: unknown family {cfg['family']!r}; known: {sorted(families)}")
-    module, name = families[cfg["family"]]
-    cls = getattr(importlib.import_module(f"chai_models.{module}"), name)
+    if cfg["family"] not in FAMILIES:
+        raise CheckpointError(f"{path}/config.json: unknown family {cfg['family']!r}; known: {sorted(FAMILIES)}")
+    cls = FAMILIES[cfg["family"]]
     config = config_from_dict(cls.config_class, cfg, f"{path}/{CONFIG_NAME}")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -286,10 +287,8 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
     model.init_buffers(device)
     model.eval()
     model.checkpoint_path = str(path)
-    if chai is not None:
-        from .chai import resolve_chai
-
-        chai_cfg = resolve_chai(chai, model, path)
-        if chai_cfg is not None:
-            model.set_chai(chai_cfg)
+    chai_cfg = resolve(chai, model, path)
+    if chai_cfg is not None:
+        install(model, chai_cfg)
+    apply(model, backend)
     return model

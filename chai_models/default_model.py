@@ -100,7 +100,7 @@ def ensure_default_model(weights_dir: str | os.PathLike | None = None) -> Path:
 
     weights_dir: folder holding converted models (default: weights/ at the repository root).
     """
-    from .convert_gguf import convert_gguf
+    from .convert.gguf import convert_gguf
 
     dst = (Path(weights_dir) if weights_dir is not None else REPO_ROOT / "weights") / DEFAULT_MODEL_NAME
     if not (dst / "config.json").exists():

@@ -24,9 +24,6 @@ class _Plain:
     def update(self, n=1):
         pass
 
-    def set_postfix_str(self, s):
-        pass
-
     def close(self):
         pass
 

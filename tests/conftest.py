@@ -1,9 +1,39 @@
 import os
+from pathlib import Path
 
-import pytest
-import torch
+# Without a GPU the Triton kernels run interpreted on CPU tensors (how the CPU suite checks them). The variable must be
+# set before triton is imported; with a GPU the kernels run for real (tests marked gpu).
+if not Path("/dev/nvidia0").exists():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+
+
+def _fix_interpreter_range():
+    """Triton 3.6's interpreter turns a scalar into a loop bound with int() of a 1-element array, which NumPy >= 2.4
+    refuses ("only 0-dimensional arrays ..."): a `for` over a range with a tensor bound fails. Patch that one
+    conversion (test harness only; compiled kernels are unaffected)."""
+    try:
+        import numpy as np
+        import triton.runtime.interpreter as interp
+    except ImportError:
+        return
+    if np.lib.NumpyVersion(np.__version__) < "2.4.0" or getattr(interp, "_chai_range_fix", False):
+        return
+    patch = interp._patch_lang_tensor
+
+    def patched(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+
+    interp._patch_lang_tensor, interp._chai_range_fix = patched, True
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _fix_interpreter_range()
 
 
 def pytest_collection_modifyitems(config, items):

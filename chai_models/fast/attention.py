@@ -142,13 +142,13 @@ class FastChaiAttention(ChaiAttention):
         return self.wq, self.wk
 
     def attend_unrotated(self, q, k, v, rope, input_pos, mask):
-        # q [B, H or C, S, D], k [B, Hkv or n_slots, S, D] (C, n_slots: projected from the rows), v [B, Hkv, S, D]
+        # q [B, H, S, D], k [B, Hkv, S, D], v [B, Hkv, S, D]; a decode token at batch 1 with rows: q [1, C, 1, D] and
+        # k [1, n_slots, 1, D] (qk_weights)
         if not (self.ready and is_decode(q, input_pos)):
             return self.attend(*rotate(q, k, rope), v, input_pos, mask)
         cache, B = self.kv_cache, q.shape[0]
-        if q.shape[1] != self.n_clusters:
+        if not (self.rows is not None and B == 1):  # projected by all heads: pick the representatives and slots
             q = batched_index(q, self.rep_idx[:B])  # [B, C, 1, D]
-        if k.shape[1] != self.n_k_slots:
             k = batched_index(k, self.kv_of_slot[:B])  # [B, n_slots, 1, D]
         cos, sin = rope_row(rope)
         q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]

@@ -17,7 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import DEFAULT_SHARD_BYTES, CheckpointError
+from ..checkpoint import DEFAULT_SHARD_BYTES, CheckpointError
+from .rope import rotate_half_rows
+from .write import Source, write_source
 
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
 
@@ -166,18 +168,6 @@ def dequantize(t, src) -> np.ndarray:
     return np.array(x.reshape(shape), dtype=np.float32)  # a copy: F32 data is a read-only view of the mmap
 
 
-def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Interleaved RoPE rows (llama.cpp's order) -> HF's rotate-half order.
-
-    llama.cpp stores, within each head, rows as pairs (i, i + D/2) next to each other; HF keeps the first
-    halves of all pairs, then the second halves. Works for weights [H*D, hidden] and biases [H*D].
-    """
-    rest = w.shape[1:]
-    D = w.shape[0] // n_heads
-    w = w.reshape(n_heads, D // 2, 2, *rest)  # [H, D/2, pair, ...]
-    return w.transpose(1, 2).reshape(n_heads * D, *rest)  # [H, pair, D/2, ...] -> [H*D, ...]
-
-
 def rope_freqs_scaling(x: np.ndarray, cfg: dict, src) -> dict:
     """LLaMA-3.1-style rope_freqs (per-frequency divisors) -> our rope_scaling, when it matches a known recipe.
 
@@ -185,7 +175,7 @@ def rope_freqs_scaling(x: np.ndarray, cfg: dict, src) -> dict:
     (low 1, high 4, original context 8192, factor = the largest divisor) and accept it only if it
     reproduces every divisor.
     """
-    from .llama import LlamaConfig, rope_inv_freq
+    from ..models.llama import LlamaConfig, rope_inv_freq
 
     x = x.reshape(-1).astype(np.float64)
     if np.allclose(x, 1.0):
@@ -205,16 +195,16 @@ def gguf_tensors(reader, cfg: dict, dtype: torch.dtype, src):
     """Yields (our_name, tensor) for every weight, dequantized, renamed and with Q/K rows unpermuted."""
     for t in reader.tensors:
         if t.name == "rope_freqs.weight":
-            continue  # read by convert_gguf into the config (RoPE scaling); not a weight of our model
+            continue  # read into the config (RoPE scaling) by `read`; not a weight of our model
         name = our_name(t.name, cfg["n_layers"])
         if name is None:
-            raise CheckpointError(f"{src}: unknown tensor {t.name!r} for a llama model; chai_models/convert_gguf.py "
+            raise CheckpointError(f"{src}: unknown tensor {t.name!r} for a llama model; chai_models/convert/gguf.py "
                                   "has no mapping for it (is this really a plain llama GGUF?)")
         w = torch.from_numpy(dequantize(t, src))
         if name.endswith(("attention.wq.weight", "attention.wq.bias")):
-            w = unpermute_rope_rows(w, cfg["n_heads"])
+            w = rotate_half_rows(w, cfg["n_heads"])
         elif name.endswith(("attention.wk.weight", "attention.wk.bias")):
-            w = unpermute_rope_rows(w, cfg["n_kv_heads"])
+            w = rotate_half_rows(w, cfg["n_kv_heads"])
         yield name, w.to(dtype)
 
 
@@ -235,7 +225,7 @@ def tokenizer_files(reader, src) -> dict[str, dict]:
     if pre not in PRE_TOKENIZERS:
         raise CheckpointError(f"{src}: tokenizer.ggml.pre is {pre!r}, a pre-tokenizer chai_models does not know "
                               f"(known: {sorted(PRE_TOKENIZERS)}); add its split rule to PRE_TOKENIZERS in "
-                              "chai_models/convert_gguf.py")
+                              "chai_models/convert/gguf.py")
     tokens = field(reader, "tokenizer.ggml.tokens")
     types = field(reader, "tokenizer.ggml.token_type") or [TOKEN_NORMAL] * len(tokens)
     merges = field(reader, "tokenizer.ggml.merges") or []
@@ -300,16 +290,17 @@ def write_json_files(folder: Path, docs: dict[str, dict]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
-# entry point
+# the reader and the entry point
 
 
-def convert_gguf(src, dst, dtype: torch.dtype | None = None, force: bool = False,
-                 max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
-    """Converts a llama-architecture .gguf file into our format at dst; returns dst."""
-    from .convert import write_checkpoint
+def detect(src: Path) -> bool:
+    """A .gguf file."""
+    return src.is_file() and src.suffix == ".gguf"
 
+
+def read(src: Path, dtype: torch.dtype | None = None) -> Source:
+    """Our config and a lazy stream of dequantized tensors for a .gguf file; dtype None means float32."""
     gguf = _gguf()
-    src, dst = Path(src), Path(dst)
     try:
         reader = gguf.GGUFReader(str(src))
     except Exception as e:  # the reader raises ValueError/struct errors on a bad magic or a truncated file
@@ -321,5 +312,12 @@ def convert_gguf(src, dst, dtype: torch.dtype | None = None, force: bool = False
     docs = tokenizer_files(reader, src)  # before the weights: a tokenizer we cannot write fails fast
     dtype = dtype or torch.float32
     n = sum(t.name != "rope_freqs.weight" for t in reader.tensors)
-    return write_checkpoint(dst, cfg, gguf_tensors(reader, cfg, dtype, src), n, dtype, force, max_shard_bytes,
-                            extra_files=lambda tmp: write_json_files(tmp, docs), desc=f"converting {src.name}")
+    return Source(cfg, gguf_tensors(reader, cfg, dtype, src), dtype, n,
+                  extra_files=lambda tmp: write_json_files(tmp, docs), desc=f"converting {src.name}")
+
+
+def convert_gguf(src, dst, dtype: torch.dtype | None = None, force: bool = False,
+                 max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Converts a llama-architecture .gguf file into our format at dst; returns dst."""
+    src, dst = Path(src), Path(dst)
+    return write_source(dst, read(src, dtype), force, max_shard_bytes)

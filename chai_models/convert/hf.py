@@ -13,16 +13,13 @@ from typing import Callable, Iterator
 
 import torch
 
-from .checkpoint import CheckpointError
+from ..checkpoint import CheckpointError
+from .write import Source
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "generation_config.json", "added_tokens.json")
 
 IGNORED = object()  # a source key we know and deliberately drop
-
-
-def is_hf_folder(src: Path) -> bool:
-    return src.is_dir() and (src / "config.json").exists() and bool(hf_weight_files(src))
 
 
 def hf_weight_files(src: Path) -> list[Path]:
@@ -229,7 +226,8 @@ def opt_key(key: str, cfg: dict):
     return None
 
 
-# family name -> (config mapping, key mapping)
+# family name -> (config mapping, key mapping): the Hugging Face side only; the model classes are
+# chai_models.models.FAMILIES
 FAMILIES: dict[str, tuple[Callable[[dict], dict], Callable[[str, dict], object]]] = {
     "llama": (llama_config, llama_key),
     "opt": (opt_config, opt_key),
@@ -258,7 +256,7 @@ def hf_tensors(src: Path, cfg: dict, to_key) -> Iterator[tuple[str, torch.Tensor
             continue
         if ours is None:
             raise CheckpointError(f"{src}: unknown tensor {key!r} for a {cfg['family']} model; it has no mapping "
-                                  "in chai_models/convert_hf.py (is this really a plain "
+                                  "in chai_models/convert/hf.py (is this really a plain "
                                   f"{cfg['family']} checkpoint?)")
         yield ours, t
 
@@ -272,3 +270,21 @@ def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
             shutil.copyfile(src / name, dst / name)
             copied.append(name)
     return copied
+
+
+# ----------------------------------------------------------------------------------------------------
+# the reader
+
+
+def detect(src: Path) -> bool:
+    """A folder with a config.json; `read` says what else is missing."""
+    return src.is_dir() and (src / "config.json").exists()
+
+
+def read(src: Path, dtype: torch.dtype | None = None) -> Source:
+    """Our config and a lazy stream of our tensors for a Hugging Face folder; dtype None keeps the source's."""
+    if not hf_weight_files(src):
+        raise CheckpointError(f"{src} has a config.json but no weights (model*.safetensors or "
+                              "pytorch_model*.bin)")
+    cfg, to_key = read_hf_config(src)
+    return Source(cfg, hf_tensors(src, cfg, to_key), dtype, extra_files=lambda tmp: copy_tokenizer_files(src, tmp))

@@ -14,22 +14,13 @@ from typing import Iterator
 
 import torch
 
-from .checkpoint import CheckpointError
+from ..checkpoint import CheckpointError
+from .rope import rotate_half_rows
+from .write import Source
 
 # split dimension of each tensor kind across model-parallel shards (None: replicated)
 _SPLIT = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1,
           "attention_norm": None, "ffn_norm": None, "norm": None}
-
-
-def is_meta_folder(src: Path) -> bool:
-    return src.is_dir() and (src / "params.json").exists() and bool(sorted(src.glob("consolidated.*.pth")))
-
-
-def rotate_half_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """wq/wk rows from interleaved-pair order to rotate-half order, head by head. w [n_heads*D, hidden]."""
-    rows, hidden = w.shape
-    D = rows // n_heads
-    return w.view(n_heads, D // 2, 2, hidden).transpose(1, 2).reshape(rows, hidden)
 
 
 def _kind(name: str) -> str:
@@ -108,3 +99,20 @@ def copy_tokenizer(src: Path, dst: Path) -> None:
 
     if (src / "tokenizer.model").exists():
         shutil.copyfile(src / "tokenizer.model", dst / "tokenizer.model")
+
+
+# ----------------------------------------------------------------------------------------------------
+# the reader
+
+
+def detect(src: Path) -> bool:
+    """A folder with a params.json; `read` says what else is missing."""
+    return src.is_dir() and (src / "params.json").exists()
+
+
+def read(src: Path, dtype: torch.dtype | None = None) -> Source:
+    """Our config and a stream of our tensors for a Meta consolidated folder; dtype None keeps the source's."""
+    if not sorted(src.glob("consolidated.*.pth")):
+        raise CheckpointError(f"{src} has params.json but no consolidated.*.pth shards")
+    cfg, tensors = read_meta(src)
+    return Source(cfg, tensors, dtype, extra_files=lambda tmp: copy_tokenizer(src, tmp))
