@@ -368,7 +368,7 @@ def main(argv=None) -> int:
     dense_ref = {} if a.child is None else {tuple(json.loads(k)): r for k, r in json.loads(a.child).items()}
     for spec in a.chai:
         cfg = None if spec == "dense" else ChaiConfig.from_spec(spec, model.config.n_layers, model.config.n_heads)
-        model.set_chai(cfg)
+        set_chai(model, cfg)
         # a fresh compile per configuration, as a user's process has, not a recompile of the previous one's step,
         # so that first-call times are comparable
         dynamo.reset()

@@ -40,7 +40,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .chai import ChaiConfig, n_k_slots
+from . import set_chai
+from .chai import ChaiConfig, n_k_slots, resolve
 from .progress import progress
 
 
@@ -57,7 +58,8 @@ class Method:
     name: str
     chai: ChaiConfig | None  # None: dense attention
     kind: str = "chai"  # dense | chai | static | random
-
+    # layers whose count equals n_heads run the clustered code too (each head alone; dense logits), not dense attention
+    cluster_dense_layers: bool = False
 
 
 def savings(cfg: ChaiConfig | None, n_heads: int, n_kv_heads: int) -> dict:
@@ -88,20 +90,10 @@ def random_grouping(cfg: ChaiConfig, n_heads: int, seed: int = 0) -> ChaiConfig:
 
 def _chai_source(spec: str, model, model_dir) -> ChaiConfig:
     """'auto' (chai.json beside the checkpoint), a .json path, or a spec string -> ChaiConfig."""
-    mc = model.config
-    if spec == "auto":
-        if model_dir is None:
-            raise EvaluationError("--chai auto needs the model folder (chai.json beside config.json)")
-        path = Path(model_dir) / "chai.json"
-        if not path.is_file():
-            raise EvaluationError(f"{path} does not exist; calibrate first (python tools/calibrate.py {model_dir}) "
-                                  "or give a spec such as --chai 15:4")
-        return ChaiConfig.load(path).validate(mc.n_layers, mc.n_heads)
-    if spec.endswith(".json"):
-        if not Path(spec).is_file():
-            raise EvaluationError(f"CHAI config {spec} does not exist")
-        return ChaiConfig.load(spec).validate(mc.n_layers, mc.n_heads)
-    return ChaiConfig.from_spec(spec, mc.n_layers, mc.n_heads)
+    try:
+        return resolve(spec, model, model_dir, required=True)
+    except ValueError as e:
+        raise EvaluationError(str(e)) from e
 
 
 def build_methods(model, model_dir=None, chai=("auto",), static: str | bool | None = None, n_random: int = 0,
@@ -144,11 +136,11 @@ class _Installed:
 
     def use(self, method: Method):
         if self.model.chai_config is not method.chai:
-            self.model.set_chai(method.chai)
+            set_chai(self.model, method.chai, method.cluster_dense_layers)
 
     def restore(self):
         if self.model.chai_config is not self.saved:
-            self.model.set_chai(self.saved)
+            set_chai(self.model, self.saved)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -5,8 +5,10 @@ import pytest
 import torch
 from conftest import rel_err
 
-from chai_models import ChaiConfig, chai
-from chai_models.llama import Llama, LlamaConfig
+from chai_models import ChaiConfig, chai, set_chai
+from chai_models.chai import ChaiAttention
+from chai_models.models.shared import repeat_kv
+from chai_models.models.llama import Llama, LlamaConfig
 
 W = 5
 
@@ -47,17 +49,11 @@ def reference_forward(model, tokens, memberships):
     originals = {}
 
     def make(attn, member):
-        def forward(x, *args, **kwargs):
-            if attn.forward_takes_norm:  # LLaMA: forward(x, norm, rope, ...) -> x + attention(norm(x))
-                residual, (norm, rope) = x, args[:2]
-                x = norm(x)
-            else:  # OPT: forward(x, rope, ...) -> attention(x)
-                residual, rope = 0, args[0]
+        def forward(x, rope, *args, **kwargs):  # x: the normalised input of the layer
             B, S, _ = x.shape
             H = attn.n_heads
-            q = attn.project_q(x, rope)  # [B, H, S, D]
-            k = chai.expand_kv(attn.project_k(x, rope), H)
-            v = chai.expand_kv(chai.project_heads(x, attn.wv, attn.head_dim), H)
+            q, k, v = attn.project(x, rope)  # [B, H, S, D], [B, Hkv, S, D] x2
+            k, v = repeat_kv(k, H), repeat_kv(v, H)
             scores = (q @ k.transpose(-1, -2)) * attn.scale
             causal = torch.ones(S, S, dtype=torch.bool).tril()
             probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1).clone()  # [B, H, S, S]
@@ -69,7 +65,7 @@ def reference_forward(model, tokens, memberships):
                         r = rep_idx[b, h2c[b, h]].item()
                         probs[b, h, W:] = dense[b, r, W:]
             y = probs @ v  # [B, H, S, D]
-            return residual + attn.wo(y.transpose(1, 2).reshape(B, S, -1))
+            return attn.wo(y.transpose(1, 2).reshape(B, S, -1))
 
         return forward
 
@@ -87,8 +83,8 @@ def reference_forward(model, tokens, memberships):
 def membership_of(model, B):
     out = []
     for attn in model.attention_layers:
-        c = attn.chai
-        out.append(None if c is None else (c.rep_idx[:B].clone(), c.head_to_cluster[:B].clone()))
+        chai_layer = isinstance(attn, ChaiAttention)
+        out.append((attn.rep_idx[:B].clone(), attn.head_to_cluster[:B].clone()) if chai_layer else None)
     return out
 
 
@@ -108,7 +104,7 @@ def test_fast_path_equals_reference(kv, static):
     counts = [8, 3, 1, 2]
     cfg = ChaiConfig(clusters=counts, representative="first" if static else "medoid",
                      static_membership=random_static(4, 8, counts, seed=kv) if static else None)
-    model.set_chai(cfg)
+    set_chai(model, cfg)
     x = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(kv))
     for prefill in (16, 1):  # one prefill chunk, and token by token from position 0
         cached = run_cached(model, x, prefill)
@@ -119,44 +115,48 @@ def test_fast_path_equals_reference(kv, static):
     if static:
         for layer, labels in enumerate(cfg.static_membership):
             if labels is not None:
-                h2c = model.attention_layers[layer].chai.head_to_cluster[0].tolist()
+                h2c = model.attention_layers[layer].head_to_cluster[0].tolist()
                 assert same_partition(h2c, labels)
 
 
-def test_counts_equal_heads_is_dense_exactly():
+def test_counts_equal_heads_is_dense():
+    """Counts equal to the heads: by default those layers stay dense (bit for bit); forced through the clustered code
+    (each head its own cluster) they give dense logits to fp32 rounding, uncached, in one prefill and token by token."""
     model = tiny_llama(n_kv_heads=2)
     x = torch.randint(0, 96, (2, 20))
     with torch.no_grad():
         dense = model(x)
         dense_cached = run_cached(model, x, 12)
-        model.set_chai(ChaiConfig(clusters=[8] * 4))
+        set_chai(model, ChaiConfig(clusters=[8] * 4))
+        assert not chai.chai_layers(model)
         assert torch.equal(model(x), dense)
         assert torch.equal(run_cached(model, x, 12), dense_cached)
 
 
 @pytest.mark.parametrize("kv", [8, 2])
 def test_singleton_clusters_through_clustered_path_match_dense(kv):
-    """Every layer forced through ChaiLayer with k = H (each head its own cluster) reproduces dense."""
+    """Every layer through ChaiAttention with k = H (each head its own cluster) reproduces dense."""
     model = tiny_llama(n_kv_heads=kv)
     x = torch.randint(0, 96, (2, 20))
     with torch.no_grad():
         dense = model(x)
-        cfg = ChaiConfig(clusters=[8] * 4)
-        for attn in model.attention_layers:
-            attn.chai = chai.ChaiLayer(8, kv, attn.head_dim, 8, cfg, attn.scale)
-        model.chai_config = cfg
+        set_chai(model, ChaiConfig(clusters=[8] * 4), cluster_dense_layers=True)
+        assert len(chai.chai_layers(model)) == 4
         assert rel_err(model(x), dense) < 1e-6
         assert rel_err(run_cached(model, x, 12), dense) < 1e-6
+        assert rel_err(run_cached(model, x, 1), dense) < 1e-6
+        for attn in model.attention_layers:  # membership really decided: every head its own representative
+            assert attn.ready and attn.rep_idx[:2].tolist() == [list(range(8))] * 2
 
 
 def test_short_prompt_is_dense_until_window_then_clustered():
     model = tiny_llama(n_kv_heads=2)
-    model.set_chai(ChaiConfig(clusters=[8, 2, 1, 3]))
+    set_chai(model, ChaiConfig(clusters=[8, 2, 1, 3]))
     x = torch.randint(0, 96, (1, 14))
     with torch.no_grad():
-        model.set_chai(None)
+        set_chai(model, None)
         dense = model(x[:, :W - 1])
-        model.set_chai(ChaiConfig(clusters=[8, 2, 1, 3]))
+        set_chai(model, ChaiConfig(clusters=[8, 2, 1, 3]))
         assert torch.allclose(model(x[:, :W - 1]), dense, atol=1e-6)  # shorter than W: dense
         tokenwise = run_cached(model, x, 2)  # prompt of 2 tokens, then one at a time
         assert rel_err(tokenwise, model(x)) < 1e-5
@@ -165,7 +165,7 @@ def test_short_prompt_is_dense_until_window_then_clustered():
 
 def test_batch_rows_match_alone():
     model = tiny_llama(n_kv_heads=2, seed=3)
-    model.set_chai(ChaiConfig(clusters=[8, 3, 2, 1]))
+    set_chai(model, ChaiConfig(clusters=[8, 3, 2, 1]))
     x = torch.randint(0, 96, (3, 18), generator=torch.Generator().manual_seed(7))
     batch = run_cached(model, x, 10)
     members = membership_of(model, 3)
@@ -214,16 +214,16 @@ def test_planted_groups_recovered_and_logits_dense(algorithm):
     x = torch.randint(0, 96, (2, 20))
     with torch.no_grad():
         dense = model(x)
-        model.set_chai(ChaiConfig(clusters=[len(g) for g in PLANTED], algorithm=algorithm))
+        set_chai(model, ChaiConfig(clusters=[len(g) for g in PLANTED], algorithm=algorithm))
         chai_logits = run_cached(model, x, 12)
         assert rel_err(model(x), dense) < 1e-12
     assert rel_err(chai_logits, dense) < 1e-12
     for attn, groups in zip(model.attention_layers, PLANTED):
-        if attn.chai is None:
+        if not isinstance(attn, ChaiAttention):
             continue
         planted = [next(i for i, g in enumerate(groups) if h in g) for h in range(8)]
         for b in range(2):
-            assert same_partition(attn.chai.head_to_cluster[b].tolist(), planted)
+            assert same_partition(attn.head_to_cluster[b].tolist(), planted)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -283,7 +283,7 @@ def test_clustering_is_deterministic_with_ties():
 def test_kv_cache_bytes_match_formula(kv):
     model = tiny_llama(n_kv_heads=kv, dtype=torch.bfloat16)
     counts = [8, 1, 2, 5]
-    model.set_chai(ChaiConfig(clusters=counts))
+    set_chai(model, ChaiConfig(clusters=counts))
     B, T, D = 3, 40, model.config.head_dim
     model.setup_caches(B, T)
     measured = model.kv_cache_bytes()
@@ -294,7 +294,7 @@ def test_kv_cache_bytes_match_formula(kv):
     assert allocated_k == measured["k"]
     clustered = [k for k in counts if k < 8]
     assert measured["chai_window"] == sum(B * kv * W * D * 2 + B * 8 * W * W * 4 for _ in clustered)
-    model.set_chai(None)
+    set_chai(model, None)
     assert model.kv_cache_bytes()["k"] == 4 * kv * B * T * D * 2
 
 
@@ -311,7 +311,7 @@ def test_kv_cache_bytes_match_formula(kv):
 def test_bad_chai_config(bad, msg):
     model = tiny_llama()
     with pytest.raises(ValueError, match=msg):
-        model.set_chai(ChaiConfig(**bad))
+        set_chai(model, ChaiConfig(**bad))
 
 
 def test_specs_and_presets():
@@ -333,7 +333,7 @@ def test_prefill_in_chunks_equals_full_forward(kv, spec):
     causal kernels, lower-right aligned); chunk boundaries before, inside and after CHAI's window (5)."""
     model = tiny_llama(n_kv_heads=kv, seed=3)
     if spec == "chai":
-        model.set_chai(ChaiConfig(clusters=[8, 3, 1, 2]))
+        set_chai(model, ChaiConfig(clusters=[8, 3, 1, 2]))
     x = torch.randint(0, 96, (2, 30), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         full = model(x)
@@ -359,7 +359,7 @@ def test_last_only_logits(spec):
     """forward(..., last_only=True): the last position's logits alone, cached (prefill) and uncached."""
     model = tiny_llama(n_kv_heads=2, seed=5)
     if spec == "chai":
-        model.set_chai(ChaiConfig(clusters=[8, 3, 1, 2]))
+        set_chai(model, ChaiConfig(clusters=[8, 3, 1, 2]))
     x = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         full = model(x)

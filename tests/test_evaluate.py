@@ -10,11 +10,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from chai_models import ChaiConfig
+from chai_models import ChaiConfig, set_chai
 from chai_models.evaluate import (Doc, EvaluationError, Method, Request, Task, build_requests, continuation_logprobs,
                                   format_table, load_task, main, make_windows, perplexity, random_grouping,
                                   savings, score_task, score_windows, task_accuracy)
-from chai_models.llama import Llama, LlamaConfig
+from chai_models.models.llama import Llama, LlamaConfig
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -25,7 +25,7 @@ def tiny_llama(seed=0, chai=None):
                       head_dim=16, max_seq_len=128)
     model = Llama(cfg).eval()
     if chai is not None:
-        model.set_chai(chai)
+        set_chai(model, chai)
     return model
 
 
@@ -68,7 +68,8 @@ def test_agreement_and_kl_against_dense():
     model = tiny_llama()
     ids = torch.randint(0, 96, (64,), generator=torch.Generator().manual_seed(2)).tolist()
     windows = make_windows(ids, 32)
-    same = Method("same-as-dense", ChaiConfig.from_spec("4", 2, 4))  # k = H everywhere: exactly dense
+    # counts = heads everywhere, through the clustered code: exactly dense
+    same = Method("same-as-dense", ChaiConfig.from_spec("4", 2, 4), cluster_dense_layers=True)
     other = Method("one-cluster", ChaiConfig.from_spec("1", 2, 4, window=3))
     st = score_windows(model, [Method("dense", None, "dense"), same, other], windows, 2, show_progress=False)
     assert st["dense"].agreement == 1.0 and st["dense"].mean_kl == 0.0
@@ -78,14 +79,14 @@ def test_agreement_and_kl_against_dense():
     with torch.no_grad():
         t = torch.tensor([windows[1]])
         p = F.log_softmax(model(t)[0, :-1].double(), -1)
-        model.set_chai(other.chai)
+        set_chai(model, other.chai)
         q = F.log_softmax(model(t)[0, :-1].double(), -1)
-        model.set_chai(None)
+        set_chai(model, None)
         t0 = torch.tensor([windows[0]])
         p0 = F.log_softmax(model(t0)[0, :-1].double(), -1)
-        model.set_chai(other.chai)
+        set_chai(model, other.chai)
         q0 = F.log_softmax(model(t0)[0, :-1].double(), -1)
-        model.set_chai(None)
+        set_chai(model, None)
     kl = float((p.exp() * (p - q)).sum() + (p0.exp() * (p0 - q0)).sum()) / 62
     assert abs(st["one-cluster"].mean_kl / kl - 1) < 1e-4
     assert model.chai_config is None  # the model's own config is restored

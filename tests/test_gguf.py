@@ -10,7 +10,7 @@ gguf = pytest.importorskip("gguf")
 
 from chai_models import load  # noqa: E402
 from chai_models.checkpoint import CheckpointError, iter_tensors  # noqa: E402
-from chai_models.convert_gguf import convert_gguf  # noqa: E402
+from chai_models.convert.gguf import convert_gguf  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 

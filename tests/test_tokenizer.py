@@ -242,7 +242,7 @@ def test_missing_tokenizer_is_a_clear_error(tmp_path):
 def test_gguf_pre_tokenizers_match_hf(smol_dir, tmp_path, pre):
     # SmolLM2's vocabulary under each pre-tokenizer the GGUF converter can write; HF reads the same JSON
     tokenizers = pytest.importorskip("tokenizers")
-    from chai_models.convert_gguf import PRE_TOKENIZERS
+    from chai_models.convert.gguf import PRE_TOKENIZERS
 
     doc = json.loads((smol_dir / "tokenizer.json").read_text(encoding="utf-8"))
     doc["pre_tokenizer"] = PRE_TOKENIZERS[pre]
