@@ -22,9 +22,10 @@ from pathlib import Path
 
 import torch
 
-from . import chai, generation, kernels
-from .chai import ChaiConfig
-from .llama import Llama, LlamaConfig
+from . import set_backend, set_chai
+from .chai import ChaiConfig, reset
+from .fast.compile import decode_step
+from .models import Llama, LlamaConfig
 
 SHAPES = {
     # LLaMA-1 7B and LLaMA-2 7B share this shape; the published CHAI counts (preset llama-7b) fit it
@@ -41,7 +42,7 @@ SHAPES = {
 def random_model(shape: str, device, dtype) -> torch.nn.Module:
     """A model of a real shape with random weights, built without a CPU copy."""
     if shape.startswith("opt-"):
-        from .opt import opt_config, OPT
+        from .models.opt import OPT, opt_config
 
         cfg, cls = opt_config(shape[4:]), OPT
     else:
@@ -74,16 +75,16 @@ def weight_bytes(model) -> int:
 
 
 def step_bytes(model, B: int) -> int:
-    """Bytes one decode step must read: weights (CHAI: representatives' Q/K rows where stored) + the KV cache."""
+    """Bytes one decode step must read: weights (a CHAI layer at batch 1 on the triton backend: its representatives'
+    Q/K rows instead of the whole projections) + the KV cache."""
     total = weight_bytes(model)
     for attn in model.attention_layers:
         c = attn.kv_cache
         es = c.k.element_size()
         total += c.k[:B].numel() * es + c.v[:B].numel() * es
-        if attn.chai is not None and attn.chai.use_rows:
-            for lin, n in ((attn.wq, attn.chai.n_clusters), (attn.wk, attn.chai.n_k_slots)):
-                full = lin.weight.numel() * lin.weight.element_size()
-                total -= full - full * B * n // (lin.out_features // attn.head_dim)
+        if getattr(attn, "rows", None) is not None and B == 1:
+            for lin, (w, _) in zip((attn.wq, attn.wk), attn.rows):
+                total -= (lin.weight.numel() - w.numel()) * lin.weight.element_size()
     return total
 
 
@@ -123,8 +124,6 @@ def _median(xs):
 @torch.no_grad()
 def bench_decode(model, B: int, T: int, compiled: bool, steps: int = 32, repeats: int = 5) -> dict:
     """Sets up a cache of T positions, clusters on a short prefill, then times decode steps near position T."""
-    from .generation import decode_step
-
     device = next(model.parameters()).device
     timer = _time_cuda if device.type == "cuda" else _time_cpu
     if device.type == "cuda":  # peak over this configuration: weights, caches, activations, CUDA-graph pools
@@ -132,7 +131,7 @@ def bench_decode(model, B: int, T: int, compiled: bool, steps: int = 32, repeats
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     model.setup_caches(B, T)
-    chai.reset(model)
+    reset(model)
     W = model.chai_config.window if model.chai_config else 1
     prompt = torch.randint(0, model.config.vocab_size, (B, W), device=device)
     model(prompt, torch.arange(W, device=device))  # decides CHAI membership (the cache content is irrelevant)
@@ -237,7 +236,7 @@ def hf_decode(shape: str, B: int, T: int, device, dtype, steps: int = 32) -> flo
 
 def time_calibration(model, n: int, length: int, device) -> int:
     """Times calibrate_model end to end (features, k-means curves for k = 1..H, elbow, static membership)."""
-    from .calibrate import calibrate_model
+    from .chai.calibrate import calibrate_model
 
     tokens = torch.randint(0, model.config.vocab_size, (n, length), device=device)
     if device.type == "cuda":
@@ -255,12 +254,13 @@ RESULT = "# dense timings: "
 
 
 def _process_per_config(argv, a, device, dtype) -> int:
-    """Each configuration in its own process (dense first, as main ordered them), one table."""
+    """Each configuration (backend, CHAI spec) in its own process (dense first, as main ordered them), one table."""
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     dense_ref, header_done = {}, False
-    for spec in a.chai:
-        cmd = [sys.executable, "-m", "chai_models.bench", *argv, "--chai", spec, "--child", json.dumps(dense_ref)]
+    for backend, spec in ((b, s) for b in a.backend for s in a.chai):
+        cmd = [sys.executable, "-m", "chai_models.bench", *argv, "--backend", backend, "--chai", spec, "--child",
+               json.dumps(dense_ref)]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
         for line in proc.stdout:
             if line.startswith(RESULT):
@@ -271,7 +271,7 @@ def _process_per_config(argv, a, device, dtype) -> int:
                 header_done |= line.startswith("config")
                 print(line, end="", flush=True)
         if proc.wait() != 0:
-            print(f"{spec:<22} failed (exit status {proc.returncode})", flush=True)
+            print(f"{backend + ' ' + spec:<22} failed (exit status {proc.returncode})", flush=True)
     if a.hf:
         _print_hf(a, device, dtype)
     return 0
@@ -309,66 +309,45 @@ def main(argv=None) -> int:
                                                                 "within this memory budget (GPU)")
     p.add_argument("--hf", action="store_true", help="also time transformers (static cache + compile)")
     p.add_argument("--steps", type=int, default=32)
-    p.add_argument("--dense-decode", default="auto", choices=["auto", "sdpa", "triton"],
-                   help="one-token dense attention (dense model and CHAI's dense layers): the Triton decode kernel "
-                        "for small caches and SDPA above (auto), or always one of them (chai.DENSE_DECODE_KERNEL)")
-    p.add_argument("--clustered-decode", default="auto", choices=["auto", "torch", "triton"],
-                   help="one-token attention of CHAI's clustered layers: the Triton decode kernel for small caches "
-                        "and the torch path above (auto), or always one of them (chai.CLUSTERED_DECODE_KERNEL)")
-    p.add_argument("--clustered-probs", default="kernel", choices=["kernel", "torch"],
-                   help="CHAI's clustered decode past the decode kernel's range: probabilities from "
-                        "kernels.clustered_probs, or the torch ops, before the batched GEMM over V "
-                        "(chai.CLUSTERED_PROBS_KERNEL)")
-    p.add_argument("--pdl", default="on", choices=["on", "off"],
-                   help="programmatic dependent launch in the compiled decode step (generation.PDL_DECODE; sm90+)")
-    p.add_argument("--gemv", default="on", choices=["on", "off"],
-                   help="one-row projections (batch 1 decode) as kernels.gemv launches with the norm, SwiGLU and "
-                        "residual folded in, in compiled mode (kernels.GEMV), or the torch ops (tuned by inductor)")
-    p.add_argument("--new-token", default="kernel", choices=["kernel", "torch"],
-                   help="a decode token's RoPE and K/V cache writes inside the decode kernel's launch, or as torch "
-                        "ops before it (chai.NEW_TOKEN_IN_KERNEL)")
+    p.add_argument("--backend", nargs="+", default=["auto"], choices=["auto", "torch", "triton"],
+                   help="torch: the plain modules; triton: chai_models.fast (Triton kernels, fused forwards); "
+                        "auto: triton on CUDA when available")
     p.add_argument("--calibrate", type=int, default=0, metavar="N",
                    help="instead: time the offline calibration on N random sequences of --calibrate-len tokens")
     p.add_argument("--calibrate-len", type=int, default=512)
     p.add_argument("--processes", default="auto", choices=["auto", "one", "per-config"],
                    help="time each configuration (dense, a CHAI spec) in its own process (per-config; auto: on CUDA) "
-                        "or all in this one: on an H200 the second compiled configuration of a process measured ~5%% "
-                        "slower, whichever it was")
+                        "or all in this one (in one process a second compiled configuration can measure slower, "
+                        "whichever it is: docs/performance.md)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: the parent's dense timings (json)
     argv = sys.argv[1:] if argv is None else list(argv)
     a = p.parse_args(argv)
-    a.chai.sort(key=lambda s: s != "dense")  # dense first: the others are timed against it
+    a.chai.sort(key=lambda s: s != "dense")  # dense first: the others are timed against it (same backend)
     from .checkpoint import dtype_from_name
 
     import torch._dynamo as dynamo
 
     dynamo.config.cache_size_limit = 64  # one graph per (batch, cache length, CHAI layout)
     device, dtype = torch.device(a.device), dtype_from_name(a.dtype)
-    chai.DENSE_DECODE_KERNEL = {"auto": None, "sdpa": False, "triton": True}[a.dense_decode]
-    chai.CLUSTERED_DECODE_KERNEL = {"auto": None, "torch": False, "triton": True}[a.clustered_decode]
-    chai.CLUSTERED_PROBS_KERNEL = a.clustered_probs == "kernel"
-    generation.PDL_DECODE = a.pdl == "on"
-    kernels.GEMV = "compiled" if a.gemv == "on" else "never"
-    chai.NEW_TOKEN_IN_KERNEL = a.new_token == "kernel"
     per_config = a.processes == "per-config" or (a.processes == "auto" and device.type == "cuda")
-    if per_config and len(a.chai) > 1 and a.child is None and not a.calibrate:
+    if per_config and len(a.chai) * len(a.backend) > 1 and a.child is None and not a.calibrate:
         return _process_per_config(argv, a, device, dtype)
     model = random_model(a.shape, device, dtype)
     bw = copy_bandwidth(device)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"# {a.shape} {a.dtype} on {card}, torch {torch.__version__}, copy bandwidth {bw / 1e12:.2f} TB/s, "
-          f"weights {weight_bytes(model) / 1e9:.2f} GB, decode attention: dense {a.dense_decode}, "
-          f"clustered {a.clustered_decode} (probs {a.clustered_probs}), pdl {a.pdl}, gemv {a.gemv}, "
-          f"new token {a.new_token}")
+          f"weights {weight_bytes(model) / 1e9:.2f} GB")
     if a.calibrate:
         return time_calibration(model, a.calibrate, a.calibrate_len, device)
     hdr = (f"{'config':<22}{'B':>4}{'T':>7}{'mode':>10}{'tok/s':>10}{'ms/tok':>9}{'GB/s':>8}{'%bw':>6}"
            f"{'KV MB':>9}{'peak MB':>9}{'vs dense':>9}{'ideal':>7}")
     print(hdr)
     dense_ref = {} if a.child is None else {tuple(json.loads(k)): r for k, r in json.loads(a.child).items()}
-    for spec in a.chai:
+    for backend, spec in ((b, s) for b in a.backend for s in a.chai):
         cfg = None if spec == "dense" else ChaiConfig.from_spec(spec, model.config.n_layers, model.config.n_heads)
+        backend = set_backend(model, backend)
         set_chai(model, cfg)
+        name = f"{backend} {spec}"
         # a fresh compile per configuration, as a user's process has, not a recompile of the previous one's step,
         # so that first-call times are comparable
         dynamo.reset()
@@ -379,30 +358,30 @@ def main(argv=None) -> int:
                     try:
                         r = bench_decode(model, B, T, mode == "compiled", steps=a.steps)
                     except torch.OutOfMemoryError:
-                        print(f"{spec:<22}{B:>4}{T:>7}{mode:>10}  out of memory")
+                        print(f"{name:<22}{B:>4}{T:>7}{mode:>10}  out of memory")
                         model.clear_caches()
                         torch.cuda.empty_cache()
                         continue
                     t = r["s_per_step"]
                     gbs = r["bytes"] / t / 1e9
-                    key = (B, T, mode)
+                    key = (backend, B, T, mode)
                     if cfg is None:
                         dense_ref[key] = r
                     ref = dense_ref.get(key)
                     speed = f"{ref['s_per_step'] / t:>8.3f}x" if ref and cfg is not None else f"{'':>9}"
                     ideal = f"{ref['bytes'] / r['bytes']:>6.3f}x" if ref and cfg is not None else f"{'':>7}"
-                    line = (f"{spec:<22}{B:>4}{T:>7}{mode:>10}{B / t:>10.1f}{t * 1000:>9.3f}{gbs:>8.0f}"
+                    line = (f"{name:<22}{B:>4}{T:>7}{mode:>10}{B / t:>10.1f}{t * 1000:>9.3f}{gbs:>8.0f}"
                             f"{100 * gbs * 1e9 / bw:>6.1f}{r['kv_bytes'] / 1e6:>9.1f}{_mb(r['peak_bytes']):>9}"
                             f"{speed}{ideal}")
                     print(line + (f"   (first call {r['first_call_s']:.1f} s)" if mode == "compiled" else ""),
                           flush=True)
         if a.ttft:
-            print(f"{spec:<22} time to first token at {a.ttft}: {bench_prefill(model, a.ttft) * 1000:.1f} ms "
+            print(f"{name:<22} time to first token at {a.ttft}: {bench_prefill(model, a.ttft) * 1000:.1f} ms "
                   f"(clustering included)", flush=True)
         if a.capacity_gb and device.type == "cuda":
             for T in a.context:
                 n = capacity(model, T, int(a.capacity_gb * 2**30))
-                print(f"{spec:<22} capacity within {a.capacity_gb:g} GiB at T={T}: batch {n}", flush=True)
+                print(f"{name:<22} capacity within {a.capacity_gb:g} GiB at T={T}: batch {n}", flush=True)
         model.clear_caches()
     if a.child is not None:  # the parent reads this process's dense timings from this line
         print(RESULT + json.dumps({json.dumps(list(k)): {n: r[n] for n in ("s_per_step", "bytes")}

@@ -16,10 +16,10 @@ transformers = pytest.importorskip("transformers")
 from conftest import rel_err  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from chai_models import ChaiConfig, CheckpointError, load  # noqa: E402
-from chai_models.chai import ChaiLayer  # noqa: E402
+from chai_models import ChaiConfig, CheckpointError, load, set_chai  # noqa: E402
+from chai_models.chai import chai_layers  # noqa: E402
 from chai_models.convert import convert  # noqa: E402
-from chai_models.opt import OPT, OPT_PRESETS, OPTConfig, opt_config  # noqa: E402
+from chai_models.models.opt import OPT, OPT_PRESETS, OPTConfig, opt_config  # noqa: E402
 
 TOL = 1e-5  # relative error (norm of difference / norm of reference) in fp32
 
@@ -250,43 +250,45 @@ def test_forward_without_input_pos_ignores_an_allocated_cache(converted):
 
 
 def test_chai_with_every_layer_dense_is_exactly_dense(converted):
+    # counts equal to the heads keep those layers dense: bit for bit
     _, model, _, _ = converted("125m")
     x = tokens(model.config.vocab_size)
     with torch.no_grad():
         dense = model(x)
-        model.set_chai(ChaiConfig([model.config.n_heads] * model.config.n_layers))
+        set_chai(model, ChaiConfig([model.config.n_heads] * model.config.n_layers))
         try:
-            assert all(a.chai is None for a in model.attention_layers)
+            assert not chai_layers(model)
             assert torch.equal(model(x), dense)
         finally:
-            model.set_chai(None)
+            set_chai(model, None)
 
 
-def test_chai_with_one_cluster_per_head_matches_dense(converted):
-    # k == H clustering forced through the CHAI path: checks that OPT's q scaling reaches CHAI's window and
-    # clustered kernels once (scale 1.0 there), not twice or never
-    _, model, _, _ = converted("tiny")
+@pytest.mark.parametrize("variant", ["tiny", "125m"])
+def test_chai_with_one_cluster_per_head_matches_dense(converted, variant):
+    # k == H forced through the clustered code: checks that OPT's q scaling reaches CHAI's window and clustered
+    # attention once (scale 1.0 there), not twice or never
+    _, model, _, _ = converted(variant)
     cfg, x = model.config, tokens(model.config.vocab_size, S=20)
     with torch.no_grad():
         dense = model(x)
-        ccfg = ChaiConfig([cfg.n_heads] * cfg.n_layers)
-        for attn in model.attention_layers:
-            attn.chai = ChaiLayer(cfg.n_heads, cfg.n_kv_heads, attn.head_dim, cfg.n_heads, ccfg, attn.scale)
+        set_chai(model, ChaiConfig([cfg.n_heads] * cfg.n_layers), cluster_dense_layers=True)
         try:
+            assert len(chai_layers(model)) == cfg.n_layers
             assert rel_err(model(x), dense) < TOL
             model.setup_caches(2, 32)
             cached = torch.cat([model(x[:, :9], torch.arange(9))]
                                + [model(x[:, i:i + 1], torch.tensor([i])) for i in range(9, 20)], 1)
             assert rel_err(cached, dense) < TOL
+            assert all(a.ready for a in chai_layers(model))
         finally:
             model.clear_caches()
-            model.set_chai(None)
+            set_chai(model, None)
 
 
 @pytest.mark.parametrize("variant", ["tiny", "tiny-post-ln"])
 def test_calibration_features_are_hf_attention_probabilities(converted, variant):
     # the features CHAI clusters on are OPT's own attention probabilities (q scaled once, as in HF)
-    from chai_models.calibrate import collect_features
+    from chai_models.chai.calibrate import collect_features
 
     hf, model, _, _ = converted(variant)
     x = tokens(hf.config.vocab_size, B=2, S=5)
@@ -304,7 +306,7 @@ def test_chai_cached_equals_uncached(converted, variant, clusters):
     x = tokens(model.config.vocab_size, B=2, S=24)
     with torch.no_grad():
         dense = model(x)
-        model.set_chai(ChaiConfig(clusters))
+        set_chai(model, ChaiConfig(clusters))
         try:
             ref = model(x)
             assert rel_err(ref, dense) > 1e-4  # clustering changed something
@@ -319,7 +321,7 @@ def test_chai_cached_equals_uncached(converted, variant, clusters):
             assert rel_err(tokenwise, ref) < TOL
         finally:
             model.clear_caches()
-            model.set_chai(None)
+            set_chai(model, None)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -57,7 +57,7 @@ class FastAttention:
         q = rope_and_cache(q[:, :, 0], k[:, :, 0], v[:, :, 0], cos, sin, cache.k, cache.v, input_pos)[:, :, None]
         return attention(q, cache.k[:B], cache.v[:B], mask, self.scale)
 
-    def qk_weights(self, batch_size: int, input_pos):
+    def qk_weights(self, n_tokens: int, input_pos):
         return self.wq, self.wk
 
 
@@ -135,9 +135,10 @@ class FastChaiAttention(ChaiAttention):
                 gather_rows(lin.weight, lin.bias, idx[0], self.head_dim, out=(w, b))
         self.ready = True
 
-    def qk_weights(self, batch_size: int, input_pos):
-        """The Q and K projections for this call: the representatives' rows for a clustered token at batch 1."""
-        if self.rows is not None and self.ready and batch_size == 1 and input_pos is not None:
+    def qk_weights(self, n_tokens: int, input_pos):
+        """The Q and K projections for this call: the representatives' rows for a clustered decode token at batch 1
+        (n_tokens = B x S == 1)."""
+        if self.rows is not None and self.ready and n_tokens == 1 and input_pos is not None:
             return self.rows
         return self.wq, self.wk
 

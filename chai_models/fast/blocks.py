@@ -16,7 +16,7 @@ class FastLlamaBlock:
             return super().forward(x, rope, input_pos, mask)
         attn, mlp = self.attention, self.feed_forward
         B, S, _ = x.shape
-        wq, wk = attn.qk_weights(B, input_pos)  # a CHAI decode token at batch 1: its representatives' rows
+        wq, wk = attn.qk_weights(B * S, input_pos)  # a CHAI decode token at batch 1: its representatives' rows
         q, k, v = linear(x, (wq, wk, attn.wv), norm=self.attention_norm)  # [B, S, n*D] each
         q, k, v = (t.view(B, S, -1, attn.head_dim).transpose(1, 2) for t in (q, k, v))  # [B, n, S, D]
         y = attn.attend_unrotated(q, k, v, rope, input_pos, mask)  # [B, H, S, D]
