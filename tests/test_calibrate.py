@@ -8,12 +8,12 @@ import json
 import pytest
 import torch
 
-from chai_models import CheckpointError, ChaiConfig
-from chai_models.calibrate import (CHAI_JSON, CHAI_STATIC_JSON, PLOT_NAME, CalibrationError, calibrate_folder,
+from chai_models import CheckpointError, ChaiConfig, set_chai
+from chai_models.chai.calibrate import (CHAI_JSON, CHAI_STATIC_JSON, PLOT_NAME, CalibrationError, calibrate_folder,
                                    calibrate_model, collect_features, k_slots, kmeans_errors, main, pick_clusters,
                                    plot_available, read_texts, split_paragraphs, texts_to_tokens)
 from chai_models.checkpoint import save_model
-from chai_models.llama import Llama, LlamaConfig
+from chai_models.models.llama import Llama, LlamaConfig
 
 H, D, VOCAB = 8, 16, 97
 # head -> group per layer: 8 groups (dense), 3+3+2 (interleaved, so canonical labelling is exercised), one group
@@ -191,9 +191,9 @@ def test_chai_json_drives_the_model_to_dense_logits(folder, text_file, model):
     with torch.no_grad():
         dense = model(tokens)
         for c in (cfg, static):
-            model.set_chai(c)
+            set_chai(model, c)
             torch.testing.assert_close(model(tokens), dense, rtol=1e-5, atol=1e-5)
-        model.set_chai(None)
+        set_chai(model, None)
 
 
 def test_never_overwrites_without_force(folder, text_file):

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from chai_models import ChaiConfig, generate
-from chai_models.llama import Llama, LlamaConfig
+from chai_models import ChaiConfig, generate, set_chai
+from chai_models.models.llama import Llama, LlamaConfig
 from chai_models.sampling import filter_logits, sample
 
 
@@ -48,13 +48,13 @@ def test_batch_gives_each_prompt_its_alone_tokens(model):
 
 
 def test_batch_alone_with_chai(model):
-    model.set_chai(ChaiConfig(clusters=[4, 2]))
+    set_chai(model, ChaiConfig(clusters=[4, 2]))
     try:
         batch = generate(model, TOK, PROMPTS, max_new_tokens=10, eos_ids=[])
         for i, p in enumerate(PROMPTS):
             assert batch.tokens[i] == generate(model, TOK, [p], max_new_tokens=10, eos_ids=[]).tokens[0]
     finally:
-        model.set_chai(None)
+        set_chai(model, None)
 
 
 def test_greedy_matches_argmax_of_full_forward(model):
@@ -132,7 +132,7 @@ def test_compiled_decode_on_cpu(chai):
     with torch.no_grad():
         m.output.weight.mul_(8)
     if chai:
-        m.set_chai(ChaiConfig.from_spec(chai, 2, 4))
+        set_chai(m, ChaiConfig.from_spec(chai, 2, 4))
     before = inductor.coordinate_descent_tuning
     dynamo.reset()
     eager = generate(m, TOK, PROMPTS, max_new_tokens=10, eos_ids=[])

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from chai_models import ChaiConfig, generate, load, load_tokenizer
+from chai_models import ChaiConfig, generate, load, load_tokenizer, set_chai
 from chai_models.default_model import DATA_DIR, DEFAULT_MODEL_NAME, ensure_default_model
 
 QUESTION = "What is the capital of France?"
@@ -66,7 +66,7 @@ def tok(smol_dir):
 @pytest.fixture()
 def model(smol):
     yield smol
-    smol.set_chai(None)  # the next test starts dense
+    set_chai(smol, None)  # the next test starts dense
 
 
 def spec(model, s: str) -> ChaiConfig:
@@ -75,7 +75,7 @@ def spec(model, s: str) -> ChaiConfig:
 
 @pytest.mark.slow
 def test_aggressive_chai_still_answers_and_saves_k_cache(model, tok):
-    model.set_chai(spec(model, AGGRESSIVE))
+    set_chai(model, spec(model, AGGRESSIVE))
     out = generate(model, tok, QUESTION, max_new_tokens=20, chat=True)
     # measured: "The capital of France is Paris." (dense says the same). Counts below 15:2 break it:
     # 10:2 answers "The French language is a language.", 15:1 "The capital of France is France. ..."
@@ -131,7 +131,7 @@ def test_chai_agreement_with_dense_beats_random_grouping(model, tok, smol_dir):
 
 @pytest.mark.slow
 def test_calibration_on_a_small_sample_drives_generation(model, tok, smol_dir, tmp_path):
-    from chai_models.calibrate import calibrate_folder
+    from chai_models.chai.calibrate import calibrate_folder
 
     folder = tmp_path / "smol"
     folder.mkdir()
@@ -149,7 +149,7 @@ def test_calibration_on_a_small_sample_drives_generation(model, tok, smol_dir, t
     assert cfg.calibration["n_sequences"] == 32
     assert ChaiConfig.load(folder / "chai_static.json").static_membership is not None
 
-    model.set_chai(cfg)
+    set_chai(model, cfg)
     out = generate(model, tok, QUESTION, max_new_tokens=12, chat=True)
     assert out.texts[0].strip() and out.n_generated > 0
 

@@ -12,10 +12,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from chai_models import chai  # noqa: E402
+from chai_models import set_backend, set_chai  # noqa: E402
 from chai_models.bench import random_model, step_bytes  # noqa: E402
 from chai_models.chai import ChaiConfig  # noqa: E402
-from chai_models.generation import decode_step  # noqa: E402
+from chai_models.chai import reset  # noqa: E402
+from chai_models.fast.compile import decode_step  # noqa: E402
 
 
 def main():
@@ -24,19 +25,15 @@ def main():
     p.add_argument("--chai", default=None)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--context", type=int, default=512)
-    p.add_argument("--clustered-probs", default="kernel", choices=["kernel", "torch"],
-                   help="chai.CLUSTERED_PROBS_KERNEL (see chai_models.bench)")
-    p.add_argument("--clustered-decode", default="auto", choices=["auto", "torch", "triton"],
-                   help="chai.CLUSTERED_DECODE_KERNEL (see chai_models.bench)")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
     a = p.parse_args()
-    chai.CLUSTERED_PROBS_KERNEL = a.clustered_probs == "kernel"
-    chai.CLUSTERED_DECODE_KERNEL = {"auto": None, "torch": False, "triton": True}[a.clustered_decode]
     model = random_model(a.shape, torch.device("cuda"), torch.bfloat16)
     if a.chai:
-        model.set_chai(ChaiConfig.from_spec(a.chai, model.config.n_layers, model.config.n_heads))
+        set_chai(model, ChaiConfig.from_spec(a.chai, model.config.n_layers, model.config.n_heads))
+    set_backend(model, a.backend)
     B, T = a.batch, a.context
     model.setup_caches(B, T)
-    chai.reset(model)
+    reset(model)
     with torch.no_grad():
         # a random prompt, as bench.bench_decode: CHAI's clusters (and the decode kernel's work per program) depend
         # on it; identical rows of zeros give every sequence the same membership
@@ -63,7 +60,7 @@ def main():
             torch.cuda.synchronize()
     events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
     gpu = sum(e.self_device_time_total for e in events) / n / 1e6
-    print(f"{a.shape} chai={a.chai} (clustered {a.clustered_decode}, probs {a.clustered_probs}) B={B} T={T}: "
+    print(f"{a.shape} chai={a.chai} backend {model.backend} B={B} T={T}: "
           f"wall {wall * 1e3:.3f} ms/step, kernels "
           f"{gpu * 1e3:.3f} ms/step, bytes {step_bytes(model, B) / 1e9:.2f} GB -> "
           f"{step_bytes(model, B) / wall / 1e9:.0f} GB/s wall, {step_bytes(model, B) / gpu / 1e9:.0f} GB/s kernels")

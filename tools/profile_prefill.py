@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from chai_models.bench import random_model  # noqa: E402
+from chai_models import set_chai  # noqa: E402
 from chai_models.chai import ChaiConfig  # noqa: E402
 
 
@@ -39,7 +40,7 @@ def main():
     with torch.no_grad():
         for _ in range(a.rounds):  # alternating, so drifting clocks or host load hit both alike
             for name, chai_cfg in specs.items():
-                model.set_chai(chai_cfg)
+                set_chai(model, chai_cfg)
                 model.setup_caches(1, a.tokens + 1)
                 for _ in range(2):
                     prefill()
@@ -53,7 +54,7 @@ def main():
         from torch.profiler import ProfilerActivity, profile
 
         for name, chai_cfg in specs.items():  # the profiler slows the host: only kernel times from here on
-            model.set_chai(chai_cfg)
+            set_chai(model, chai_cfg)
             model.setup_caches(1, a.tokens + 1)
             prefill()
             with profile(activities=[ProfilerActivity.CUDA]) as prof:

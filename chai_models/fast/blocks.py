@@ -28,6 +28,9 @@ class FastLlamaBlock:
 class FastOPTAttention:
     def forward(self, x, rope=None, input_pos=None, mask=None):
         B, S, _ = x.shape
-        q, k, v = self.project(x)  # q scaled; OPT has no RoPE
+        wq, wk = self.qk_weights(B * S, input_pos)  # a CHAI decode token at batch 1: its representatives' rows
+        q, k, v = linear(x, (wq, wk, self.wv))  # [B, S, n*D] each
+        q = q * self.q_scale  # as OPT's project: q scaled after its projection; OPT has no RoPE
+        q, k, v = (t.view(B, S, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))  # [B, n, S, D]
         y = self.attend_unrotated(q, k, v, None, input_pos, mask)  # [B, H, S, D]
         return self.wo(y.transpose(1, 2).reshape(B, S, -1))

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The GPU check: the GPU tests and the benchmark grid behind docs/performance.md, on one CUDA machine.
+#   bash tools/gpu_check.sh [STEP...]      STEP: tests bench opt ttft (default: all four, in that order)
+#   tests  pytest -m gpu tests/test_gpu.py                         (TESTS_LIMIT, default 480 s)
+#   bench  LLaMA-2-7B shape, dense and CHAI llama-7b, B 1 8 x T 512 8192, both backends   (BENCH_LIMIT, 570 s)
+#   opt    OPT-6.7B shape, dense, B=1 T=512                        (STEP_LIMIT, default 300 s)
+#   ttft   time to first token, 2048 tokens, dense vs CHAI         (STEP_LIMIT)
+# Each step runs under its own timeout, so a slow one cannot eat the others' time (on a device whose calls end
+# after 10 minutes, run one step per call). Logs go to ${OUT:-/tmp/chai-gpu}/<step>.log line by line as they
+# come (no buffering filter in the pipe), so a step cut short still leaves what it printed. Exit status: the
+# number of steps that failed or timed out.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/chai-gpu}; mkdir -p "$OUT"
+LIMIT=${STEP_LIMIT:-300}
+steps=("$@"); [ $# -gt 0 ] || steps=(tests bench opt ttft)
+for step in "${steps[@]}"; do
+  case $step in tests|bench|opt|ttft) ;; *) echo "unknown step '$step' (steps: tests bench opt ttft)"; exit 2 ;; esac
+done
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+} 2>&1 | tee -a "$OUT/gpu.txt"
+run() { local limit=$1; shift; timeout -k 10 "$limit" "$@"; }
+failed=0
+for step in "${steps[@]}"; do
+  echo "=== $step $(date +%T)"
+  case $step in
+    tests) run "${TESTS_LIMIT:-480}" python -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider ;;
+    bench) run "${BENCH_LIMIT:-570}" python tools/bench.py --shape llama-2-7b --chai dense llama-7b \
+             --batch 1 8 --context 512 8192 --mode compiled --backend triton torch ;;
+    opt) run "$LIMIT" python tools/bench.py --shape opt-6.7b --chai dense --batch 1 --context 512 --mode compiled ;;
+    ttft) run "$LIMIT" python tools/profile_prefill.py --shape llama-2-7b --chai llama-7b --tokens 2048 ;;
+  esac 2>&1 | tee "$OUT/$step.log"
+  rc=${PIPESTATUS[0]}
+  [ "$rc" -eq 0 ] || { echo "=== $step failed (rc $rc)" | tee -a "$OUT/$step.log"; failed=$((failed + 1)); }
+done
+exit "$failed"
