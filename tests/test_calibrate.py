@@ -10,7 +10,7 @@ import torch
 
 from chai_models import CheckpointError, ChaiConfig, set_chai
 from chai_models.chai.calibrate import (CHAI_JSON, CHAI_STATIC_JSON, PLOT_NAME, CalibrationError, calibrate_folder,
-                                   calibrate_model, collect_features, k_slots, kmeans_errors, main, pick_clusters,
+                                   calibrate_model, collect_features, n_k_slots, kmeans_errors, main, pick_clusters,
                                    plot_available, read_texts, split_paragraphs, texts_to_tokens)
 from chai_models.checkpoint import save_model
 from chai_models.models.llama import Llama, LlamaConfig
@@ -152,9 +152,9 @@ def test_rule_tolerance_is_checked():
         pick_clusters([2.0, 1.0, 0.0], 1.5)
 
 
-def test_k_slots_follows_chai_layer():
-    assert k_slots(8, 8, 8) == 8 and k_slots(3, 8, 8) == 3
-    assert k_slots(3, 8, 2) == 2 and k_slots(1, 8, 2) == 1
+def test_n_k_slots_follows_chai_layer():
+    assert n_k_slots(8, 8, 8) == 8 and n_k_slots(3, 8, 8) == 3
+    assert n_k_slots(3, 8, 2) == 2 and n_k_slots(1, 8, 2) == 1
 
 
 # ----------------------------------------------------------------------------------------------------
