@@ -554,7 +554,7 @@ def calibrate_folder(model_dir, data=None, n: int = 1024, window: int = 5, toler
     installed). tokenizer: one with .encode(text) -> ids (default: load_tokenizer(model_dir)). Extra keywords
     go to calibrate_model. Refuses to overwrite an existing chai.json unless force.
     """
-    from .checkpoint import load, read_config
+    from ..checkpoint import load, read_config
 
     folder = Path(model_dir)
     if n < 1:
@@ -569,7 +569,7 @@ def calibrate_folder(model_dir, data=None, n: int = 1024, window: int = 5, toler
     texts, source = read_texts(data)
     model = load(folder, device=device, dtype=dtype)
     if tokenizer is None:
-        from .tokenizer import load_tokenizer
+        from ..tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(folder)
     tokens = texts_to_tokens(texts, tokenizer, n, window, seed)
@@ -606,7 +606,7 @@ def main(argv=None) -> int:
     p.add_argument("--force", action="store_true", help="replace an existing chai.json")
     p.add_argument("--no-plot", action="store_true", help="skip the elbow plot PNG")
     a = p.parse_args(argv)
-    from .checkpoint import CheckpointError
+    from ..checkpoint import CheckpointError
 
     try:
         res = calibrate_folder(a.model_dir, a.data, a.n, a.window, a.tolerance, a.batch_size, a.device, a.dtype,
