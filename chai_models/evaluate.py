@@ -168,7 +168,7 @@ def read_text(source: str) -> tuple[str, str]:
     """(name, text) of a source: 'pydoc' (the standard library's documentation text), a text file, or a folder
     (its files in name order, symlinks and identical copies read once)."""
     if source == "pydoc":
-        from .chai.calibrate import CalibrationError, default_texts
+        from .calibration import CalibrationError, default_texts
 
         try:
             return "pydoc", "\n\n".join(default_texts())

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from chai_models import CheckpointError, ChaiConfig, set_chai
-from chai_models.chai.calibrate import (CHAI_JSON, CHAI_STATIC_JSON, PLOT_NAME, CalibrationError, calibrate_folder,
-                                   calibrate_model, collect_features, n_k_slots, kmeans_errors, main, pick_clusters,
-                                   plot_available, read_texts, split_paragraphs, texts_to_tokens)
+from chai_models.calibration import (calibrate_folder, main, plot_available, read_texts, split_paragraphs,
+                                     texts_to_tokens)
+from chai_models.chai.calibrate import (CHAI_JSON, CHAI_STATIC_JSON, PLOT_NAME, CalibrationError, calibrate_model,
+                                        collect_features, kmeans_errors, n_k_slots, pick_clusters)
 from chai_models.checkpoint import save_model
 from chai_models.models.llama import Llama, LlamaConfig
 

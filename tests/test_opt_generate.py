@@ -28,7 +28,7 @@ def train_bpe(folder: Path) -> int:
     """vocab.json + merges.txt of a small byte-level BPE trained on Python's documentation text; its size."""
     from tokenizers import ByteLevelBPETokenizer
 
-    from chai_models.chai.calibrate import default_texts
+    from chai_models.calibration import default_texts
 
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(default_texts()[:3000], vocab_size=600, min_frequency=2,

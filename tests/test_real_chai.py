@@ -131,7 +131,7 @@ def test_chai_agreement_with_dense_beats_random_grouping(model, tok, smol_dir):
 
 @pytest.mark.slow
 def test_calibration_on_a_small_sample_drives_generation(model, tok, smol_dir, tmp_path):
-    from chai_models.chai.calibrate import calibrate_folder
+    from chai_models.calibration import calibrate_folder
 
     folder = tmp_path / "smol"
     folder.mkdir()
