@@ -33,29 +33,30 @@ class Generation:
         return sum(len(t) for t in self.tokens)
 
 
-class _Streamer:
-    """Turns a row's growing id list into text pieces.
+class _RowText:
+    """A row's generated text, built token by token with the tokenizer's stream decoder (which holds back a UTF-8
+    character split across tokens), and the part of it a callback may see: everything but a tail that could
+    still become a stop string."""
 
-    Holds back an incomplete UTF-8 character, and any tail that could be the start of a stop string (it may
-    yet be cut), until the text is final.
-    """
+    def __init__(self, tokenizer, stop):
+        self.decoder, self.stop, self.text, self.emitted = tokenizer.stream_decoder(), stop, "", 0
 
-    def __init__(self, tokenizer, callback, stop):
-        self.tok, self.callback, self.stop, self.emitted = tokenizer, callback, stop, {}
+    def push(self, token_id: int) -> str:
+        self.text += self.decoder.push(token_id)
+        return self.text
 
-    def push(self, row: int, ids: list[int], final: bool = False, text: str | None = None):
-        if self.callback is None:
-            return
-        text = self.tok.decode(ids) if text is None else text
+    def finish(self) -> str:
+        self.text += self.decoder.flush()
+        return self.text
+
+    def new_piece(self, final: bool) -> str:
+        text = self.text
         if not final:
-            if text.endswith("\ufffd"):
-                return
             hold = max((n for s in self.stop for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
             text = text[: len(text) - hold]
-        done = self.emitted.get(row, 0)
-        if len(text) > done:
-            self.callback(row, text[done:])
-            self.emitted[row] = len(text)
+        piece = text[self.emitted:] if len(text) > self.emitted else ""
+        self.emitted = max(self.emitted, len(text))
+        return piece
 
 
 @torch.no_grad()
@@ -114,7 +115,12 @@ def generate(model, tokenizer, prompts: str | Sequence[str] | Sequence[Sequence[
     out_ids: list[list[int]] = [[] for _ in range(B)]
     reasons: list[str | None] = [None] * B
     texts: list[str | None] = [None] * B
-    streamer = _Streamer(tokenizer, callback, stop)
+    rows = [_RowText(tokenizer, stop) for _ in range(B)]
+
+    def emit(b: int, final: bool = False):
+        piece = rows[b].new_piece(final)
+        if callback is not None and piece:
+            callback(b, piece)
 
     step = decode_step(model, compile)
     pos_t = torch.zeros(1, dtype=torch.long, device=device)  # the decode position, updated in place
@@ -137,13 +143,14 @@ def generate(model, tokenizer, prompts: str | Sequence[str] | Sequence[Sequence[
                 reasons[b] = "eos"
             else:
                 out_ids[b].append(t)
-                text = tokenizer.decode(out_ids[b]) if (stop or callback) else None
+                text = rows[b].push(t)
                 cut = _first_stop(text, stop) if stop else None
                 if cut is not None:
                     texts[b], reasons[b] = text[:cut], "stop"
-                    streamer.push(b, out_ids[b], final=True, text=text[:cut])
+                    rows[b].text = texts[b]
+                    emit(b, final=True)
                     continue
-                streamer.push(b, out_ids[b], text=text)
+                emit(b)
                 if len(out_ids[b]) >= max_new_tokens:
                     reasons[b] = "length"
         if all(r is not None for r in reasons):
@@ -158,8 +165,8 @@ def generate(model, tokenizer, prompts: str | Sequence[str] | Sequence[Sequence[
     t2 = time.perf_counter() - compile_s
     for b in range(B):
         if texts[b] is None:
-            texts[b] = tokenizer.decode(out_ids[b])
-        streamer.push(b, out_ids[b], final=True, text=texts[b])
+            texts[b] = rows[b].finish()
+        emit(b, final=True)
     res = Generation(texts, out_ids, lengths, [r or "length" for r in reasons], t1 - t0, t2 - t1)
     n_decode = max(res.n_generated - B, 0)  # the first token of each row comes from the prefill
     res.stats = {"prompt_tokens": sum(lengths), "generated_tokens": res.n_generated, "compile_s": compile_s,
