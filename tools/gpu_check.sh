@@ -2,7 +2,8 @@
 # The GPU check: the GPU tests and the benchmark grid behind docs/performance.md, on one CUDA machine.
 #   bash tools/gpu_check.sh [STEP...]      STEP: tests bench opt ttft (default: all four, in that order)
 #   tests  pytest -m gpu tests/test_gpu.py                         (TESTS_LIMIT, default 480 s)
-#   bench  LLaMA-2-7B shape, dense and CHAI llama-7b, B 1 8 x T 512 8192, both backends   (BENCH_LIMIT, 570 s)
+#   bench  LLaMA-2-7B shape: the README's speed table (triton: dense and CHAI llama-7b at B=1 T=512/8192 and
+#          B=8 T=2048; torch: dense B=1 T=512), three runs of STEP_LIMIT each
 #   opt    OPT-6.7B shape, dense, B=1 T=512                        (STEP_LIMIT, default 300 s)
 #   ttft   time to first token, 2048 tokens, dense vs CHAI         (STEP_LIMIT)
 # Each step runs under its own timeout, so a slow one cannot eat the others' time (on a device whose calls end
@@ -27,8 +28,10 @@ for step in "${steps[@]}"; do
   echo "=== $step $(date +%T)"
   case $step in
     tests) run "${TESTS_LIMIT:-480}" python -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider ;;
-    bench) run "${BENCH_LIMIT:-570}" python tools/bench.py --shape llama-2-7b --chai dense llama-7b \
-             --batch 1 8 --context 512 8192 --mode compiled --backend triton torch ;;
+    bench) B="python tools/bench.py --shape llama-2-7b --steps 64 --mode compiled"
+           run "$LIMIT" $B --chai dense llama-7b --batch 1 --context 512 8192 --backend triton
+           run "$LIMIT" $B --chai dense llama-7b --batch 8 --context 2048 --backend triton
+           run "$LIMIT" $B --chai dense --batch 1 --context 512 --backend torch ;;
     opt) run "$LIMIT" python tools/bench.py --shape opt-6.7b --chai dense --batch 1 --context 512 --mode compiled ;;
     ttft) run "$LIMIT" python tools/profile_prefill.py --shape llama-2-7b --chai llama-7b --tokens 2048 ;;
   esac 2>&1 | tee "$OUT/$step.log"
