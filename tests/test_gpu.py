@@ -21,6 +21,7 @@ from chai_models.fast.kernels.membership import membership as membership_kernel
 from chai_models.fast.kernels.probs import clustered_probs, probs_times_v
 from chai_models.fast.kernels.window import window_attention
 from chai_models.models.llama import Attention, Llama, LlamaConfig, RMSNorm, apply_rope
+from chai_models.tokenizer import StreamDecoder
 
 pytestmark = pytest.mark.gpu
 
@@ -28,13 +29,22 @@ ALWAYS = 10**9  # a size rule's threshold that no cache reaches: that path alway
 
 
 class Bytes:
+    """Bytes as tokens, no eos: enough to drive generate() (which streams text through stream_decoder)."""
+
     eos_ids, bos_id, chat_template = [], None, None
+    special_ids, strip_first_space = set(), False
 
     def encode(self, text, bos=None):
         return list(text.encode())
 
     def decode(self, ids, skip_special=False):
         return bytes(ids).decode("utf-8", errors="replace")
+
+    def token_bytes(self, i):
+        return bytes([i])
+
+    def stream_decoder(self, skip_special=False):
+        return StreamDecoder(self, skip_special)
 
 
 def cuda_model(n_kv_heads=4, dtype=torch.float32, backend="triton"):
