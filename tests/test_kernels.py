@@ -657,9 +657,11 @@ def test_inductor_fallbacks(monkeypatch):
     for op in ("new_token_decode", "silu_mul", "gemv", "probs_times_v", "clustered_probs", "rope_and_cache"):
         assert getattr(torch.ops.chai_models, op).default in lowering.lowerings, op
     monkeypatch.setattr(graph.log, "info", spy)
-    monkeypatch.setattr(inductor_config, "force_disable_caches", True)  # a cached graph would skip lowering
     torch._dynamo.reset()
-    out = torch.compile(f, fullgraph=True)(*args)
+    # a cached graph would skip lowering; config.patch restores the option (monkeypatch's undo deletes it from
+    # inductor's config module, and later compiles then fail on the missing option)
+    with inductor_config.patch(force_disable_caches=True):
+        out = torch.compile(f, fullgraph=True)(*args)
     assert not seen, f"implicit fallbacks: {len(seen)}"
     for o, r in zip(out, f(*args)):
         assert rel_err(o, r) < TOL
