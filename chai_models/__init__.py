@@ -19,8 +19,13 @@ def set_chai(model, chai, cluster_dense_layers: bool = False) -> None:
     from .chai import install, resolve
     from .fast import apply
 
-    install(model, resolve(chai, model, getattr(model, "checkpoint_path", None)), cluster_dense_layers)
+    cfg = resolve(chai, model, getattr(model, "checkpoint_path", None))
+    sizes = model.max_batch_size, model.max_seq_len
+    model.clear_caches()  # allocated once below, for the final classes, not once per swap
+    install(model, cfg, cluster_dense_layers)
     apply(model, getattr(model, "backend", "torch"))
+    if sizes[0]:
+        model.setup_caches(*sizes)
 
 
 def set_backend(model, backend: str) -> str:

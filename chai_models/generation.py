@@ -49,6 +49,10 @@ class _RowText:
         self.text += self.decoder.flush()
         return self.text
 
+    def cut(self, n: int) -> str:
+        self.text = self.text[:n]  # a stop string starts at n
+        return self.text
+
     def new_piece(self, final: bool) -> str:
         text = self.text
         if not final:
@@ -146,8 +150,7 @@ def generate(model, tokenizer, prompts: str | Sequence[str] | Sequence[Sequence[
                 text = rows[b].push(t)
                 cut = _first_stop(text, stop) if stop else None
                 if cut is not None:
-                    texts[b], reasons[b] = text[:cut], "stop"
-                    rows[b].text = texts[b]
+                    texts[b], reasons[b] = rows[b].cut(cut), "stop"
                     emit(b, final=True)
                     continue
                 emit(b)

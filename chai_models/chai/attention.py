@@ -209,11 +209,15 @@ class ChaiAttention:
 
     def decide_membership(self, B: int):
         """Clusters the first B sequences on their window features and keeps only their slots' window K."""
+        self.store_membership(B)
+        self.kv_cache.k[:B, :, :self.window] = batched_index(self.k_win[:B], self.kv_of_slot[:B])
+        self.ready = True
+
+    def store_membership(self, B: int):
+        # the first B sequences' membership into the buffers that later steps read
         for dst, src in zip((self.rep_idx, self.head_to_cluster, self.kv_of_slot, self.slot_of_rep),
                             self.membership(self.p_win[:B])):
             dst[:B].copy_(src)
-        self.kv_cache.k[:B, :, :self.window] = batched_index(self.k_win[:B], self.kv_of_slot[:B])
-        self.ready = True
 
     def attend_clustered(self, q, k, v, input_pos, mask):
         """Rows past the window: the representatives' q, the slots' K into the compact cache, V into the cache."""

@@ -117,23 +117,25 @@ class FastChaiAttention(ChaiAttention):
         return window_attention(q, k, None, None, self.k_win[:B], self.p_win[:B], self.kv_cache.v[:B], p0,
                                 self.scale)
 
-    def decide_membership(self, B: int):
+    def store_membership(self, B: int):
+        # also the decode kernel's lists (members, cluster_start); on the device, all of it in one launch
         features = self.p_win[:B].reshape(B, self.n_heads, -1)  # [B, H, W*W]
-        out = (self.rep_idx[:B], self.head_to_cluster[:B], self.kv_of_slot[:B], self.slot_of_rep[:B],
-               self.members[:B], self.cluster_start[:B])
         if self.static is None and self.algorithm == "agglomerative" and available(features):
+            out = (self.rep_idx[:B], self.head_to_cluster[:B], self.kv_of_slot[:B], self.slot_of_rep[:B],
+                   self.members[:B], self.cluster_start[:B])
             membership_kernel(features, self.n_clusters, self.representative == "medoid",
                               self.n_heads // self.n_kv_heads, self.n_k_slots, out)
-        else:
-            for dst, src in zip(out, self.membership(self.p_win[:B])):
-                dst.copy_(src)
-            for dst, src in zip(out[4:], cluster_lists(self.head_to_cluster[:B], self.n_clusters)):
-                dst.copy_(src)
-        self.kv_cache.k[:B, :, :self.window] = batched_index(self.k_win[:B], self.kv_of_slot[:B])
-        if self.rows is not None:
+            return
+        super().store_membership(B)
+        for dst, src in zip((self.members, self.cluster_start), cluster_lists(self.head_to_cluster[:B],
+                                                                             self.n_clusters)):
+            dst[:B].copy_(src)
+
+    def decide_membership(self, B: int):
+        super().decide_membership(B)
+        if self.rows is not None:  # the new representatives' Q rows and slots' K rows, into the static buffers
             for (w, b), lin, idx in zip(self.rows, (self.wq, self.wk), (self.rep_idx, self.kv_of_slot)):
                 gather_rows(lin.weight, lin.bias, idx[0], self.head_dim, out=(w, b))
-        self.ready = True
 
     def qk_weights(self, n_tokens: int, input_pos):
         """The Q and K projections for this call: the representatives' rows for a clustered decode token at batch 1

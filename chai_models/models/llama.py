@@ -218,12 +218,7 @@ class Llama(nn.Module):
         With input_pos [S] (positions of these tokens, the same for every row): reads and writes the KV cache
         set up by setup_caches; serves prefill (S > 1) and one-token decode (S == 1).
         """
-        B, S = tokens.shape
-        if input_pos is None:
-            pos, mask = torch.arange(S, device=tokens.device), None  # causal
-        else:
-            start = shared.check_cache_call(self, B, S, input_pos)
-            pos, mask = input_pos, shared.cache_mask(self, input_pos, start)  # mask [S, n_keys]
+        pos, mask = shared.positions_and_mask(self, tokens, input_pos)  # pos [S]; mask [S, n_keys] or None (causal)
         x = self.tok_embeddings(tokens)  # [B, S, hidden]
         rope = rope_cos_sin(self.inv_freq, pos, x.dtype)  # cos, sin [S, D]
         for blk in self.layers:

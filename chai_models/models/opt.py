@@ -228,15 +228,11 @@ class OPT(nn.Module):
         Rows are never padded, so positions are 0..S-1, which is what HF derives from an all-ones
         attention mask (its cumsum - 1).
         """
-        B, S = tokens.shape
-        if input_pos is None:
-            if S > self.config.max_seq_len:
-                raise ValueError(f"{S} tokens but OPT has learned positions for {self.config.max_seq_len}; "
-                                 f"score at most {self.config.max_seq_len} tokens at a time")
-            pos, mask = torch.arange(S, device=tokens.device), None  # causal
-        else:
-            start = shared.check_cache_call(self, B, S, input_pos)
-            pos, mask = input_pos, shared.cache_mask(self, input_pos, start)  # mask [S, n_keys]
+        S = tokens.shape[1]
+        if input_pos is None and S > self.config.max_seq_len:
+            raise ValueError(f"{S} tokens but OPT has learned positions for {self.config.max_seq_len}; "
+                             f"score at most {self.config.max_seq_len} tokens at a time")
+        pos, mask = shared.positions_and_mask(self, tokens, input_pos)  # pos [S]; mask [S, n_keys] or None (causal)
         x = self.tok_embeddings(tokens)  # [B, S, E]
         if self.project_in is not None:
             x = self.project_in(x)  # [B, S, hidden]

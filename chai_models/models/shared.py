@@ -56,7 +56,7 @@ def cached_attention(cache: KVCache, q, k, v, input_pos, mask, scale):
     """Writes the new tokens' k, v into the cache at input_pos and attends over it.
 
     q [B, H, S, D], k/v [B, Hkv, S, D]; input_pos [S] or None (an uncached call: attend causally over k, v alone);
-    mask [S, n_keys] from cache_mask -> [B, H, S, D].
+    mask [S, n_keys] from positions_and_mask -> [B, H, S, D].
     """
     if input_pos is None:
         return attention(q, k, v, None, scale)
@@ -104,14 +104,19 @@ def check_cache_call(model, B: int, S: int, input_pos: torch.Tensor) -> int | No
     return start
 
 
-def cache_mask(model, input_pos: torch.Tensor, start: int | None) -> torch.Tensor:
-    """The keys each new token sees: position p sees cache slots 0..p -> [S, n_keys] bool.
+def positions_and_mask(model, tokens: torch.Tensor, input_pos: torch.Tensor | None):
+    """tokens [B, S] -> (positions [S], mask) of a forward call.
 
-    One token masks the whole cache (its position stays on the device); a prefill chunk starting at `start` spans
-    slots 0..start+S-1 only, which is all its attention reads.
+    Uncached: positions 0..S-1 and mask None (causal). Cached: the checked input_pos and the keys each new token sees,
+    [S, n_keys] bool (position p sees cache slots 0..p). One token masks the whole cache (its position stays on the
+    device); a prefill chunk starting at `start` spans slots 0..start+S-1 only, which is all its attention reads.
     """
-    n_keys = model.max_seq_len if start is None else start + input_pos.shape[0]
-    return torch.arange(n_keys, device=input_pos.device)[None, :] <= input_pos[:, None]
+    B, S = tokens.shape
+    if input_pos is None:
+        return torch.arange(S, device=tokens.device), None
+    start = check_cache_call(model, B, S, input_pos)
+    n_keys = model.max_seq_len if start is None else start + S
+    return input_pos, torch.arange(n_keys, device=input_pos.device)[None, :] <= input_pos[:, None]
 
 
 def setup_caches(model, max_batch_size: int, max_seq_len: int | None):
