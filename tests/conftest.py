@@ -45,6 +45,34 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+class ByteTokenizer:
+    """Bytes as tokens: enough to drive generate() (which streams text through stream_decoder) without a trained
+    vocabulary. eos_ids: [0] by default, [] for a run that never stops early."""
+
+    bos_id, chat_template = None, None
+    special_ids, strip_first_space = set(), False
+
+    def __init__(self, eos_ids=(0,)):
+        self.eos_ids = list(eos_ids)
+
+    def encode(self, text, bos=None):
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids, skip_special=False):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+    def token_bytes(self, i):
+        return bytes([i])
+
+    def stream_decoder(self, skip_special=False):
+        from chai_models.tokenizer import StreamDecoder
+
+        return StreamDecoder(self, skip_special)
+
+    def apply_chat_template(self, prompt, add_generation_prompt=True):
+        return f"<user>{prompt}<bot>"
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm()).item()

@@ -1,37 +1,11 @@
 """The generation loop and sampling, on a tiny random model with a byte-level stand-in tokenizer."""
 import pytest
 import torch
+from conftest import ByteTokenizer
 
 from chai_models import ChaiConfig, generate, set_chai
-from chai_models.tokenizer import StreamDecoder
 from chai_models.models.llama import Llama, LlamaConfig
 from chai_models.sampling import filter_logits, sample
-
-
-class ByteTokenizer:
-    """Bytes as tokens; enough to drive generate() without a trained vocabulary."""
-
-    eos_ids = [0]
-    bos_id = None
-    chat_template = None
-
-    def encode(self, text, bos=None):
-        return list(text.encode("utf-8"))
-
-    special_ids = set()
-    strip_first_space = False
-
-    def decode(self, ids, skip_special=False):
-        return bytes(ids).decode("utf-8", errors="replace")
-
-    def token_bytes(self, i):
-        return bytes([i])
-
-    def stream_decoder(self, skip_special=False):
-        return StreamDecoder(self, skip_special)
-
-    def apply_chat_template(self, prompt, add_generation_prompt=True):
-        return f"<user>{prompt}<bot>"
 
 
 @pytest.fixture(scope="module")

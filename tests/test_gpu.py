@@ -7,7 +7,7 @@ A decode path is forced by monkeypatching the size rules of chai_models.fast.att
 import pytest
 import torch
 import torch._dynamo as dynamo
-from conftest import rel_err
+from conftest import ByteTokenizer, rel_err
 
 from chai_models import ChaiConfig, generate, set_backend, set_chai
 from chai_models.chai import (ChaiAttention, batched_index, canonical_labels, clustered_attention, cosine_distance,
@@ -21,30 +21,10 @@ from chai_models.fast.kernels.membership import membership as membership_kernel
 from chai_models.fast.kernels.probs import clustered_probs, probs_times_v
 from chai_models.fast.kernels.window import window_attention
 from chai_models.models.llama import Attention, Llama, LlamaConfig, RMSNorm, apply_rope
-from chai_models.tokenizer import StreamDecoder
 
 pytestmark = pytest.mark.gpu
 
 ALWAYS = 10**9  # a size rule's threshold that no cache reaches: that path always
-
-
-class Bytes:
-    """Bytes as tokens, no eos: enough to drive generate() (which streams text through stream_decoder)."""
-
-    eos_ids, bos_id, chat_template = [], None, None
-    special_ids, strip_first_space = set(), False
-
-    def encode(self, text, bos=None):
-        return list(text.encode())
-
-    def decode(self, ids, skip_special=False):
-        return bytes(ids).decode("utf-8", errors="replace")
-
-    def token_bytes(self, i):
-        return bytes([i])
-
-    def stream_decoder(self, skip_special=False):
-        return StreamDecoder(self, skip_special)
 
 
 def cuda_model(n_kv_heads=4, dtype=torch.float32, backend="triton"):
@@ -107,8 +87,8 @@ def test_compiled_decode_tokens_equal_eager(chai, kv):
     model = cuda_model(kv)
     set_chai(model, chai_spec(chai))
     for prompts in (PROMPTS, PROMPTS[:1]):
-        eager = generate(model, Bytes(), prompts, max_new_tokens=24)
-        compiled = generate(model, Bytes(), prompts, max_new_tokens=24, compile=True)
+        eager = generate(model, ByteTokenizer(eos_ids=[]), prompts, max_new_tokens=24)
+        compiled = generate(model, ByteTokenizer(eos_ids=[]), prompts, max_new_tokens=24, compile=True)
         assert compiled.tokens == eager.tokens
 
 
@@ -116,10 +96,10 @@ def test_no_recompilation_across_requests():
     model = cuda_model(4)
     set_chai(model, ChaiConfig.from_spec("1:2", 4, 8))
     model.setup_caches(2, 256)
-    generate(model, Bytes(), PROMPTS[:2], max_new_tokens=8, compile=True)
+    generate(model, ByteTokenizer(eos_ids=[]), PROMPTS[:2], max_new_tokens=8, compile=True)
     frames = dynamo.utils.counters["stats"]["unique_graphs"]
     for prompts in (["x" * 7, "different length prompt"], ["abc" * 11, "zz"], PROMPTS[1:]):
-        generate(model, Bytes(), prompts, max_new_tokens=8, compile=True)
+        generate(model, ByteTokenizer(eos_ids=[]), prompts, max_new_tokens=8, compile=True)
     assert dynamo.utils.counters["stats"]["unique_graphs"] == frames  # other lengths and memberships: same graph
 
 
@@ -160,8 +140,8 @@ def test_decode_kernel_logits_match_torch_path(chai, kv, monkeypatch):
     assert rel_err(fast, ref) < 1e-5
     if chai is None:
         set_backend(model, "triton")
-        eager = generate(model, Bytes(), PROMPTS, max_new_tokens=24)
-        compiled = generate(model, Bytes(), PROMPTS, max_new_tokens=24, compile=True)
+        eager = generate(model, ByteTokenizer(eos_ids=[]), PROMPTS, max_new_tokens=24)
+        compiled = generate(model, ByteTokenizer(eos_ids=[]), PROMPTS, max_new_tokens=24, compile=True)
         assert compiled.tokens == eager.tokens
 
 
