@@ -293,7 +293,11 @@ def test_kv_cache_bytes_match_formula(kv):
     allocated_k = sum(a.kv_cache.k.untyped_storage().nbytes() for a in model.attention_layers)
     assert allocated_k == measured["k"]
     clustered = [k for k in counts if k < 8]
-    assert measured["chai_window"] == sum(B * kv * W * D * 2 + B * 8 * W * W * 4 for _ in clustered)
+    # window K only where the cache drops K (else the window's K is the cache's own), the window features (fp32),
+    # and the int64 membership indices
+    slots = [k if k < kv else kv for k in clustered]
+    assert measured["chai_state"] == sum((B * kv * W * D * 2 if n < kv else 0) + B * 8 * W * W * 4
+                                         + 8 * B * (2 * k + 8 + n) for k, n in zip(clustered, slots))
     set_chai(model, None)
     assert model.kv_cache_bytes()["k"] == 4 * kv * B * T * D * 2
 

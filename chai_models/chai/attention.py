@@ -19,6 +19,12 @@ Per request (per sequence), the first W tokens decide the membership:
 Window rows are the same whether a prompt arrives in one chunk or token by token, so a sequence shorter than W is
 dense until it reaches W tokens, and batching never changes a sequence's result.
 
+Membership from the prompt (ChaiConfig.membership = "prompt", an option beside the paper's window): a request's first
+call (its prompt, from position 0) runs densely over its own K and V; its last R rows' probabilities over all of the
+prompt's keys, [H, R, P] per sequence, decide the membership; only the slots' K of the prompt enter the cache, and every
+later call is clustered. An uncached forward scores its first `prompt_len` tokens as the prompt (scoring_prompt; the
+whole sequence when unset, i.e. dense), so it equals a prefill of those tokens followed by the rest.
+
 GQA (G = H / Hkv query heads share a KV head): query heads are clustered. With C < Hkv the layer keeps C K slots,
 slot c holding representative c's KV head (two representatives of one KV head each hold a copy: the allocation stays
 C < Hkv). With C >= Hkv every KV head may be some representative's, so K stays whole: such a layer saves score
@@ -35,6 +41,8 @@ weights, same projections); ChaiAttention overrides `attend` (the attention afte
 Shapes: B batch, S new tokens, T cache length, H query heads, Hkv KV heads, C clusters, W window, D head_dim.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -57,6 +65,14 @@ def window_probs(q, k_win, p0: int, scale):
     scores = torch.matmul(q.to(dt), k.transpose(-1, -2)) * scale  # [B, H, n, W]
     future = torch.arange(W, device=q.device)[None, :] > (p0 + torch.arange(n, device=q.device))[:, None]
     return torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
+
+
+def prompt_probs(q, k, rows: int, scale):
+    """Causal probabilities of a prompt's last `rows` query rows over all of its keys, in fp32 (the features of
+    membership from the prompt): q [B, H, P, D], k [B, Hkv, P, D] -> [B, H, min(rows, P), P]."""
+    P = q.shape[2]
+    R = min(rows, P)
+    return window_probs(q[:, :, P - R:], k, P - R, scale)
 
 
 def clustered_attention(q_rep, k_slots, v, head_to_cluster, slot_of_rep, mask, scale):
@@ -113,7 +129,11 @@ class ChaiAttention:
     def init_chai(self, n_clusters: int, cfg: ChaiConfig, static: list[int] | None = None):
         self.n_clusters, self.window = n_clusters, cfg.window
         self.algorithm, self.representative = cfg.algorithm, cfg.representative
+        self.decides_on, self.prompt_rows = cfg.membership, cfg.prompt_rows  # "window" | "prompt"
+        self.prompt_len = None  # uncached forwards: tokens scored as the prompt (scoring_prompt); None: all
         self.n_k_slots = n_k_slots(n_clusters, self.n_heads, self.n_kv_heads)
+        # fewer slots than KV heads: slot c holds representative c's KV head; else K is whole, slot i is KV head i
+        self.slots_are_reps = self.n_k_slots < self.n_kv_heads
         # CHAI-static: a fixed head -> cluster list from calibration instead of the request's window
         self.static = None if static is None else torch.tensor(static, dtype=torch.long)
         self.ready = False  # host flag: the sequences in the cache have their membership
@@ -129,10 +149,16 @@ class ChaiAttention:
         self.register_buffer("head_to_cluster", torch.zeros(B, H, **idx), persistent=False)
         self.register_buffer("kv_of_slot", torch.zeros(B, self.n_k_slots, **idx), persistent=False)
         self.register_buffer("slot_of_rep", torch.zeros(B, C, **idx), persistent=False)
-        # the window: every KV head's K of positions < W, and the window rows' probabilities (the features)
-        self.register_buffer("k_win", torch.zeros(B, Hkv, W, D, dtype=dtype, device=device), persistent=False)
+        # the window (window membership only): every KV head's K of positions < W, kept apart only when the cache
+        # drops some K (else it is the cache's own first W positions: window_k), and the window rows'
+        # probabilities (the features). Membership from the prompt needs neither: the prompt's call holds them.
+        by_window = self.decides_on == "window"
+        own_k = by_window and (self.slots_are_reps or max_seq_len < W)
+        self.register_buffer("k_win", torch.zeros(B, Hkv, W, D, dtype=dtype, device=device) if own_k else None,
+                             persistent=False)
         p_dtype = torch.promote_types(dtype, torch.float32)
-        self.register_buffer("p_win", torch.zeros(B, H, W, W, dtype=p_dtype, device=device), persistent=False)
+        self.register_buffer("p_win", torch.zeros(B, H, W, W, dtype=p_dtype, device=device) if by_window else None,
+                             persistent=False)
         self.ready = False
 
     def release_cache(self):
@@ -141,9 +167,16 @@ class ChaiAttention:
             self._buffers.pop(name, None)
         self.ready = False
 
+    def window_k(self, B: int):
+        # the first B sequences' window K of every KV head, [B, Hkv, W, D]
+        return self.kv_cache.k[:B, :, :self.window] if self.k_win is None else self.k_win[:B]
+
     def cache_nbytes(self) -> dict:
-        window = sum(b.numel() * b.element_size() for b in (self.k_win, self.p_win))
-        return {**self.kv_cache.nbytes(), "chai_window": window}
+        """Bytes of the K and V caches, and of CHAI's per-sequence state beside them (window K and features,
+        membership indices): what this layer allocates beyond K and V."""
+        state = [self.k_win, self.p_win, self.rep_idx, self.head_to_cluster, self.kv_of_slot, self.slot_of_rep]
+        return {**self.kv_cache.nbytes(), "chai_state": sum(b.numel() * b.element_size() for b in state
+                                                            if b is not None)}
 
     # -- attention
 
@@ -162,6 +195,11 @@ class ChaiAttention:
             self.ready = False  # a new sequence
         if self.ready:
             return self.attend_clustered(q, k, v, input_pos, mask)
+        if self.decides_on == "prompt":
+            if start:
+                raise RuntimeError(f"CHAI layer {self.layer_idx}: membership from the prompt is decided by a "
+                                   f"request's first call, from position 0, but this call starts at {start}")
+            return self.attend_prompt(q, k, v, input_pos)
         if start >= self.window:
             raise RuntimeError(f"CHAI layer {self.layer_idx}: positions start at {start} but the window "
                                f"0..{self.window - 1} was never processed; start each sequence at position 0")
@@ -182,41 +220,56 @@ class ChaiAttention:
         """Window rows p0..p0+n-1: q [B, H, n, D], k/v [B, Hkv, n, D] -> their dense output [B, H, n, D]; k into the
         window's K, v into the cache, their probabilities over the window into p_win (the features)."""
         B, n = q.shape[0], q.shape[2]
-        self.k_win[:B, :, p0:p0 + n] = k
+        self.window_k(B)[:, :, p0:p0 + n] = k
         self.kv_cache.v[:B, :, p0:p0 + n] = v
-        probs = window_probs(q, self.k_win[:B], p0, self.scale)  # [B, H, n, W]
+        probs = window_probs(q, self.window_k(B), p0, self.scale)  # [B, H, n, W]
         self.p_win[:B, :, p0:p0 + n] = probs
         v_win = repeat_kv(self.kv_cache.v[:B, :, :self.window], self.n_heads)  # [B, H, W, D]
         return torch.matmul(probs.to(v.dtype), v_win)
 
-    def membership(self, probs):
-        """probs [B, H, W, W] (the window's probabilities) -> rep_idx [B, C], head_to_cluster [B, H],
-        kv_of_slot [B, n_slots], slot_of_rep [B, C]."""
-        B, H = probs.shape[:2]
+    def attend_prompt(self, q, k, v, input_pos):
+        """A request's first call, the prompt (membership from the prompt): dense attention over its own K and V, the
+        membership from its last rows, then only the slots' K and all V into the cache -> [B, H, P, D]."""
+        B = q.shape[0]
+        y = attention(q, k, v, None, self.scale)  # [B, H, P, D], causal
+        self.decide_membership(B, prompt_probs(q, k, self.prompt_rows, self.scale).flatten(2))
+        self.kv_cache.update(input_pos, batched_index(k, self.kv_of_slot[:B]), v)
+        return y
+
+    def membership(self, features):
+        """features [B, H, ...] (a head's probabilities over the window, or the prompt's rows) -> rep_idx [B, C],
+        head_to_cluster [B, H], kv_of_slot [B, n_slots], slot_of_rep [B, C]."""
+        B, H = features.shape[:2]
         C = self.n_clusters
-        features = probs.reshape(B, H, -1)  # [B, H, W*W]
-        if self.static is not None:
-            head_to_cluster = canonical_labels(self.static.to(probs.device).expand(B, H), C)
-            rep_idx = representatives(cosine_distance(features), head_to_cluster, C, "first")
+        features = features.reshape(B, H, -1)  # [B, H, F]
+        dev = features.device
+        if self.static is not None:  # fixed clusters; the representative still follows the rule, per sequence
+            head_to_cluster = canonical_labels(self.static.to(dev).expand(B, H), C)
+            rep_idx = representatives(cosine_distance(features), head_to_cluster, C, self.representative)
         else:
             rep_idx, head_to_cluster = cluster_heads(features, C, self.algorithm, self.representative)
         rep_kv = rep_idx // (H // self.n_kv_heads)  # [B, C]: each representative's KV head
-        if self.n_k_slots == C:  # slot c holds representative c's KV head
-            kv_of_slot, slot_of_rep = rep_kv, torch.arange(C, device=probs.device).expand(B, C)
+        if self.slots_are_reps:  # slot c holds representative c's KV head
+            kv_of_slot, slot_of_rep = rep_kv, torch.arange(C, device=dev).expand(B, C)
         else:  # K whole: representative c reads its own KV head
-            kv_of_slot, slot_of_rep = torch.arange(self.n_kv_heads, device=probs.device).expand(B, -1), rep_kv
+            kv_of_slot, slot_of_rep = torch.arange(self.n_kv_heads, device=dev).expand(B, -1), rep_kv
         return rep_idx, head_to_cluster, kv_of_slot, slot_of_rep
 
-    def decide_membership(self, B: int):
-        """Clusters the first B sequences on their window features and keeps only their slots' window K."""
-        self.store_membership(B)
-        self.kv_cache.k[:B, :, :self.window] = batched_index(self.k_win[:B], self.kv_of_slot[:B])
+    def decide_membership(self, B: int, features=None):
+        """Clusters the first B sequences' heads on features [B, H, F] (None: their window's) and, for the window,
+        keeps only the slots' window K."""
+        by_window = features is None
+        if by_window:
+            features = self.p_win[:B].flatten(2)  # [B, H, W*W]
+        self.store_membership(B, features)
+        if by_window and self.k_win is not None:
+            self.kv_cache.k[:B, :, :self.window] = batched_index(self.k_win[:B], self.kv_of_slot[:B])
         self.ready = True
 
-    def store_membership(self, B: int):
+    def store_membership(self, B: int, features):
         # the first B sequences' membership into the buffers that later steps read
         for dst, src in zip((self.rep_idx, self.head_to_cluster, self.kv_of_slot, self.slot_of_rep),
-                            self.membership(self.p_win[:B])):
+                            self.membership(features)):
             dst[:B].copy_(src)
 
     def attend_clustered(self, q, k, v, input_pos, mask):
@@ -232,23 +285,31 @@ class ChaiAttention:
                                    self.scale)
 
     def attend_uncached(self, q, k, v):
-        """A whole sequence from position 0, no cache: the window dense, then the rest clustered."""
-        S, W = q.shape[2], self.window
-        n_w = min(S, W)
-        probs = window_probs(q[:, :, :n_w], k[:, :, :n_w], 0, self.scale)  # [B, H, n_w, n_w]
-        y_w = torch.matmul(probs.to(v.dtype), repeat_kv(v[:, :, :n_w], self.n_heads))
-        if S <= W:
-            return y_w
+        """A whole sequence from position 0, no cache: the window (or the prompt) dense, then the rest clustered."""
+        S = q.shape[2]
+        if self.decides_on == "prompt":
+            W = S if self.prompt_len is None else min(self.prompt_len, S)
+            y_w = attention(q[:, :, :W], k[:, :, :W], v[:, :, :W], None, self.scale)  # [B, H, W, D]
+            if S == W:
+                return y_w
+            probs = prompt_probs(q[:, :, :W], k[:, :, :W], self.prompt_rows, self.scale)  # [B, H, R, W]
+        else:
+            W = self.window
+            n_w = min(S, W)
+            probs = window_probs(q[:, :, :n_w], k[:, :, :n_w], 0, self.scale)  # [B, H, n_w, n_w]
+            y_w = torch.matmul(probs.to(v.dtype), repeat_kv(v[:, :, :n_w], self.n_heads))
+            if S <= W:
+                return y_w
         rep_idx, head_to_cluster, kv_of_slot, slot_of_rep = self.membership(probs)
         q_rep = batched_index(q[:, :, W:], rep_idx)  # [B, C, S-W, D]
         k_slots = batched_index(k, kv_of_slot)  # [B, n_slots, S, D]
-        slot_of_rep = None if self.n_k_slots == self.n_clusters else slot_of_rep
+        slot_of_rep = None if self.slots_are_reps else slot_of_rep
         y_r = clustered_attention(q_rep, k_slots, v, head_to_cluster, slot_of_rep, None, self.scale)
         return torch.cat([y_w, y_r], dim=2)
 
     def slot_of_rep_or_none(self, B: int):
         # with one slot per representative, slot c is representative c's: no gather needed
-        return None if self.n_k_slots == self.n_clusters else self.slot_of_rep[:B]
+        return None if self.slots_are_reps else self.slot_of_rep[:B]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -299,6 +360,22 @@ def install(model, cfg: ChaiConfig | None, cluster_dense_layers: bool = False) -
 
 def chai_layers(model) -> list[ChaiAttention]:
     return [a for a in model.attention_layers if isinstance(a, ChaiAttention)]
+
+
+@contextlib.contextmanager
+def scoring_prompt(model, n_tokens: int | None):
+    """Inside, uncached forwards (model(tokens)) score their first n_tokens as the prompt for membership from the
+    prompt: dense, membership from its last rows, the rest clustered, the same as a prefill of those tokens followed
+    by the rest. Window membership ignores it."""
+    layers = chai_layers(model)
+    saved = [a.prompt_len for a in layers]
+    for a in layers:
+        a.prompt_len = n_tokens
+    try:
+        yield
+    finally:
+        for a, n in zip(layers, saved):
+            a.prompt_len = n
 
 
 def reset(model) -> None:

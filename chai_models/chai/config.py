@@ -8,6 +8,10 @@ from pathlib import Path
 
 from .clustering import ALGORITHMS, REPRESENTATIVES
 
+# Where a request's membership comes from: "window", the paper's first W tokens (prefill clustered after them), or
+# "prompt", the last `prompt_rows` rows of the whole prompt over all its keys (prefill dense, decode clustered).
+MEMBERSHIPS = ("window", "prompt")
+
 # Published per-layer cluster counts of the CHAI reference code (LLaMA, MHA). See shared/CHAI.md.
 PRESETS = {
     "llama-7b": dict(n_heads=32, clusters=[32] * 18 + [4] * 14),
@@ -21,7 +25,10 @@ class ChaiConfig:
     """Per-layer cluster counts (k == n_heads: that layer stays dense) and how to cluster.
 
     static_membership: CHAI-static, one head->cluster list per layer (None for a dense layer), fixed
-    offline instead of decided per request; representatives are then the lowest index of each cluster.
+    offline instead of decided per request; each cluster's representative is still chosen by `representative`
+    (the medoid on the request's window features, or the lowest index).
+    membership: "window" (the paper: the first `window` tokens decide) or "prompt" (the prompt's last
+    `prompt_rows` rows over all of its keys decide, once, after a dense prefill).
     """
 
     clusters: list[int]
@@ -29,6 +36,8 @@ class ChaiConfig:
     representative: str = "medoid"
     algorithm: str = "agglomerative"
     static_membership: list[list[int] | None] | None = None
+    membership: str = "window"
+    prompt_rows: int = 16
     calibration: dict | None = None  # how the counts were obtained (written by calibrate)
 
     def validate(self, n_layers: int, n_heads: int) -> "ChaiConfig":
@@ -43,6 +52,14 @@ class ChaiConfig:
             raise ValueError(f"ChaiConfig.window = {self.window!r}: the clustering window must be an int >= 1")
         if self.representative not in REPRESENTATIVES:
             raise ValueError(f"ChaiConfig.representative = {self.representative!r}; use one of {REPRESENTATIVES}")
+        if self.membership not in MEMBERSHIPS:
+            raise ValueError(f"ChaiConfig.membership = {self.membership!r}; use one of {MEMBERSHIPS}")
+        if not isinstance(self.prompt_rows, int) or self.prompt_rows < 1:
+            raise ValueError(f"ChaiConfig.prompt_rows = {self.prompt_rows!r}: the prompt rows that decide the "
+                             "membership must be an int >= 1")
+        if self.membership == "prompt" and self.static_membership is not None:
+            raise ValueError("ChaiConfig: static_membership is fixed offline, so membership='prompt' has nothing "
+                             "to decide; use membership='window' with a static config")
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"ChaiConfig.algorithm = {self.algorithm!r}; use one of {ALGORITHMS}")
         if self.static_membership is not None:

@@ -114,25 +114,25 @@ class FastChaiAttention(ChaiAttention):
         B, n = q.shape[0], q.shape[2]
         self.kv_cache.v[:B, :, p0:p0 + n] = v
         # q and k arrive rotated: the kernel runs without RoPE
-        return window_attention(q, k, None, None, self.k_win[:B], self.p_win[:B], self.kv_cache.v[:B], p0,
+        return window_attention(q, k, None, None, self.window_k(B), self.p_win[:B], self.kv_cache.v[:B], p0,
                                 self.scale)
 
-    def store_membership(self, B: int):
-        # also the decode kernel's lists (members, cluster_start); on the device, all of it in one launch
-        features = self.p_win[:B].reshape(B, self.n_heads, -1)  # [B, H, W*W]
+    def store_membership(self, B: int, features):
+        # also the decode kernel's lists (members, cluster_start); on the device, all of it in one launch.
+        # features [B, H, F]: the window's or the prompt's rows
         if self.static is None and self.algorithm == "agglomerative" and available(features):
             out = (self.rep_idx[:B], self.head_to_cluster[:B], self.kv_of_slot[:B], self.slot_of_rep[:B],
                    self.members[:B], self.cluster_start[:B])
             membership_kernel(features, self.n_clusters, self.representative == "medoid",
                               self.n_heads // self.n_kv_heads, self.n_k_slots, out)
             return
-        super().store_membership(B)
+        super().store_membership(B, features)
         for dst, src in zip((self.members, self.cluster_start), cluster_lists(self.head_to_cluster[:B],
                                                                              self.n_clusters)):
             dst[:B].copy_(src)
 
-    def decide_membership(self, B: int):
-        super().decide_membership(B)
+    def decide_membership(self, B: int, features=None):
+        super().decide_membership(B, features)
         if self.rows is not None:  # the new representatives' Q rows and slots' K rows, into the static buffers
             for (w, b), lin, idx in zip(self.rows, (self.wq, self.wk), (self.rep_idx, self.kv_of_slot)):
                 gather_rows(lin.weight, lin.bias, idx[0], self.head_dim, out=(w, b))

@@ -140,16 +140,17 @@ def clear_caches(model):
 def kv_cache_bytes(model) -> dict:
     """Allocated KV-cache bytes, measured on the buffers, and what dense attention would allocate.
 
-    k, v: the caches; chai_window: CHAI's per-sequence window state (window K and features); dense_total: K with
-    V's shape, plus V; saved: dense_total - total.
+    k, v: the caches; chai_state: CHAI's per-sequence state beside them (window K and features, membership
+    indices); dense_total: K with V's shape, plus V; saved: dense_total - total (negative when CHAI drops no K: its
+    state is then all it adds).
     """
-    total = {"k": 0, "v": 0, "chai_window": 0}
+    total = {"k": 0, "v": 0, "chai_state": 0}
     for attn in model.attention_layers:
         if attn.kv_cache is None:
             raise RuntimeError("no KV cache is allocated; call model.setup_caches(...) first")
         for key, n in attn.cache_nbytes().items():
             total[key] += n
-    total["total"] = total["k"] + total["v"] + total["chai_window"]
+    total["total"] = total["k"] + total["v"] + total["chai_state"]
     total["dense_total"] = 2 * total["v"]  # dense K has the shape of V
     total["saved"] = total["dense_total"] - total["total"]
     return total

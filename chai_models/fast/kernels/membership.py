@@ -99,7 +99,8 @@ def membership(features: torch.Tensor, k: int, medoid: bool = True, group: int =
 
     features [B, H, F] -> (rep_idx [B, k], head_to_cluster [B, H], kv_of_slot [B, n_slots], slot_of_rep [B, k],
     members [B, H], cluster_start [B, k+1]), all int64, written into out (contiguous tensors) when given.
-    n_slots: None or k for one K slot per representative, else n_kv_heads = H // group (K whole).
+    n_slots: None or k for one K slot per representative (k < n_kv_heads), else n_kv_heads = H // group (K whole,
+    slot i holding KV head i, also when k == n_kv_heads).
     """
     B, H, F = features.shape
     n_slots = k if n_slots is None else n_slots
@@ -108,6 +109,7 @@ def membership(features: torch.Tensor, k: int, medoid: bool = True, group: int =
         out = tuple(torch.empty(B, n, **z) for n in (k, H, n_slots, k, H, k + 1))
     assert all(t.is_contiguous() and t.dtype == torch.long for t in out), "membership: out must be contiguous int64"
     BH = max(16, triton.next_power_of_2(H))
-    _membership_kernel[(B,)](features.float().contiguous(), *out, F, H, k, group, H // group, n_slots == k, medoid,
+    _membership_kernel[(B,)](features.float().contiguous(), *out, F, H, k, group, H // group,
+                             n_slots == k and k < H // group, medoid,
                              BH=BH, num_warps=4 if BH <= 32 else 8)
     return out
