@@ -254,7 +254,7 @@ def calibrate_folder(model_dir, data=None, n: int = 1024, window: int = 5, toler
 
 def calibrate_budget_folder(model_dir, budget: float = DEFAULT_BUDGET, data=None, membership: str = "auto",
                             seq_len: int = 128, n_search: int = 8, n_check: int = 8, prompt_len: int = 32,
-                            prompt_rows: int = 16, window: int = 5, batch_size: int = 8, device="cpu", dtype=None,
+                            prompt_rows: int = 16, window: int = 5, batch_size: int = 4, device="cpu", dtype=None,
                             seed: int = 0, force: bool = False, tokenizer=None, counts=None,
                             show_progress: bool = True) -> BudgetCalibration:
     """The budget rule on a converted checkpoint: writes chai.json (and chai_static.json at the same counts).
@@ -356,14 +356,14 @@ def main(argv=None) -> int:
     p.add_argument("--window", type=int, default=5, help="clustering window W (default 5)")
     p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                    help=f"share of the k=1 error a layer may leave (default {DEFAULT_TOLERANCE})")
-    p.add_argument("--batch-size", type=int, default=None, help="sequences per batch (default 64 elbow, 8 budget)")
+    p.add_argument("--batch-size", type=int, default=None, help="sequences per batch (default 64 elbow, 4 budget: the single-layer runs score the first batch)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: the checkpoint's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="replace an existing chai.json")
     p.add_argument("--no-plot", action="store_true", help="skip the elbow plot PNG")
     a = p.parse_args(argv)
-    batch_size = a.batch_size or (64 if a.rule == "elbow" else 8)
+    batch_size = a.batch_size or (64 if a.rule == "elbow" else 4)
     try:
         counts = None if a.counts is None else [int(c) for c in a.counts.split(",")]
         if a.random_shape:

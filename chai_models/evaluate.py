@@ -5,14 +5,17 @@
 
 Every method runs on the same engine and the same inputs, side by side with dense attention:
   dense         the reference (always the first row)
-  chai          CHAI with per-layer counts from chai.json (or a spec string: 'k', 'N:k', a preset, a list)
+  chai          CHAI with per-layer counts from chai.json (or a spec string: 'k', 'N:k', a preset, a list);
+                SPEC@prompt / SPEC@window: the same counts with membership from the prompt / the window
   chai-static   the paper's ablation: one membership per layer fixed offline (chai_static.json)
   random        the same counts with a random membership per layer (seeded): what clustering buys
 
 What is measured:
   perplexity    per text: the token stream cut into non-overlapping windows of `window_len` tokens, each
                 scored with model(tokens) (no cache: CHAI's membership then comes from the window's first W
-                tokens, exactly as for a request), exp of the token-weighted mean NLL
+                tokens, exactly as for a request), exp of the token-weighted mean NLL. With --prompt-len P the
+                first P tokens of each window are its prompt (membership from the prompt is decided on them, as
+                generate would) and only the tokens after it are scored, for every method alike
   agreement     share of positions where the method's top-1 next token equals dense's, same windows
   KL            mean KL(dense || method) of the next-token distributions, nats per position
   tasks         zero-shot multiple choice by log-likelihood of each choice after the context (acc), and
@@ -29,6 +32,7 @@ position that is read. Only real positions' logits are read.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import math
@@ -41,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from . import set_chai
-from .chai import ChaiConfig, n_k_slots, resolve
+from .chai import ChaiConfig, n_k_slots, resolve, scoring_prompt
 from .progress import progress
 
 
@@ -89,9 +93,15 @@ def random_grouping(cfg: ChaiConfig, n_heads: int, seed: int = 0) -> ChaiConfig:
 
 
 def _chai_source(spec: str, model, model_dir) -> ChaiConfig:
-    """'auto' (chai.json beside the checkpoint), a .json path, or a spec string -> ChaiConfig."""
+    """'auto' (chai.json beside the checkpoint), a .json path, or a spec string, optionally '@prompt' or '@window'
+    (the same counts, that membership) -> ChaiConfig."""
+    spec, _, membership = spec.partition("@")
     try:
-        return resolve(spec, model, model_dir, required=True)
+        cfg = resolve(spec, model, model_dir, required=True)
+        if membership:
+            cfg = dataclasses.replace(cfg, membership=membership, static_membership=None).validate(
+                model.config.n_layers, model.config.n_heads)
+        return cfg
     except ValueError as e:
         raise EvaluationError(str(e)) from e
 
@@ -248,8 +258,12 @@ def _window_stats(logp: torch.Tensor, ref_logp: torch.Tensor, targets: torch.Ten
 
 @torch.no_grad()
 def score_windows(model, methods: list[Method], windows: list[list[int]], batch_size: int = 4,
-                  show_progress: bool = True, desc: str = "perplexity") -> dict[str, TextStats]:
-    """Every method on every window; per method the summed NLL, agreement with and KL from methods[0] (dense)."""
+                  show_progress: bool = True, desc: str = "perplexity", prompt_len: int = 0) -> dict[str, TextStats]:
+    """Every method on every window; per method the summed NLL, agreement with and KL from methods[0] (dense).
+    prompt_len: each window's first tokens are its prompt (scoring_prompt); only tokens after it are scored."""
+    if prompt_len == 0 and any(m.chai is not None and m.chai.membership == "prompt" for m in methods):
+        raise EvaluationError("membership from the prompt needs a prompt: give --prompt-len P (the first P tokens "
+                              "of each window are the prompt; the tokens after it are scored)")
     stats = {m.name: TextStats() for m in methods}
     device = _device_of(model)
     inst = _Installed(model)
@@ -260,12 +274,14 @@ def score_windows(model, methods: list[Method], windows: list[list[int]], batch_
             tokens, lengths = pad_right(batch)
             tokens = tokens.to(device)
             S = tokens.shape[1]
-            real = (torch.arange(S - 1)[None, :] < (lengths - 1)[:, None]).to(device)  # [B, S-1] real targets
+            pos = torch.arange(S - 1)[None, :]  # position p predicts token p + 1
+            real = ((pos < (lengths - 1)[:, None]) & (pos >= max(prompt_len, 1) - 1)).to(device)  # [B, S-1] scored
             targets = tokens[:, 1:]  # [B, S-1]
             ref = None
             for m in methods:
                 inst.use(m)
-                logp = F.log_softmax(model(tokens)[:, :-1].float(), dim=-1)  # [B, S-1, V]
+                with scoring_prompt(model, prompt_len or None):
+                    logp = F.log_softmax(model(tokens)[:, :-1].float(), dim=-1)  # [B, S-1, V]
                 ref = logp if ref is None else ref  # the first method (dense) is the reference
                 stats[m.name].add(_window_stats(logp, ref, targets, real))
                 bar.update(1)
@@ -555,15 +571,19 @@ class Report:
 
 def evaluate(model, tok, methods: list[Method], texts: list[str] = (), tasks: list[str] = (),
              window_len: int = 512, max_tokens: int | None = None, batch_size: int = 4,
-             task_batch_size: int = 16, task_limit: int | None = None, show_progress: bool = True) -> Report:
+             task_batch_size: int = 16, task_limit: int | None = None, show_progress: bool = True,
+             prompt_len: int = 0) -> Report:
     """Runs every method on every text source ('pydoc', a file, a folder) and task spec ('[LAYOUT:]PATH')."""
     if not methods or methods[0].chai is not None:
         raise EvaluationError("the first method must be dense (the reference for agreement, KL and deltas)")
     mc = model.config
     if window_len > mc.max_seq_len:
         raise EvaluationError(f"window length {window_len} exceeds the model's {mc.max_seq_len} positions")
+    if not 0 <= prompt_len < window_len - 1:
+        raise EvaluationError(f"prompt length {prompt_len}: use 0 <= P < window length - 1 ({window_len - 1}) so "
+                              "that each window has tokens to score after its prompt")
     report = Report(methods, {m.name: savings(m.chai, mc.n_heads, mc.n_kv_heads) for m in methods},
-                    settings={"window_len": window_len, "max_tokens": max_tokens})
+                    settings={"window_len": window_len, "max_tokens": max_tokens, "prompt_len": prompt_len})
     loaded = [load_task(t, task_limit) for t in tasks]  # every file is checked before the long part starts
     bos = tok.bos_id if getattr(tok, "add_bos", False) else None
     report.pooled = {m.name: TextStats() for m in methods}
@@ -571,7 +591,7 @@ def evaluate(model, tok, methods: list[Method], texts: list[str] = (), tasks: li
         name, text = read_text(source)
         ids = tok.encode(text, bos=False)[:max_tokens]
         stats = score_windows(model, methods, make_windows(ids, window_len, bos), batch_size, show_progress,
-                              desc=f"text {name}")
+                              desc=f"text {name}", prompt_len=prompt_len)
         report.texts[name] = stats
         for m in methods:
             report.pooled[m.name].add(stats[m.name])
@@ -614,13 +634,17 @@ def format_table(report: Report) -> str:
     toks = [f"{t}: {next(iter(s.values())).tokens} predicted tokens" for t, s in report.texts.items()]
     if toks or notes:
         lines.append("")
-        lines.append("(" + "; ".join(toks + notes) + f"; windows of {report.settings.get('window_len')} tokens)")
+        P = report.settings.get("prompt_len") or 0
+        scored = f", the tokens after a {P}-token prompt scored" if P else ""
+        lines.append("(" + "; ".join(toks + notes) + f"; windows of {report.settings.get('window_len')} tokens"
+                     f"{scored})")
     return "\n".join(lines)
 
 
-def plot_report(report: Report, path) -> Path:
-    """Saving vs quality: perplexity (pooled over texts) against the K+V saving and the share of scores
-    skipped, one point per method."""
+def plot_report(report: Report, path, title: str | None = None) -> Path:
+    """The trade-off: perplexity increase over dense (pooled over texts) against the K+V cache saved and against the
+    decode attention scores skipped, one point per method; marker by kind, filled for membership from the window,
+    hollow for membership from the prompt."""
     try:
         import matplotlib
 
@@ -630,19 +654,24 @@ def plot_report(report: Report, path) -> Path:
         raise EvaluationError("--plot needs matplotlib: pip install 'chai-models[plots]'") from e
     if not report.pooled:
         raise EvaluationError("--plot needs at least one --text (it plots perplexity against the saving)")
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for ax, key, label in ((axes[0], "kv", "K+V cache saved"), (axes[1], "scores", "attention scores skipped")):
+    dense = report.pooled[report.methods[0].name].perplexity
+    colours = {"dense": "black", "chai": "tab:blue", "static": "tab:orange", "random": "tab:red"}
+    markers = {"dense": "s", "chai": "o", "static": "^", "random": "x"}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    for ax, key, label in ((axes[0], "kv", "K+V cache saved"), (axes[1], "scores", "decode attention scores skipped")):
         for m in report.methods:
-            st = report.pooled[m.name]
-            ppl = math.exp(st.nll / st.tokens)
-            marker = {"dense": "s", "chai": "o", "static": "^", "random": "x"}[m.kind]
-            ax.plot(100 * report.savings[m.name][key], ppl, marker, ms=7)
-            ax.annotate(m.name, (100 * report.savings[m.name][key], ppl), fontsize=7, xytext=(4, 4),
-                        textcoords="offset points")
+            increase = 100 * (report.pooled[m.name].perplexity / dense - 1)
+            x = 100 * report.savings[m.name][key]
+            prompt = m.chai is not None and m.chai.membership == "prompt"
+            c = colours[m.kind]
+            ax.plot(x, max(increase, 1e-2), markers[m.kind], ms=7, color=c,
+                    markerfacecolor="none" if prompt else c)
+            ax.annotate(m.name, (x, max(increase, 1e-2)), fontsize=7, xytext=(4, 3), textcoords="offset points")
         ax.set_xlabel(f"{label} (%)")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("perplexity (all texts)")
-    fig.suptitle("CHAI: saving vs quality (lower perplexity is better)", fontsize=10)
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_ylabel("perplexity increase over dense (%, log; dense drawn at 0.01)")
+    fig.suptitle(title or "CHAI: saving vs quality (hollow: membership from the prompt)", fontsize=10)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)
@@ -669,6 +698,9 @@ def main(argv=None) -> int:
     p.add_argument("--random", type=int, default=0, metavar="N",
                    help="add N random groupings (seeds seed..seed+N-1) with each CHAI method's counts")
     p.add_argument("--window-len", type=int, default=512, help="perplexity window in tokens (default 512)")
+    p.add_argument("--prompt-len", type=int, default=0, metavar="P",
+                   help="each window's first P tokens are its prompt, only the rest is scored (needed by "
+                        "membership from the prompt, SPEC@prompt; default 0: every token scored)")
     p.add_argument("--max-tokens", type=int, default=None, help="use only the first N tokens of each text")
     p.add_argument("--task-limit", type=int, default=None, help="use only the first N examples of each task")
     p.add_argument("--batch-size", type=int, default=4, help="windows per batch (default 4)")
@@ -691,7 +723,7 @@ def main(argv=None) -> int:
         tok = load_tokenizer(a.model_dir)
         methods = build_methods(model, a.model_dir, a.chai or ["auto"], a.static, a.random, a.seed)
         report = evaluate(model, tok, methods, a.text, a.task, a.window_len, a.max_tokens, a.batch_size,
-                          a.task_batch_size, a.task_limit)
+                          a.task_batch_size, a.task_limit, prompt_len=a.prompt_len)
         print(report.table())
         if a.plot:
             print(f"wrote {plot_report(report, a.plot)}")
@@ -707,6 +739,7 @@ def main(argv=None) -> int:
 def report_json(report: Report) -> dict:
     return {"settings": report.settings,
             "methods": [{"name": m.name, "kind": m.kind, "clusters": None if m.chai is None else m.chai.clusters,
+                         "membership": None if m.chai is None else m.chai.membership,
                          **report.savings[m.name]} for m in report.methods],
             "texts": {t: {n: vars(s) for n, s in st.items()} for t, st in report.texts.items()},
             "pooled": {n: {"agreement": s.agreement, "kl": s.mean_kl, "perplexity": s.perplexity}

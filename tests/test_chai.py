@@ -44,8 +44,9 @@ def random_static(n_layers, n_heads, counts, seed=0):
 # overwritten with its representative's.
 
 
-def reference_forward(model, tokens, memberships):
-    """memberships: per layer None (dense) or (rep_idx [B, k], head_to_cluster [B, H])."""
+def reference_forward(model, tokens, memberships, start=W):
+    """memberships: per layer None (dense) or (rep_idx [B, k], head_to_cluster [B, H]); rows from `start` on are
+    clustered."""
     originals = {}
 
     def make(attn, member):
@@ -63,7 +64,7 @@ def reference_forward(model, tokens, memberships):
                 for b in range(B):
                     for h in range(H):
                         r = rep_idx[b, h2c[b, h]].item()
-                        probs[b, h, W:] = dense[b, r, W:]
+                        probs[b, h, start:] = dense[b, r, start:]
             y = probs @ v  # [B, H, S, D]
             return attn.wo(y.transpose(1, 2).reshape(B, S, -1))
 
@@ -373,3 +374,89 @@ def test_last_only_logits(spec):
         cached = model(x, torch.arange(12), last_only=True)
     assert last.shape == cached.shape == (2, 1, 96)
     assert rel_err(last, full[:, -1:]) < 1e-5 and rel_err(cached, full[:, -1:]) < 1e-5
+
+
+# ----------------------------------------------------------------------------------------------------
+# Membership from the prompt
+
+
+@pytest.mark.parametrize("kv", [8, 2], ids=["mha", "gqa"])
+def test_prompt_membership_cached_equals_scored_and_reference(kv):
+    model = tiny_llama(n_kv_heads=kv, seed=kv)
+    P, B, S = 9, 2, 20
+    cfg = ChaiConfig(clusters=[8, 3, 1, 2], membership="prompt", prompt_rows=4)
+    set_chai(model, cfg)
+    x = torch.randint(0, 96, (B, S), generator=torch.Generator().manual_seed(kv))
+    cached = run_cached(model, x, P)  # the prompt in one call, then one token at a time
+    member = membership_of(model, B)
+    with torch.no_grad():
+        ref = reference_forward(model, x, member, start=P)
+        with chai.scoring_prompt(model, P):
+            scored = model(x)
+        dense_like = model(x)  # no prompt length: the whole sequence is the prompt, i.e. dense
+        set_chai(model, None)
+        dense = model(x)
+    assert rel_err(cached, ref) < 1e-5 and rel_err(scored, ref) < 1e-5
+    assert rel_err(dense_like, dense) < 1e-6
+    # the membership is the clustering of the prompt's last 4 rows over its P keys
+    set_chai(model, cfg)
+    attn = model.attention_layers[1]
+    feats = {}
+    hook = attn.register_forward_pre_hook(lambda m, args: feats.setdefault("x", args))
+    with torch.no_grad():
+        model(x[:, :P])
+        hook.remove()
+        q, k, _ = attn.project(*feats["x"][:2])
+    want = chai.cluster_heads(chai.attention.prompt_probs(q, k, 4, attn.scale).flatten(2), 3)
+    assert torch.equal(member[1][0], want[0]) and torch.equal(member[1][1], want[1])
+
+
+def test_prompt_membership_keeps_no_window_state_and_refuses_a_late_start():
+    model = tiny_llama(n_kv_heads=2)
+    set_chai(model, ChaiConfig(clusters=[8, 1, 2, 5], membership="prompt"))
+    model.setup_caches(2, 32)
+    b = model.kv_cache_bytes()
+    # no window K or features: only the int64 membership indices beside K and V
+    assert b["chai_state"] == sum(8 * 2 * (2 * c + 8 + s) for c, s in ((1, 1), (2, 2), (5, 2)))
+    assert all(a.k_win is None and a.p_win is None for a in chai.chai_layers(model))
+    with torch.no_grad(), pytest.raises(RuntimeError, match="position 0"):
+        model(torch.zeros(2, 3, dtype=torch.long), torch.arange(5, 8))
+    with pytest.raises(ValueError, match="membership"):
+        ChaiConfig(clusters=[8] * 4, membership="prefix").validate(4, 8)
+
+
+def test_static_representatives_follow_the_rule():
+    """chai_static.json says representative 'medoid': the code picks each fixed cluster's medoid on the request's
+    window (and the lowest index with 'first')."""
+    model = tiny_llama(n_kv_heads=8, seed=3)
+    static = [None, [0, 0, 0, 1, 1, 1, 1, 2], [0, 1, 0, 1, 0, 1, 0, 1], None]
+    counts = [8, 3, 2, 8]
+    x = torch.randint(0, 96, (4, 12), generator=torch.Generator().manual_seed(3))
+    reps = {}
+    for rule in ("medoid", "first"):
+        set_chai(model, ChaiConfig(clusters=counts, static_membership=static, representative=rule))
+        run_cached(model, x, 12)
+        for i in (1, 2):
+            attn = model.attention_layers[i]
+            h2c = attn.head_to_cluster[:4]
+            assert h2c.tolist() == [static[i]] * 4
+            want = chai.representatives(chai.cosine_distance(attn.p_win[:4].flatten(2)), h2c, counts[i], rule)
+            assert torch.equal(attn.rep_idx[:4], want)
+            reps[rule, i] = attn.rep_idx[:4].clone()
+    assert reps["first", 1].tolist() == [[0, 3, 7]] * 4
+    assert any(not torch.equal(reps["medoid", i], reps["first", i]) for i in (1, 2))  # the rule matters here
+
+
+def test_no_k_dropped_costs_only_small_state_and_says_so():
+    model = tiny_llama(n_kv_heads=2)
+    set_chai(model, ChaiConfig(clusters=[8, 2, 3, 8]))  # counts >= the 2 KV heads: K stays whole
+    model.setup_caches(2, 128)
+    b = model.kv_cache_bytes()
+    assert b["k"] == b["v"]  # the dense K, no window K beside it
+    assert all(a.k_win is None for a in chai.chai_layers(model))
+    assert 0 < -b["saved"] == b["chai_state"] < 0.05 * b["dense_total"]
+    line = chai.summary(model)
+    assert "no K dropped" in line and "scores skipped 34.4%" in line
+    set_chai(model, ChaiConfig(clusters=[8, 1, 1, 8]))
+    model.setup_caches(2, 32)
+    assert model.kv_cache_bytes()["saved"] > 0 and "saved" in chai.summary(model)

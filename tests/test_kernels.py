@@ -497,13 +497,17 @@ MODEL_CASES = {
     "llama_chai_gqa_long": ("llama", 2, "4,1,3", 64, 2, dict(long=True)),
     "llama_chai_mha_b1_long": ("llama", 4, "4,1,3", 64, 1, dict(long=True)),
     "opt_chai_b1": ("opt", None, "4,1,3", 64, 1, {}),
+    # membership from the prompt: the prompt's call runs dense (no window kernel), then the membership kernel on the
+    # prompt's rows
+    "llama_chai_gqa_prompt": ("llama", 2, "4,1,3", 128, 2, dict(prompt=True)),
+    "llama_chai_mha_b1_gemv_prompt": ("llama", 4, "4,1,3", 64, 1, dict(gemv=True, prompt=True)),
 }
 # FastChaiAttention.attend_unrotated takes a batch-1 decode token's q and k as projected by the representatives' rows
 # whenever the layer has rows, but FastOPTAttention.forward projects every head (it never asks qk_weights): wrong
 # logits (rel. error ~0.13), and out-of-bounds reads (a segfault under the interpreter on the clustered_probs path)
 
 
-def tiny_model(family, n_kv_heads, spec, T, seed=0):
+def tiny_model(family, n_kv_heads, spec, T, seed=0, membership="window"):
     torch.manual_seed(seed)
     if family == "opt":  # no RoPE, q scaled in its projection
         model = OPT(OPTConfig(vocab_size=96, hidden_size=64, ffn_dim=96, n_layers=3, n_heads=4, max_seq_len=T))
@@ -516,7 +520,7 @@ def tiny_model(family, n_kv_heads, spec, T, seed=0):
             for attn in model.attention_layers:
                 attn.wq.weight.mul_(4)
                 attn.wk.weight.mul_(4)
-        set_chai(model, ChaiConfig.from_spec(spec, 3, model.config.n_heads))
+        set_chai(model, ChaiConfig.from_spec(spec, 3, model.config.n_heads, membership=membership, prompt_rows=3))
     return model
 
 
@@ -524,7 +528,7 @@ def tiny_model(family, n_kv_heads, spec, T, seed=0):
 @pytest.mark.parametrize("name", list(MODEL_CASES))
 def test_model_backends_agree(name, monkeypatch):
     family, n_kv_heads, spec, T, batch, extra = MODEL_CASES[name]
-    model = tiny_model(family, n_kv_heads, spec, T)
+    model = tiny_model(family, n_kv_heads, spec, T, membership="prompt" if extra.get("prompt") else "window")
     if extra.get("long"):
         monkeypatch.setattr(fast_attention, "CLUSTERED_DECODE_MAX_POSITIONS", 0)
         monkeypatch.setattr(fast_attention, "DENSE_DECODE_MAX_POSITIONS", 0)
@@ -573,7 +577,8 @@ def test_model_backends_agree(name, monkeypatch):
     steps = tokens.shape[1] - n0
     long = extra.get("long", False)
     want = {"new_token_decode": 0 if long else 3 * steps, "clustered_probs": n_chai * steps if long else 0,
-            "rope_and_cache": n_dense * steps if long else 0, "window_attention": n_chai,
+            "rope_and_cache": n_dense * steps if long else 0,
+            "window_attention": 0 if extra.get("prompt") else n_chai,
             "membership_kernel": n_chai}
     assert {op: calls.get(op, 0) for op in want} == want
     if extra.get("gemv"):  # per decode step and layer: Q/K/V, wo, gate/up, down

@@ -390,10 +390,12 @@ def ready(model) -> bool:
 
 
 def summary(model) -> str:
-    """One line: clusters per layer and the measured K-cache saving."""
+    """One line: clusters per layer, what CHAI saves in K+V cache bytes (measured on the allocated buffers, its own
+    per-sequence state included) and in decode attention scores (Q.K^T and softmax of member heads skipped)."""
     cfg = model.chai_config
     if cfg is None:
         return "CHAI off (dense)"
+    mc = model.config
     parts, run = [], None
     for n in cfg.clusters:  # run-length: "18x32 14x4"
         if run and run[1] == n:
@@ -402,9 +404,15 @@ def summary(model) -> str:
             run = [1, n]
             parts.append(run)
     line = ("CHAI clusters per layer: " + " ".join(f"{n}x{c}" for n, c in parts) +
-            f" (of {model.config.n_heads} heads)")
+            f" (of {mc.n_heads} heads; membership from the {cfg.membership})")
+    skipped = 1 - sum(cfg.clusters) / (len(cfg.clusters) * mc.n_heads)
     if model.max_batch_size:
         b = model.kv_cache_bytes()
-        line += (f"; K cache {b['k'] / 2**20:.2f} MiB vs dense {b['v'] / 2**20:.2f} MiB, "
-                 f"KV saved {b['saved'] / 2**20:.2f} MiB ({100 * b['saved'] / b['dense_total']:.1f}%)")
-    return line
+        if b["saved"] > 0:
+            line += (f"; K+V cache {b['total'] / 2**20:.2f} MiB vs dense {b['dense_total'] / 2**20:.2f} MiB: saved "
+                     f"{b['saved'] / 2**20:.2f} MiB ({100 * b['saved'] / b['dense_total']:.1f}%, CHAI's state of "
+                     f"{b['chai_state'] / 2**10:.1f} KiB counted)")
+        else:
+            line += (f"; no K dropped (every count >= the {mc.n_kv_heads} KV heads), so no cache saved: CHAI's state "
+                     f"adds {b['chai_state'] / 2**10:.1f} KiB to the dense {b['dense_total'] / 2**20:.2f} MiB")
+    return line + f"; decode attention scores skipped {100 * skipped:.1f}%"

@@ -113,16 +113,21 @@ class LayerwiseScorer:
         self.device = next(model.parameters()).device
         self.batches = [b.to(self.device) for b in tokens.split(batch_size)]
         self.first = max(prompt_len, 1)  # first scored position
-        self.n_scored = tokens.shape[0] * (tokens.shape[1] - self.first)
+        self.n_scored = [b.shape[0] * (b.shape[1] - self.first) for b in self.batches]  # per batch
         L = len(model.layers)
         per_layer = tokens.numel() * model.config.hidden_size * next(model.parameters()).element_size()
         self.stride = max(1, math.ceil(L * per_layer / max_hidden_bytes))
         self.hidden: dict[int, list[torch.Tensor]] = {}
         self.runs = 0
-        self.dense_nll = self._dense_pass()
+        self.dense_sums = self._dense_pass()  # summed NLL per batch
+        self.dense_nll = sum(self.dense_sums) / sum(self.n_scored)
+
+    def dense_nll_of(self, n_batches: int | None = None) -> float:
+        """The dense mean NLL of the first n_batches batches (None: all)."""
+        return sum(self.dense_sums[:n_batches]) / sum(self.n_scored[:n_batches])
 
     @torch.inference_mode()
-    def _dense_pass(self) -> float:
+    def _dense_pass(self) -> list[float]:
         install(self.model, None)
         kept = [l for l in range(1, len(self.model.layers)) if l % self.stride == 0]
         self.hidden = {l: [] for l in kept}
@@ -134,32 +139,33 @@ class LayerwiseScorer:
             for h in hooks:
                 h.remove()
 
-    def _nll(self, start: int) -> float:
-        total = 0.0
+    def _nll(self, start: int, n_batches: int | None = None) -> list[float]:
+        sums = []
         layers = self.model.layers
         kept = start - start % self.stride
-        for i, tokens in enumerate(self.batches):
+        for i, tokens in enumerate(self.batches[:n_batches]):
             blocks = [_Replay(self.hidden[kept][i]), *layers[kept:]] if kept else [*layers]
             self.model.layers = nn.ModuleList([*blocks, _ScoredRows(self.first)])
             try:
                 pred = self.model(tokens).float()  # [B, S - first, V]: the scored rows' logits
             finally:
                 self.model.layers = layers
-            total += float(F.cross_entropy(pred.flatten(0, 1), tokens[:, self.first:].flatten(), reduction="sum"))
+            sums.append(float(F.cross_entropy(pred.flatten(0, 1), tokens[:, self.first:].flatten(),
+                                              reduction="sum")))
         self.runs += 1
-        return total / self.n_scored
+        return sums
 
     @torch.inference_mode()
-    def nll(self, cfg: ChaiConfig) -> float:
-        """Mean NLL with cfg installed (dense layers: count == n_heads)."""
+    def nll(self, cfg: ChaiConfig, n_batches: int | None = None) -> float:
+        """Mean NLL with cfg installed (dense layers: count == n_heads), over the first n_batches (None: all)."""
         H = self.model.config.n_heads
         clustered = [i for i, c in enumerate(cfg.clusters) if c < H]
         if not clustered:
-            return self.dense_nll
+            return self.dense_nll_of(n_batches)
         install(self.model, cfg)
         try:
             with scoring_prompt(self.model, self.prompt_len):
-                return self._nll(clustered[0])
+                return sum(self._nll(clustered[0], n_batches)) / sum(self.n_scored[:n_batches])
         finally:
             install(self.model, None)
 
@@ -267,12 +273,14 @@ def _longest_within(n: int, ok) -> int:
 def budget_search(model, search_tokens: torch.Tensor, check_tokens: torch.Tensor, budget: float = DEFAULT_BUDGET,
                   membership: str = "window", window: int = 5, prompt_rows: int = 16, prompt_len: int = 0,
                   representative: str = "medoid", algorithm: str = "agglomerative", counts: list[int] | None = None,
-                  batch_size: int = 8, atol: float = NLL_ATOL, max_hidden_bytes: int = 2 << 30,
-                  show_progress: bool = True) -> BudgetResult:
+                  batch_size: int = 8, sensitivity_batches: int | None = 1, atol: float = NLL_ATOL,
+                  max_hidden_bytes: int = 2 << 30, show_progress: bool = True) -> BudgetResult:
     """Per-layer counts maximising the K+V bytes dropped (then scores skipped) with perplexity within
     (1 + budget) x dense on both token sets [N, S] (search: drives the search; check: held out, verified last).
 
-    The model is left dense. counts: the candidate counts per layer (default count_ladder).
+    The model is left dense. counts: the candidate counts per layer (default count_ladder). sensitivity_batches:
+    the single-layer runs (step 2, the most runs) score the first this many batches of the search set (None: all);
+    every whole config is scored on all of it.
     """
     if not budget >= 0:
         raise BudgetError(f"budget = {budget}: use a share of the dense perplexity >= 0, e.g. 0.02 for 2%")
@@ -302,7 +310,8 @@ def budget_search(model, search_tokens: torch.Tensor, check_tokens: torch.Tensor
         # bytes: options by growing saving, stop at the first that alone breaks the budget; scores only: options by
         # shrinking saving, stop at the first within it (one count per layer: its most saving within budget)
         for c in options:
-            d = search.nll(config(_apply(dense, [(l, c)]))) - search.dense_nll
+            d = search.nll(config(_apply(dense, [(l, c)])), sensitivity_batches) - search.dense_nll_of(
+                sensitivity_batches)
             sensitivity[l][c] = d
             bar.update(1)
             if (d <= limit) == stop_when_within:
