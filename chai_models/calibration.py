@@ -31,6 +31,7 @@ import torch
 from .chai.calibrate import (CHAI_JSON, CHAI_STATIC_JSON, DEFAULT_TOLERANCE, PLOT_NAME, CalibrationError,
                              CalibrationResult, calibrate_model)
 from .chai.budget import DEFAULT_BUDGET, BudgetCalibration, BudgetError, budget_calibration
+from .chai.config import ChaiConfig
 from .checkpoint import CheckpointError, load, read_config
 from .tokenizer import load_tokenizer
 
@@ -256,11 +257,13 @@ def calibrate_budget_folder(model_dir, budget: float = DEFAULT_BUDGET, data=None
                             seq_len: int = 128, n_search: int = 8, n_check: int = 8, prompt_len: int = 32,
                             prompt_rows: int = 16, window: int = 5, batch_size: int = 4, device="cpu", dtype=None,
                             seed: int = 0, force: bool = False, tokenizer=None, counts=None,
-                            show_progress: bool = True) -> BudgetCalibration:
+                            show_progress: bool = True, reuse=None) -> BudgetCalibration:
     """The budget rule on a converted checkpoint: writes chai.json (and chai_static.json at the same counts).
 
     The calibration text is cut into n_search + n_check sequences of seq_len tokens (texts_to_sequences): the first
     n_search drive the search, the rest are held out and checked. Refuses to overwrite unless force.
+    reuse: a chai.json written by this rule on the same data and settings (another budget): its single-layer runs
+    are reused, so trying several budgets costs one search's measurements.
     """
     folder = Path(model_dir)
     read_config(folder)
@@ -272,6 +275,17 @@ def calibrate_budget_folder(model_dir, budget: float = DEFAULT_BUDGET, data=None
         raise CalibrationError(f"n_search = {n_search}, n_check = {n_check}: the budget rule needs at least one "
                                "search and one check sequence")
     texts, source = read_texts(data)
+    known = None
+    if reuse is not None:
+        rec = ChaiConfig.load(reuse).calibration or {}
+        same = {"rule": "budget", "data": source, "seq_len": seq_len, "n_search": n_search, "prompt_len": prompt_len,
+                "seed": seed, "window": window, "prompt_rows": prompt_rows}
+        differ = [k for k, v in same.items() if rec.get(k) != v]
+        if differ:
+            raise CalibrationError(f"{reuse} was calibrated with other settings ({', '.join(differ)}); its "
+                                   "single-layer runs do not apply: leave --reuse out")
+        known = {m: {int(l): {int(c): d for c, d in s.items()} for l, s in per.items()}
+                 for m, per in rec.get("sensitivity", {}).items()}
     model = load(folder, device=device, dtype=dtype)
     if tokenizer is None:
         tokenizer = load_tokenizer(folder)
@@ -287,7 +301,8 @@ def calibrate_budget_folder(model_dir, budget: float = DEFAULT_BUDGET, data=None
     try:
         cal = budget_calibration(model, tokens[:n_s], tokens[n_s:], budget, membership, window, prompt_rows,
                                  prompt_len, counts, batch_size, show_progress,
-                                 info={"data": source, "model": str(folder), "seed": seed})
+                                 info={"data": source, "model": str(folder), "seed": seed, "window": window,
+                                       "prompt_rows": prompt_rows}, known=known)
     except BudgetError as e:
         raise CalibrationError(str(e)) from e
     cal.config.save(outs[0])
@@ -347,6 +362,9 @@ def main(argv=None) -> int:
                    help="membership from the prompt: the prompt's last rows that decide it (default 16)")
     p.add_argument("--counts", default=None, help="budget rule: candidate counts per layer, comma list "
                                                    "(default: powers of two, and for GQA n_kv_heads - 1 and n_kv_heads)")
+    p.add_argument("--reuse", default=None, metavar="CHAI_JSON",
+                   help="budget rule: reuse the single-layer runs of a chai.json from the same data and settings "
+                        "(another budget)")
     p.add_argument("--random-shape", default=None, metavar="SHAPE",
                    help="time the rule on a model of this shape with random weights and random tokens (llama-2-7b, "
                         "smollm2-135m, tiny, opt-<size>); writes nothing")
@@ -379,7 +397,7 @@ def main(argv=None) -> int:
         else:
             cal = calibrate_budget_folder(a.model_dir, a.budget, a.data, a.membership, a.seq_len, a.n_search,
                                           a.n_check, a.prompt_len, a.prompt_rows, a.window, batch_size, a.device,
-                                          a.dtype, a.seed, a.force, counts=counts)
+                                          a.dtype, a.seed, a.force, counts=counts, reuse=a.reuse)
             for m, r in cal.tried.items():
                 print(f"-- membership from the {m}" + (" (kept)" if r is cal.chosen else ""))
                 print(r.table())

@@ -98,6 +98,11 @@ def test_budget_calibration_keeps_the_larger_saving(model, tokens):
     assert rec["chai_ppl"] <= rec["dense_ppl"] * (1 + 1e-4) and set(rec["membership_tried"]) == {"window", "prompt"}
     assert cal.static.static_membership[1] == PLANTS[1] and cal.static.static_membership[0] is None
     ChaiConfig.from_json(cal.config.to_json()).validate(3, 8)
+    # another budget reusing these single-layer runs: only whole configs are measured again
+    known = {m: r.sensitivity for m, r in cal.tried.items()}
+    again = budget_calibration(model, tokens[:6], tokens[6:], budget=0.0, membership="window", counts=[1, 3, 4],
+                               prompt_len=8, show_progress=False, known=known)
+    assert again.chosen.clusters == cal.tried["window"].clusters and again.chosen.runs < cal.tried["window"].runs
 
 
 def test_count_ladder():

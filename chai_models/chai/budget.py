@@ -11,8 +11,8 @@ The search, on a model and two token sets (search, check), all of it measured by
      every few blocks, within a memory cap), so a config whose first clustered layer is l re-runs blocks l.. only.
   2. Sensitivity: for each layer l and candidate count c, the search set's NLL with only layer l clustered at c,
      run from block l. K-saving counts go from the fewest heads saved to the most, and a count that alone breaks
-     the budget ends that layer's ladder (fewer clusters are taken to be no better); counts that only skip scores
-     go from the most skipped to the least, and the first within budget ends it.
+     the budget ends that layer's ladder (fewer clusters are taken to be no better). The single-layer runs score
+     the first batch of the search set only (sensitivity_batches); every whole config is scored on all of it.
   3. Bytes phase: from all-dense, a greedy order of layer moves (l: its count -> a smaller one that drops more K),
      each time the move with the least measured NLL increase per K head dropped; the longest prefix of that order
      whose whole config is within budget on the search set is found by bisection (each probe a measured run).
@@ -274,13 +274,15 @@ def budget_search(model, search_tokens: torch.Tensor, check_tokens: torch.Tensor
                   membership: str = "window", window: int = 5, prompt_rows: int = 16, prompt_len: int = 0,
                   representative: str = "medoid", algorithm: str = "agglomerative", counts: list[int] | None = None,
                   batch_size: int = 8, sensitivity_batches: int | None = 1, atol: float = NLL_ATOL,
-                  max_hidden_bytes: int = 2 << 30, show_progress: bool = True) -> BudgetResult:
+                  max_hidden_bytes: int = 2 << 30, show_progress: bool = True,
+                  known: dict | None = None) -> BudgetResult:
     """Per-layer counts maximising the K+V bytes dropped (then scores skipped) with perplexity within
     (1 + budget) x dense on both token sets [N, S] (search: drives the search; check: held out, verified last).
 
     The model is left dense. counts: the candidate counts per layer (default count_ladder). sensitivity_batches:
     the single-layer runs (step 2, the most runs) score the first this many batches of the search set (None: all);
-    every whole config is scored on all of it.
+    every whole config is scored on all of it. known: {layer: {count: NLL increase}} from an earlier search on the
+    same sequences and settings (BudgetResult.sensitivity): those single-layer runs are not repeated.
     """
     if not budget >= 0:
         raise BudgetError(f"budget = {budget}: use a share of the dense perplexity >= 0, e.g. 0.02 for 2%")
@@ -306,22 +308,23 @@ def budget_search(model, search_tokens: torch.Tensor, check_tokens: torch.Tensor
     dense = [H] * L
     sensitivity: dict[int, dict[int, float]] = {l: {} for l in range(L)}
 
-    def measure(l, options, bar, stop_when_within: bool):
-        # bytes: options by growing saving, stop at the first that alone breaks the budget; scores only: options by
-        # shrinking saving, stop at the first within it (one count per layer: its most saving within budget)
+    def measure(l, options, bar):
+        # options by growing saving; the first that alone breaks the budget ends the layer's ladder
         for c in options:
-            d = search.nll(config(_apply(dense, [(l, c)])), sensitivity_batches) - search.dense_nll_of(
-                sensitivity_batches)
+            d = (known or {}).get(l, {}).get(c)
+            if d is None:
+                d = search.nll(config(_apply(dense, [(l, c)])), sensitivity_batches) - search.dense_nll_of(
+                    sensitivity_batches)
             sensitivity[l][c] = d
             bar.update(1)
-            if (d <= limit) == stop_when_within:
+            if d > limit:
                 break
 
-    def phase(base, layers, options, gain, stop_when_within=False):
+    def phase(base, layers, options, gain):
         bar = progress(total=len(layers) * len(options), desc=f"sensitivity ({membership})", unit="run",
                        disable=None if show_progress else True)
         for l in layers:
-            measure(l, options, bar, stop_when_within)
+            measure(l, options, bar)
         bar.close()
         cands = {l: {c: d for c, d in sensitivity[l].items() if c in options and d <= limit} for l in layers}
         order = _greedy_order(base, {l: o for l, o in cands.items() if o}, gain)
@@ -334,9 +337,9 @@ def budget_search(model, search_tokens: torch.Tensor, check_tokens: torch.Tensor
     order1, k1 = phase(dense, range(L), byte_counts, lambda c: k_heads_dropped(c, H, Hkv))
     base = _apply(dense, order1[:k1])
     # tie-break phase: the layers still dense, counts that skip scores without dropping K
-    score_counts = sorted(c for c in ladder if k_heads_dropped(c, H, Hkv) == 0)
+    score_counts = sorted((c for c in ladder if k_heads_dropped(c, H, Hkv) == 0), reverse=True)
     still_dense = [l for l in range(L) if base[l] == H]
-    order2, k2 = phase(base, still_dense, score_counts, lambda c: H - c, True) if score_counts else ([], 0)
+    order2, k2 = phase(base, still_dense, score_counts, lambda c: H - c) if score_counts else ([], 0)
     order = order1[:k1] + order2[:k2]
     clusters = _apply(dense, order)
     nll = search.nll(config(clusters))
@@ -380,18 +383,22 @@ class BudgetCalibration:
 
 def budget_calibration(model, search_tokens, check_tokens, budget: float = DEFAULT_BUDGET, membership: str = "auto",
                        window: int = 5, prompt_rows: int = 16, prompt_len: int = 32, counts=None, batch_size: int = 8,
-                       show_progress: bool = True, info: dict | None = None) -> BudgetCalibration:
+                       show_progress: bool = True, info: dict | None = None,
+                       known: dict | None = None) -> BudgetCalibration:
     """budget_search for one membership, or for both (membership="auto", the one that saves more kept), then the
     ChaiConfig to save (its calibration record: rule, budget, data, measured dense and CHAI perplexity) and the
     CHAI-static ablation at the same counts (the most common window membership of the search sequences).
-    info: extra fields for the record (data, model, seed)."""
+    info: extra fields for the record (data, model, seed). known: {membership: {layer: {count: NLL increase}}}, the
+    single-layer runs of an earlier calibration on the same sequences and settings (its record's "sensitivity")."""
     from .calibrate import collect_features, static_membership
 
     modes = MEMBERSHIPS if membership == "auto" else (membership,)
     if membership != "auto" and membership not in MEMBERSHIPS:
         raise BudgetError(f"membership = {membership!r}; use 'auto' or one of {MEMBERSHIPS}")
+    known = known or {}
     tried = {m: budget_search(model, search_tokens, check_tokens, budget, m, window, prompt_rows, prompt_len,
-                              counts=counts, batch_size=batch_size, show_progress=show_progress) for m in modes}
+                              counts=counts, batch_size=batch_size, show_progress=show_progress, known=known.get(m))
+             for m in modes}
     chosen = max(tried.values(), key=BudgetResult.key)
     H = chosen.n_heads
     record = {"rule": "budget", "budget": budget, "objective": OBJECTIVE, "method": METHOD, **(info or {}),
@@ -403,8 +410,8 @@ def budget_calibration(model, search_tokens, check_tokens, budget: float = DEFAU
               "kv_saved": round(chosen.savings()["kv"], 6), "scores_skipped": round(chosen.savings()["scores"], 6),
               "candidate_counts": sorted(set(counts or count_ladder(H, chosen.n_kv_heads))),
               "membership_tried": {m: r.info() for m, r in tried.items()},
-              "sensitivity": {str(l): {str(c): round(d, 6) for c, d in s.items()}
-                              for l, s in chosen.sensitivity.items()},
+              "sensitivity": {m: {str(l): {str(c): d for c, d in s.items()} for l, s in r.sensitivity.items()}
+                              for m, r in tried.items()},
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     config = ChaiConfig(clusters=list(chosen.clusters), window=window, membership=chosen.membership,
                         prompt_rows=prompt_rows, calibration=record)
