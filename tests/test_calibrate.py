@@ -288,3 +288,37 @@ def test_too_short_sequences_and_window(model, text_file, folder):
         calibrate_model(model, random_tokens(4, 3), window=1, show_progress=False)
     with pytest.raises(CalibrationError, match="has 50 tokens"):
         calibrate_folder(folder, text_file, window=50, tokenizer=ByteTokenizer(), plot=False)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The budget rule on a folder, and the random-shape timing run
+
+
+def test_budget_rule_writes_chai_json_within_budget(folder, text_file, model):
+    from chai_models.calibration import calibrate_budget_folder
+
+    cal = calibrate_budget_folder(folder, 0.05, text_file, membership="window", seq_len=16, n_search=3, n_check=3,
+                                  prompt_len=4, tokenizer=ByteTokenizer(), counts=[1, 3, 4], show_progress=False)
+    cfg = ChaiConfig.load(folder / CHAI_JSON)
+    rec = cfg.calibration
+    assert cfg.clusters == cal.chosen.clusters and cfg.membership == "window"
+    assert rec["rule"] == "budget" and rec["budget"] == 0.05 and rec["data"] == str(text_file)
+    assert rec["n_search"] == 3 and rec["n_check"] == 3 and rec["seq_len"] == 16
+    assert rec["chai_ppl"] <= rec["dense_ppl"] * 1.05 + 1e-3
+    with pytest.raises(FileExistsError):
+        calibrate_budget_folder(folder, 0.05, text_file, tokenizer=ByteTokenizer(), show_progress=False)
+    with pytest.raises(CalibrationError, match="other settings"):  # --reuse needs the same data and settings
+        calibrate_budget_folder(folder, 0.01, text_file, seq_len=32, force=True, tokenizer=ByteTokenizer(),
+                                reuse=folder / CHAI_JSON, show_progress=False)
+
+
+def test_random_shape_timing_run(capsys):
+    from chai_models.calibration import main as calibrate_main
+
+    assert calibrate_main(["--random-shape", "tiny", "--rule", "elbow", "-n", "4", "--seq-len", "8"]) == 0
+    assert "tiny (random weights)" in capsys.readouterr().out
+    assert calibrate_main(["--random-shape", "tiny", "--n-search", "2", "--seq-len", "12", "--membership",
+                           "window", "--counts", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "budget rule" in out and "measured runs" in out
+    assert calibrate_main(["--random-shape", "nope"]) == 2
