@@ -107,9 +107,10 @@ def _chai_source(spec: str, model, model_dir) -> ChaiConfig:
 
 
 def build_methods(model, model_dir=None, chai=("auto",), static: str | bool | None = None, n_random: int = 0,
-                  seed: int = 0) -> list[Method]:
+                  seed: int = 0, random_of: list[str] | None = None) -> list[Method]:
     """dense, then one CHAI method per entry of chai ('[name=]auto|path.json|spec'), then CHAI-static (static:
-    True for chai_static.json beside the model, or a path), then n_random random groupings per CHAI method."""
+    True for chai_static.json beside the model, or a path), then n_random random groupings per CHAI method (or per
+    method named in random_of)."""
     methods = [Method("dense", None, "dense")]
     H = model.config.n_heads
     chai_methods = []
@@ -128,7 +129,12 @@ def build_methods(model, model_dir=None, chai=("auto",), static: str | bool | No
         if cfg.static_membership is None:
             raise EvaluationError(f"{path} has no static_membership; it is not a CHAI-static config")
         methods.append(Method("chai-static", cfg, "static"))
+    if random_of and set(random_of) - {m.name for m in chai_methods}:
+        raise EvaluationError(f"--random-of {sorted(set(random_of) - {m.name for m in chai_methods})}: no such CHAI "
+                              f"method; named ones: {[m.name for m in chai_methods]}")
     for m in chai_methods:
+        if random_of and m.name not in random_of:
+            continue
         for r in range(n_random):
             tag = f"random[{m.name}]" + (f"@{seed + r}" if n_random > 1 else "")
             methods.append(Method(tag, random_grouping(m.chai, H, seed + r), "random"))
@@ -697,6 +703,8 @@ def main(argv=None) -> int:
                    help="add CHAI-static (chai_static.json beside the model, or the given file)")
     p.add_argument("--random", type=int, default=0, metavar="N",
                    help="add N random groupings (seeds seed..seed+N-1) with each CHAI method's counts")
+    p.add_argument("--random-of", action="append", default=None, metavar="NAME",
+                   help="random groupings only for these CHAI methods (repeatable; default: every one)")
     p.add_argument("--window-len", type=int, default=512, help="perplexity window in tokens (default 512)")
     p.add_argument("--prompt-len", type=int, default=0, metavar="P",
                    help="each window's first P tokens are its prompt, only the rest is scored (needed by "
@@ -721,7 +729,7 @@ def main(argv=None) -> int:
             load_task(spec, a.task_limit)
         model = load(a.model_dir, device=a.device, dtype=a.dtype)
         tok = load_tokenizer(a.model_dir)
-        methods = build_methods(model, a.model_dir, a.chai or ["auto"], a.static, a.random, a.seed)
+        methods = build_methods(model, a.model_dir, a.chai or ["auto"], a.static, a.random, a.seed, a.random_of)
         report = evaluate(model, tok, methods, a.text, a.task, a.window_len, a.max_tokens, a.batch_size,
                           a.task_batch_size, a.task_limit, prompt_len=a.prompt_len)
         print(report.table())

@@ -337,3 +337,39 @@ def test_table_has_every_method():
     rep.pooled = {k: v for k, v in rep.texts["t"].items()}
     table = format_table(rep)
     assert "| chai | 50.0% | 25.0% | 75.0% | 3.320 (+22.1%) | 80.00% | 0.0500 | 40.0 (-10.0) | 60.0 (+0.0) |" in table
+
+
+# ----------------------------------------------------------------------------------------------------
+# membership from the prompt, the prompt length, random groupings of named methods, the trade-off plot
+
+
+def test_prompt_len_scores_after_the_prompt_and_prompt_membership_needs_it(tmp_path):
+    from chai_models import chai
+    from chai_models.evaluate import _chai_source, build_methods, plot_report, Report
+
+    model = tiny_llama()
+    ids = torch.randint(0, 96, (64,), generator=torch.Generator().manual_seed(2)).tolist()
+    windows = make_windows(ids, 32)
+    cfg = _chai_source("1@prompt", model, None)
+    assert cfg.membership == "prompt" and cfg.clusters == [1, 1]
+    methods = [Method("dense", None, "dense"), Method("prompt", cfg)]
+    with pytest.raises(EvaluationError, match="--prompt-len"):
+        score_windows(model, methods, windows, 2, show_progress=False)
+    st = score_windows(model, methods, windows, 2, show_progress=False, prompt_len=8)
+    assert st["dense"].tokens == 2 * (32 - 8)  # the tokens after each window's 8-token prompt
+    # by hand: the prompt's 8 tokens decide, the rest clustered; NLL of tokens 8..31
+    nll = 0.0
+    set_chai(model, cfg)
+    with torch.no_grad(), chai.scoring_prompt(model, 8):
+        for w in windows:
+            logp = F.log_softmax(model(torch.tensor([w]))[0, :-1].double(), -1)
+            nll -= float(logp[torch.arange(7, 31), torch.tensor(w[8:])].sum())
+    set_chai(model, None)
+    assert st["prompt"].perplexity == pytest.approx(math.exp(nll / st["prompt"].tokens), rel=1e-5)
+    ms = build_methods(model, None, ["a=1", "b=2"], n_random=1, random_of=["b"])
+    assert [m.name for m in ms] == ["dense", "a", "b", "random[b]"]
+    with pytest.raises(EvaluationError, match="no such CHAI method"):
+        build_methods(model, None, ["a=1"], n_random=1, random_of=["zzz"])
+    pytest.importorskip("matplotlib")
+    rep = Report(methods, {m.name: savings(m.chai, 4, 2) for m in methods}, texts={"t": st}, pooled=st)
+    assert plot_report(rep, tmp_path / "p.png").stat().st_size > 0
