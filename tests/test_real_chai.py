@@ -168,5 +168,6 @@ def test_cli_generate_with_shipped_chai(smol_dir):
     assert run.returncode == 0, run.stderr
     # measured: "The capital of France is Paris is the capital of France." (calibrated counts)
     assert "Paris" in run.stdout, run.stdout
-    assert "CHAI clusters per layer:" in run.stderr and "(of 9 heads)" in run.stderr, run.stderr
+    assert "CHAI clusters per layer:" in run.stderr and "(of 9 heads; membership from the" in run.stderr, run.stderr
+    assert "decode attention scores skipped" in run.stderr, run.stderr
     assert "prompt tokens" in run.stderr
