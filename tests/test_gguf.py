@@ -10,7 +10,7 @@ gguf = pytest.importorskip("gguf")
 
 from chai_models import load  # noqa: E402
 from chai_models.checkpoint import CheckpointError, iter_tensors  # noqa: E402
-from chai_models.convert.gguf import convert_gguf  # noqa: E402
+from chai_models.convert.gguf import convert_gguf, supported_types  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 
@@ -108,26 +108,36 @@ def hf_weights(tied: bool, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def random_blocks(qtype, rows: int, cols: int, seed: int = 0) -> np.ndarray:
-    """Random quantized bytes [rows, bytes_per_row] with sane fp16 scales (random ones can be inf/nan)."""
+    """Random quantized bytes [rows, bytes_per_row]: every bit pattern of every field, except that a block whose
+    scales come out inf/nan (an all-ones fp16 exponent) is drawn again, as no quantizer writes one."""
     block, nbytes = gguf.GGML_QUANT_SIZES[qtype]
     g = np.random.default_rng(seed)
-    data = g.integers(0, 256, size=(rows, cols // block, nbytes), dtype=np.uint8)
-    scales = g.uniform(0.001, 0.01, size=(rows, cols // block, 2)).astype(np.float16).view(np.uint8)
-    if qtype == Q.Q6_K:  # block ends with its fp16 super-scale d
-        data[..., -2:] = scales[..., :2]
-    else:  # Q4_K, Q5_K: d and dmin first
-        data[..., :4] = scales.reshape(rows, cols // block, 4)
-    return data.reshape(rows, -1)
+    data = g.integers(0, 256, size=(rows * cols // block, nbytes), dtype=np.uint8)  # [blocks, bytes]
+    while True:
+        with np.errstate(invalid="ignore", over="ignore"):
+            bad = ~np.isfinite(gguf.quants.dequantize(data, qtype)).all(axis=-1)
+        if not bad.any():
+            return data.reshape(rows, -1)
+        data[bad] = g.integers(0, 256, size=(int(bad.sum()), nbytes), dtype=np.uint8)
+
+
+def quantizable(qtype) -> bool:
+    """Whether the gguf package can quantize to qtype (else the test writes random blocks)."""
+    try:
+        gguf.quants.quantize(np.zeros((1, gguf.GGML_QUANT_SIZES[qtype][0]), np.float32), qtype)
+        return True
+    except NotImplementedError:
+        return False
 
 
 def encode(w: np.ndarray, qtype, seed: int):
     """(bytes to store, the float32 the GGUF really holds) for one matrix."""
-    if qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K):  # the gguf package cannot quantize these: random blocks
-        raw = random_blocks(qtype, *w.shape, seed=seed)
-    elif qtype == Q.F32:
+    if qtype == Q.F32:
         raw = w
-    else:
+    elif quantizable(qtype):
         raw = gguf.quants.quantize(w, qtype)
+    else:
+        raw = random_blocks(qtype, *w.shape, seed=seed)
     return raw, gguf.quants.dequantize(raw, qtype).reshape(w.shape)
 
 
@@ -183,7 +193,14 @@ OURS = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "nor
         "blk.0.ffn_down.weight": "layers.0.feed_forward.w2.weight"}
 
 
-@pytest.mark.parametrize("qtype", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"])
+def test_every_dequantizable_type_is_supported():
+    # the types this gguf package dequantizes; llama.cpp's common file types must be among them
+    assert {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
+            "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M", "IQ4_NL", "IQ4_XS"} <= set(supported_types())
+    assert "Q8_K" not in supported_types()  # llama.cpp's internal dot-product type has no dequantizer
+
+
+@pytest.mark.parametrize("qtype", supported_types())
 def test_dequantize_matches_gguf_reference(tmp_path, qtype):
     held = write_gguf(tmp_path / "m.gguf", hf_weights(tied=False), Q[qtype])
     convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
@@ -192,6 +209,7 @@ def test_dequantize_matches_gguf_reference(tmp_path, qtype):
     for name, ref in held.items():
         t = got[OURS[name]]
         assert t.dtype == torch.float32 and tuple(t.shape) == ref.shape, name
+        assert np.isfinite(ref).all() and np.abs(ref).max() > 0, name  # the blocks hold real values
         np.testing.assert_array_equal(t.numpy(), ref, err_msg=f"{qtype} {name}")
 
 
@@ -214,8 +232,23 @@ def test_missing_output_ties_embeddings(tmp_path):
 
 
 def test_unsupported_quant_type_is_a_clear_error(tmp_path):
-    write_gguf(tmp_path / "m.gguf", hf_weights(tied=True), Q.Q5_0)
-    with pytest.raises(CheckpointError, match=r"Q5_0.*supported|token_embd.weight.*Q5_0"):
+    # Q8_K: a type the writer can store but the gguf package cannot dequantize
+    weights = hf_weights(tied=True)
+    raw = np.random.default_rng(0).integers(0, 256, size=(VOCAB, HIDDEN // 256 * 292), dtype=np.uint8)
+    w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "llama")
+    for key, value in [("block_count", 1), ("context_length", 128), ("embedding_length", HIDDEN),
+                       ("feed_forward_length", FFN), ("head_count", HEADS), ("head_count_kv", KV_HEADS)]:
+        getattr(w, f"add_{key}")(value)
+    for name, x in weights.items():
+        if name == "token_embd.weight":
+            w.add_tensor(name, raw, raw_dtype=Q.Q8_K)
+        else:
+            w.add_tensor(name, x)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(CheckpointError, match=r"token_embd.weight.*Q8_K.*cannot dequantize.*Q5_0"):
         convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
     assert not (tmp_path / "out").exists()  # nothing half-written is left behind
 
