@@ -93,17 +93,17 @@ def llamacpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, 2, rows // n_heads // 2, cols).swapaxes(1, 2).reshape(rows, cols)
 
 
-def hf_weights(tied: bool, seed: int = 0) -> dict[str, np.ndarray]:
+def hf_weights(tied: bool, seed: int = 0, vocab: int = VOCAB) -> dict[str, np.ndarray]:
     """Random weights of a 1-layer llama, keyed by GGUF name, in HF row order, row-major [out, in]."""
     g = np.random.default_rng(seed)
-    shapes = {"token_embd.weight": (VOCAB, HIDDEN), "output_norm.weight": (HIDDEN,),
+    shapes = {"token_embd.weight": (vocab, HIDDEN), "output_norm.weight": (HIDDEN,),
               "blk.0.attn_norm.weight": (HIDDEN,), "blk.0.ffn_norm.weight": (HIDDEN,),
               "blk.0.attn_q.weight": (HEADS * HEAD_DIM, HIDDEN), "blk.0.attn_k.weight": (KV_HEADS * HEAD_DIM, HIDDEN),
               "blk.0.attn_v.weight": (KV_HEADS * HEAD_DIM, HIDDEN), "blk.0.attn_output.weight": (HIDDEN, HIDDEN),
               "blk.0.ffn_gate.weight": (FFN, HIDDEN), "blk.0.ffn_up.weight": (FFN, HIDDEN),
               "blk.0.ffn_down.weight": (HIDDEN, FFN)}
     if not tied:
-        shapes["output.weight"] = (VOCAB, HIDDEN)
+        shapes["output.weight"] = (vocab, HIDDEN)
     return {k: g.standard_normal(s).astype(np.float32) * 0.1 for k, s in shapes.items()}
 
 
@@ -285,7 +285,7 @@ def write_with_tokenizer(path, model: str, pre: str):
 
 
 @pytest.mark.parametrize("model, pre, match", [("gpt2", "qwen2", "tokenizer.ggml.pre is 'qwen2'"),
-                                               ("llama", "default", "sentencepiece")])
+                                               ("llama", "default", "scores"), ("bert", "default", "'bert'")])
 def test_unsupported_tokenizer_is_a_clear_error(tmp_path, model, pre, match):
     write_with_tokenizer(tmp_path / "m.gguf", model, pre)
     with pytest.raises(CheckpointError, match=match):
@@ -299,3 +299,113 @@ def test_gguf_tokenizer_files_load(tmp_path):
     convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
     tok = load_tokenizer(tmp_path / "out")
     assert tok.vocab_size == VOCAB and tok.decode([3, 4]) == "t3t4"
+
+
+# ----------------------------------------------------------------------------------------------------
+# LLaMA-1/2 GGUFs: a sentencepiece vocabulary (tokenizer.ggml.model "llama")
+
+USER_SYMBOL = "<|user|>"
+
+
+@pytest.fixture(scope="module")
+def sp_model(tmp_path_factory):
+    """A sentencepiece BPE trained here the way LLaMA's was: byte fallback, no normalization, digits split."""
+    spm = pytest.importorskip("sentencepiece")
+    from test_tokenizer import real_text
+
+    folder = tmp_path_factory.mktemp("sp")
+    lines = [ln for ln in real_text().splitlines() if ln.strip()][:3000]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(folder / "sp"), vocab_size=512,
+                                   model_type="bpe", byte_fallback=True, character_coverage=0.999,
+                                   normalization_rule_name="identity", remove_extra_whitespaces=False,
+                                   split_digits=True, allow_whitespace_only_pieces=True,
+                                   user_defined_symbols=[USER_SYMBOL], unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+                                   minloglevel=2)
+    return spm.SentencePieceProcessor(model_file=str(folder / "sp.model"))
+
+
+def write_sp_gguf(path, sp):
+    """What llama.cpp's converter writes for a LLaMA-2 vocabulary: pieces, scores, token types, special ids."""
+    n = sp.get_piece_size()
+    types = []
+    for i in range(n):
+        if sp.is_unknown(i):
+            types.append(gguf.TokenType.UNKNOWN)
+        elif sp.is_control(i):
+            types.append(gguf.TokenType.CONTROL)
+        elif sp.is_byte(i):
+            types.append(gguf.TokenType.BYTE)
+        elif sp.is_unused(i):
+            types.append(gguf.TokenType.UNUSED)
+        elif sp.id_to_piece(i) == USER_SYMBOL:
+            types.append(gguf.TokenType.USER_DEFINED)
+        else:
+            types.append(gguf.TokenType.NORMAL)
+    w = gguf.GGUFWriter(str(path), "llama")
+    for key, value in [("block_count", 1), ("context_length", 4096), ("embedding_length", HIDDEN),
+                       ("feed_forward_length", FFN), ("head_count", HEADS), ("head_count_kv", KV_HEADS)]:
+        getattr(w, f"add_{key}")(value)
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list([sp.id_to_piece(i) for i in range(n)])
+    w.add_token_scores([sp.get_score(i) for i in range(n)])
+    w.add_token_types(types)
+    w.add_unk_token_id(sp.unk_id())
+    w.add_bos_token_id(sp.bos_id())
+    w.add_eos_token_id(sp.eos_id())
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+    w.add_chat_template("{% for m in messages %}{% if m['role'] == 'user' %}{{ bos_token + '[INST] ' + "
+                        "m['content'] + ' [/INST]' }}{% else %}{{ ' ' + m['content'] + ' ' + eos_token }}"
+                        "{% endif %}{% endfor %}")
+    for name, x in hf_weights(tied=False, vocab=n).items():
+        w.add_tensor(name, x)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_sentencepiece_gguf_tokenizer_matches_sentencepiece(tmp_path, sp_model):
+    import sentencepiece as spm
+    from test_tokenizer import ODD_TEXTS, real_text
+
+    from chai_models import load_tokenizer
+
+    write_sp_gguf(tmp_path / "m.gguf", sp_model)
+    convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
+    # the written tokenizer.model is the same model: pieces, scores, types and special ids
+    back = spm.SentencePieceProcessor(model_file=str(tmp_path / "out" / "tokenizer.model"))
+    n = sp_model.get_piece_size()
+    assert back.get_piece_size() == n
+    for i in range(n):
+        assert (back.id_to_piece(i), back.get_score(i), back.is_control(i), back.is_byte(i), back.is_unknown(i)) == \
+            (sp_model.id_to_piece(i), sp_model.get_score(i), sp_model.is_control(i), sp_model.is_byte(i),
+             sp_model.is_unknown(i))
+    assert (back.unk_id(), back.bos_id(), back.eos_id(), back.pad_id()) == (0, 1, 2, -1)
+
+    tok = load_tokenizer(tmp_path / "out")
+    assert tok.bos_id == 1 and tok.eos_ids == [2] and tok.add_bos and tok.vocab_size == n
+    lines = real_text().splitlines()[3000:3400]  # lines the vocabulary was not trained on
+    texts = lines + ODD_TEXTS[1:] + [f"{USER_SYMBOL} hello", "bytes: \u0b85\u0bb4\u0b95\u0bc1 \U0001f9ea"]
+    byte_ids = {i for i in range(n) if sp_model.is_byte(i)}
+    assert any(byte_ids & set(sp_model.encode(t)) for t in texts)  # the byte fallback is exercised
+    for text in texts:
+        ref = sp_model.encode(text)
+        assert tok.encode(text, bos=False) == ref, text
+        assert tok.encode(text) == [1] + ref
+        assert tok.decode(tok.encode(text), skip_special=True) == sp_model.decode(ref)
+    assert tok.encode("a</s>b", bos=False) == sp_model.encode("a") + [2] + sp_model.encode("b")
+    assert tok.apply_chat_template("Hi") == "<s>[INST] Hi [/INST]"
+    model = load(tmp_path / "out")
+    assert model.config.vocab_size == n and model.config.max_seq_len == 4096
+
+
+def test_sentencepiece_gguf_without_unknown_token_is_a_clear_error(tmp_path, sp_model):
+    write_sp_gguf(tmp_path / "m.gguf", sp_model)
+    reader = gguf.GGUFReader(str(tmp_path / "m.gguf"), "r+")  # mark <unk> as a normal token in place
+    types = reader.fields["tokenizer.ggml.token_type"]
+    types.parts[types.data[0]][0] = gguf.TokenType.NORMAL
+    del reader
+    with pytest.raises(CheckpointError, match="no unknown token"):
+        convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
