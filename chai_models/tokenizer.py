@@ -645,8 +645,8 @@ def chat_format(template: str | None) -> str:
         return "llama3.1" if "Cutting Knowledge Date" in template else "llama3"
     if "[INST]" in template:
         return "llama2"
-    raise TokenizerError("unknown chat template format (known: ChatML, LLaMA-3, LLaMA-2 [INST]); format the "
-                         "prompt yourself and use raw mode (encode)")
+    raise TokenizerError("unknown chat template format (known: ChatML, LLaMA-3, LLaMA-3.1+, LLaMA-2 [INST]); "
+                         "format the prompt yourself and use raw mode (encode)")
 
 
 def _messages(messages) -> list[dict]:
@@ -713,7 +713,7 @@ def render_llama31(template: str, bos: str, messages: list[dict], add_generation
     if messages and messages[0]["role"] == "system":
         system, messages = messages[0]["content"].strip(), messages[1:]
     for m in messages:
-        if m["role"] not in ("user", "assistant") or "tool_calls" in m:
+        if m["role"] in ("tool", "ipython") or "tool_calls" in m:
             raise TokenizerError(f"chat role {m['role']!r} (or tool calls) in a LLaMA-3.1+ chat: chai_models renders "
                                  "plain system/user/assistant chats only; format the prompt yourself and use raw "
                                  "mode (encode)")

@@ -267,6 +267,13 @@ def test_unknown_tensor_is_a_clear_error(tmp_path):
         convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
 
 
+def write_header(w, context: int = 128) -> None:
+    """The hyperparameters of the tiny 1-layer llama into a GGUFWriter."""
+    for key, value in [("block_count", 1), ("context_length", context), ("embedding_length", HIDDEN),
+                       ("feed_forward_length", FFN), ("head_count", HEADS), ("head_count_kv", KV_HEADS)]:
+        getattr(w, f"add_{key}")(value)
+
+
 def write_with_tokenizer(path, model: str, pre: str):
     """A tiny F32 GGUF carrying a byte-level-style tokenizer header (tokens are just placeholders)."""
     w = gguf.GGUFWriter(str(path), "llama")
