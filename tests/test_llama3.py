@@ -348,3 +348,21 @@ def test_llama31_tool_messages_are_a_clear_error(llama3_folder):
     chat = [{"role": "user", "content": "Weather?"}, {"role": "tool", "content": "sunny"}]
     with pytest.raises(TokenizerError, match="'tool'.*raw mode"):
         tok.apply_chat_template(chat)
+
+
+def test_hf_llama3_folder_keeps_tokenizer_and_chat_template_jinja(tmp_path, oracle):
+    # a transformers-saved LLaMA-3.1-style folder: tokenizer.json (ignore_merges) + chat_template.jinja
+    hf = hf_llama(seed=4, vocab_size=N_RANKS + 256, num_key_value_heads=2)
+    hf.save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "tokenizer.json").write_text(oracle.backend_tokenizer.to_str())
+    (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "add_bos_token": True}))
+    (tmp_path / "hf" / "chat_template.jinja").write_text(LLAMA31_TEMPLATE)
+    convert(tmp_path / "hf", tmp_path / "ours")
+    assert (tmp_path / "ours" / "chat_template.jinja").read_text() == LLAMA31_TEMPLATE
+    tok = load_tokenizer(tmp_path / "ours")
+    chat = [{"role": "user", "content": "Hi"}]
+    assert tok.apply_chat_template(chat) == jinja_render(LLAMA31_TEMPLATE, chat, True, bos_token="<|begin_of_text|>")
+    assert N_RANKS + 9 in tok.eos_ids
+    for text in texts()[-20:]:
+        assert tok.encode(text, bos=False) == oracle.encode(text, add_special_tokens=False)
