@@ -564,13 +564,13 @@ def bpe_from_tiktoken(path: Path, info: TokenizerInfo) -> BPETokenizer:
 class SentencePieceTokenizer:
     """LLaMA-1/2 tokenizer.model through the sentencepiece package; control tokens in the text kept whole."""
 
-    strip_first_space = True
-
     def __init__(self, path: Path, info: TokenizerInfo):
         import sentencepiece as spm
 
         self.sp = spm.SentencePieceProcessor(model_file=str(path))
         n = self.sp.get_piece_size()
+        # a model that puts a space in front of the text (add_dummy_prefix, LLaMA's default) drops it on decode
+        self.strip_first_space = self.sp.encode("a", out_type=str)[0].startswith("\u2581")
         self.vocab_size = n
         self.special_ids = {i for i in range(n) if self.sp.is_control(i) or self.sp.is_unknown(i)}
         self._special = {self.sp.id_to_piece(i): i for i in self.special_ids}

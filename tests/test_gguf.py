@@ -314,9 +314,10 @@ def test_gguf_tokenizer_files_load(tmp_path):
 USER_SYMBOL = "<|user|>"
 
 
-@pytest.fixture(scope="module")
-def sp_model(tmp_path_factory):
-    """A sentencepiece BPE trained here the way LLaMA's was: byte fallback, no normalization, digits split."""
+@pytest.fixture(scope="module", params=[True, False], ids=["space-prefix", "no-space-prefix"])
+def sp_model(tmp_path_factory, request):
+    """A sentencepiece BPE trained here the way LLaMA's was: byte fallback, no normalization, digits split; with
+    and without the space sentencepiece puts in front of the text (add_dummy_prefix)."""
     spm = pytest.importorskip("sentencepiece")
     from test_tokenizer import real_text
 
@@ -327,7 +328,7 @@ def sp_model(tmp_path_factory):
                                    normalization_rule_name="identity", remove_extra_whitespaces=False,
                                    split_digits=True, allow_whitespace_only_pieces=True,
                                    user_defined_symbols=[USER_SYMBOL], unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-                                   minloglevel=2)
+                                   add_dummy_prefix=request.param, minloglevel=2)
     return spm.SentencePieceProcessor(model_file=str(folder / "sp.model"))
 
 
@@ -362,6 +363,7 @@ def write_sp_gguf(path, sp):
     w.add_eos_token_id(sp.eos_id())
     w.add_add_bos_token(True)
     w.add_add_eos_token(False)
+    w.add_add_space_prefix(sp.encode("a", out_type=str)[0].startswith("\u2581"))
     w.add_chat_template("{% for m in messages %}{% if m['role'] == 'user' %}{{ bos_token + '[INST] ' + "
                         "m['content'] + ' [/INST]' }}{% else %}{{ ' ' + m['content'] + ' ' + eos_token }}"
                         "{% endif %}{% endfor %}")
@@ -402,6 +404,8 @@ def test_sentencepiece_gguf_tokenizer_matches_sentencepiece(tmp_path, sp_model):
         assert tok.encode(text, bos=False) == ref, text
         assert tok.encode(text) == [1] + ref
         assert tok.decode(tok.encode(text), skip_special=True) == sp_model.decode(ref)
+        stream = tok.stream_decoder(skip_special=True)
+        assert "".join([stream.push(i) for i in tok.encode(text)] + [stream.flush()]) == sp_model.decode(ref)
     assert tok.encode("a</s>b", bos=False) == sp_model.encode("a") + [2] + sp_model.encode("b")
     assert tok.apply_chat_template("Hi") == "<s>[INST] Hi [/INST]"
     model = load(tmp_path / "out")

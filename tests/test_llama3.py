@@ -234,9 +234,9 @@ def test_meta_params_of_each_release(params, ffn, bos, eos, context, factor):
                                        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
 
-@pytest.mark.parametrize("scaled", [False, True], ids=["llama-3", "llama-3.1"])
-def test_meta_llama3_folder_converts(tmp_path, ranks, scaled):
-    from test_meta import write_meta
+@pytest.mark.parametrize("scaled, n_shards", [(False, 1), (True, 2)], ids=["llama-3", "llama-3.1-2shards"])
+def test_meta_llama3_folder_converts(tmp_path, monkeypatch, ranks, scaled, n_shards):
+    import test_meta
 
     vocab = N_RANKS + 256
     rope = {"rope_theta": 500000.0}
@@ -244,7 +244,8 @@ def test_meta_llama3_folder_converts(tmp_path, ranks, scaled):
         rope["rope_scaling"] = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
     hf = hf_llama(seed=3, vocab_size=vocab, num_key_value_heads=2, **rope)
-    write_meta(hf, tmp_path / "meta", 1)
+    monkeypatch.setitem(test_meta.SPLIT, "tok_embeddings", 0)  # LLaMA-3 splits the embedding along the vocabulary
+    test_meta.write_meta(hf, tmp_path / "meta", n_shards)
     params = json.loads((tmp_path / "meta" / "params.json").read_text())
     del params["max_seq_len"]  # Meta's LLaMA-3 params.json has none
     params.update({"vocab_size": vocab, "rope_theta": 500000.0}, **({"use_scaled_rope": True} if scaled else {}))

@@ -55,9 +55,9 @@ PRE_TOKENIZERS = {
     "llama3": LLAMA3_PRE_TOKENIZER,
     "llama-v3": LLAMA3_PRE_TOKENIZER,
 }
-# pre-tokenizers whose models look a whole pre-token up in the vocabulary before merging (tiktoken's rule, which
-# LLaMA-3's tokenizer.json states as ignore_merges: true and llama.cpp applies to these names)
-IGNORE_MERGES = {"llama-bpe", "llama3", "llama-v3"}
+# LLaMA-3's names: its tokens look a whole pre-token up in the vocabulary before merging (tiktoken's rule, which
+# LLaMA-3's tokenizer.json states as ignore_merges: true), and llama.cpp adds BOS unless the file says otherwise
+LLAMA3_PRE = {"llama-bpe", "llama3", "llama-v3"}
 
 
 def _gguf():
@@ -258,8 +258,8 @@ def tokenizer_files(reader, src) -> dict[str, dict | bytes]:
     merges = field(reader, "tokenizer.ggml.merges") or []
     return {
         "tokenizer.json": bpe_tokenizer_json(tokens, types, merges, pre),
-        "tokenizer_config.json": {"tokenizer_class": "PreTrainedTokenizerFast",
-                                  **tokenizer_config(reader, tokens, add_bos_default=False)},
+        "tokenizer_config.json": {"tokenizer_class": "PreTrainedTokenizerFast",  
+                                  **tokenizer_config(reader, tokens, add_bos_default=pre in LLAMA3_PRE)},
         "generation_config.json": generation_config(reader),
     }
 
@@ -279,7 +279,7 @@ def bpe_tokenizer_json(tokens: list[str], types: list[int], merges: list[str], p
         "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
         "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
                   "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
-                  "ignore_merges": pre in IGNORE_MERGES,
+                  "ignore_merges": pre in LLAMA3_PRE,
                   "vocab": {tok: i for i, tok in enumerate(tokens)}, "merges": list(merges)},
     }
 
