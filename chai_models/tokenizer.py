@@ -567,7 +567,11 @@ class SentencePieceTokenizer:
     def __init__(self, path: Path, info: TokenizerInfo):
         import sentencepiece as spm
 
-        self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        except (RuntimeError, OSError) as e:
+            raise TokenizerError(f"{path} is neither a sentencepiece model nor a LLaMA-3 tiktoken rank table ({e}); "
+                                 "restore it from the model's download (a Git LFS pointer is not the file)") from e
         n = self.sp.get_piece_size()
         # a model that puts a space in front of the text (add_dummy_prefix, LLaMA's default) drops it on decode
         self.strip_first_space = self.sp.encode("a", out_type=str)[0].startswith("\u2581")

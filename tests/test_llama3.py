@@ -130,6 +130,9 @@ def test_damaged_tiktoken_file_is_a_clear_error(tmp_path, ranks):
         f.write("not-base64! 5\n")
     with pytest.raises(TokenizerError, match="line 1201 is not 'base64-token rank'"):
         load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer.model").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:00\n")
+    with pytest.raises(TokenizerError, match="neither a sentencepiece model nor a LLaMA-3 tiktoken"):
+        load_tokenizer(tmp_path)
 
 
 # ----------------------------------------------------------------------------------------------------
