@@ -2,8 +2,10 @@
 
 LLaMA: RMSNorm + Q/K/V, the output projection + the residual add, RMSNorm + gate/up + SwiGLU, down + the residual add
 are one `linear` call each (one GEMV launch for a decode token at batch 1 inside torch.compile), and attention starts
-from the projections before RoPE (the decode kernel applies it). OPT: its attention starts from its own projections
-(it has no RoPE), so the decode kernels serve it too. Uncached calls (scoring, calibration hooks) take the plain path.
+from the projections before RoPE (the decode kernel applies it). OPT's pre-LN block the same way: LayerNorm + Q/K/V,
+the output projection + the residual add, LayerNorm + fc1 + ReLU, fc2 + the residual add; its attention alone
+(post-LN OPT-350m) starts from its own projections (it has no RoPE), so the decode kernels serve it too. Uncached
+calls (scoring, calibration hooks) take the plain path.
 """
 from __future__ import annotations
 
@@ -34,3 +36,19 @@ class FastOPTAttention:
         q, k, v = (t.view(B, S, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))  # [B, n, S, D]
         y = self.attend_unrotated(q, k, v, None, input_pos, mask)  # [B, H, S, D]
         return self.wo(y.transpose(1, 2).reshape(B, S, -1))
+
+
+class FastOPTBlock:
+    def forward(self, x, rope, input_pos, mask):
+        if input_pos is None or not self.pre_ln:  # post-LN (350m): the plain block over FastOPTAttention
+            return super().forward(x, rope, input_pos, mask)
+        attn, mlp = self.attention, self.feed_forward
+        B, S, _ = x.shape
+        wq, wk = attn.qk_weights(B * S, input_pos)
+        q, k, v = linear(x, (wq, wk, attn.wv), norm=self.attention_norm)  # [B, S, n*D] each
+        q = q * attn.q_scale
+        q, k, v = (t.view(B, S, -1, attn.head_dim).transpose(1, 2) for t in (q, k, v))  # [B, n, S, D]
+        y = attn.attend_unrotated(q, k, v, None, input_pos, mask)  # [B, H, S, D]
+        x = linear(y.transpose(1, 2).reshape(B, S, -1), (attn.wo,), residual=x)  # x + wo(y)
+        h = linear(x, (mlp.fc1,), norm=self.ffn_norm, relu=True)  # relu(fc1 norm(x))
+        return linear(h, (mlp.fc2,), residual=x)
