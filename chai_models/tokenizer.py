@@ -695,6 +695,9 @@ def llama31_system_header(template: str, date_string: str | None) -> str:
     """The lines a LLaMA-3.1+ template puts before the system message: its knowledge cut-off and today's date
     (the template's fixed default date, or the real date where it calls strftime_now, as transformers does)."""
     cutoff = _re.search(r"Cutting Knowledge Date: (.*?)(?:\\n|\n)", template)
+    if "Today Date: " not in template:
+        raise TokenizerError("this LLaMA-3.1-style chat template has a knowledge cut-off but no 'Today Date' line, a "
+                             "layout chai_models does not know; format the prompt yourself and use raw mode (encode)")
     if date_string is None:
         strftime = _re.search(r"strftime_now\(\s*[\"']([^\"']+)[\"']\s*\)", template)
         fixed = _re.search(r"set date_string\s*=\s*[\"']([^\"']+)[\"']", template)

@@ -258,7 +258,7 @@ def tokenizer_files(reader, src) -> dict[str, dict | bytes]:
     merges = field(reader, "tokenizer.ggml.merges") or []
     return {
         "tokenizer.json": bpe_tokenizer_json(tokens, types, merges, pre),
-        "tokenizer_config.json": {"tokenizer_class": "PreTrainedTokenizerFast",  
+        "tokenizer_config.json": {"tokenizer_class": "PreTrainedTokenizerFast",
                                   **tokenizer_config(reader, tokens, add_bos_default=pre in LLAMA3_PRE)},
         "generation_config.json": generation_config(reader),
     }
