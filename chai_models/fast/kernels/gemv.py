@@ -17,7 +17,8 @@ if triton is not None:
 # One launch serves up to three weights of one K (Q, K and V; or SwiGLU's gate and up), and folds in what sits
 # around a projection in a LLaMA block, so that none of it is a launch of its own:
 #   - a norm prologue: llama.RMSNorm's math and roundings, or nn.LayerNorm's (mean and variance in fp32, one
-#     rounding of the output); each program recomputes the statistics of the 8 KB of x it needs;
+#     rounding of the output); each program recomputes the statistics of the 8 KB of x it needs, in one pass
+#     (two passes, mean then variance, ran OPT-6.7B's decode 2.4% slower: docs/performance.md, "OPT decode");
 #   - SwiGLU: a program reads the same rows of gate and up and writes silu(gate x) * (up x);
 #   - a bias, ReLU, and a residual add.
 # Each program owns BLOCK_N rows and walks K in BLOCK_K tiles, one tile loaded ahead. The weights do not depend on
@@ -54,16 +55,23 @@ if triton is not None:
             tl.extra.cuda.gdc_wait()  # x and the residual are the previous kernel's output
             tl.extra.cuda.gdc_launch_dependents()
         mean = 0.0
-        if NORM and LAYER_NORM:  # two passes over x (it is in cache): the mean, then the variance around it
+        if NORM and LAYER_NORM:  # one pass over x for both moments, shifted by x[0] against cancellation
+            shift = tl.load(x_ptr).to(tl.float32)
             sx = tl.zeros([BLOCK_K], dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                sx += tl.load(x_ptr + k0 + ks, mask=k0 + ks < K, other=0.0).to(tl.float32)
-            mean = tl.sum(sx, 0) / K
-        if NORM:  # RMSNorm: 1/rms(x); LayerNorm: 1/std(x), the biased variance as nn.LayerNorm takes it
             sq = tl.zeros([BLOCK_K], dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 xk = tl.load(x_ptr + k0 + ks, mask=k0 + ks < K, other=0.0).to(tl.float32)
-                xk = tl.where(k0 + ks < K, xk - mean, 0.0)
+                xk = tl.where(k0 + ks < K, xk - shift, 0.0)
+                sx += xk
+                sq += xk * xk
+            m = tl.sum(sx, 0) / K
+            mean = m + shift
+            # 1/std(x), the biased variance as nn.LayerNorm takes it
+            inv_rms = 1.0 / tl.sqrt(tl.maximum(tl.sum(sq, 0) / K - m * m, 0.0) + eps)
+        elif NORM:  # 1/rms(x)
+            sq = tl.zeros([BLOCK_K], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                xk = tl.load(x_ptr + k0 + ks, mask=k0 + ks < K, other=0.0).to(tl.float32)
                 sq += xk * xk
             inv_rms = 1.0 / tl.sqrt(tl.sum(sq, 0) / K + eps)
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
