@@ -205,12 +205,13 @@ def gemv_applies(x: torch.Tensor, weights, biases=(), norm=None, residual=None, 
     return residual is None or (residual.numel() == weights[0].shape[0] and residual.dtype == dt)
 
 
-def linear(x: torch.Tensor, linears, norm=None, residual=None, swiglu=False, relu=False):
+def linear(x: torch.Tensor, linears, norm=None, residual=None, swiglu=False, relu=False, packed=None):
     """The projections of a block, with what surrounds them, in one call.
 
     linears: nn.Linear modules, (weight, bias) pairs or bare weights, sharing an input; norm: an RMSNorm or LayerNorm
     module applied to x first; swiglu: out = silu(l0(x)) * l1(x); relu: out = relu(l(x)) for each linear; residual:
-    out = residual + l0(x). Returns one tensor,
+    out = residual + l0(x); packed: (weight, bias or None) holding the linears' weights (and biases) stacked in
+    order, which the torch path multiplies by as one GEMM (fast.blocks.pack). Returns one tensor,
     or with several linears and no swiglu a tuple, one per linear. One token on CUDA (decode at batch 1) in a
     compiled graph: one _gemv_kernel launch (gemv_applies); otherwise the plain torch ops, which are also the
     reference.
@@ -230,7 +231,10 @@ def linear(x: torch.Tensor, linears, norm=None, residual=None, swiglu=False, rel
             return out
         return out.split([w.shape[0] for w in weights], dim=-1)
     h = norm(x) if norm is not None else x
-    ys = [torch.nn.functional.linear(h, w, b) for w, b in wb]
+    if packed is not None:  # views of one product: [..., sum N_i] -> [..., N_i] each
+        ys = torch.nn.functional.linear(h, *packed).split([w.shape[0] for w in weights], dim=-1)
+    else:
+        ys = [torch.nn.functional.linear(h, w, b) for w, b in wb]
     if swiglu:
         return silu_mul(ys[0], ys[1])
     if relu:
