@@ -300,6 +300,7 @@ SILU_CASES = {  # name: (shape, extra)
     "one_block": ((2, 1, 96), {}),
     "partial_block": ((3, 5, 1111), {}),  # 16665 elements: a partial last block
     "strided": ((2, 40, 30), dict(strided=True)),  # transposed views: the op makes them contiguous
+    "halves": ((2, 3, 100), dict(halves=True)),  # the two halves of one packed projection: read in place
     "opcheck": ((2, 3, 64), dict(op="opcheck")),
     "grad": ((2, 3, 64), dict(op="grad")),  # a gradient is needed: silu_mul takes the torch path
 }
@@ -320,6 +321,9 @@ def test_silu_mul(name):
         return
     if extra.get("strided"):
         gate, up = gate.transpose(-1, -2), up.transpose(-1, -2)
+    if extra.get("halves"):
+        gate, up = torch.cat([gate, up], -1).split(shape[-1], -1)
+        assert gate.stride(1) == 2 * shape[-1]
     if extra.get("op") == "opcheck":
         r = torch.library.opcheck(torch.ops.chai_models.silu_mul.default, (gate.bfloat16(), up.bfloat16()))
         assert all(x == "SUCCESS" for x in r.values()), r
@@ -607,6 +611,56 @@ def test_model_backends_agree(name, monkeypatch):
     assert rel_err(fast, ref) < TOL
 
 
+@needs_kernels
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_packed_projections(family, monkeypatch):
+    """The triton backend packs Q/K/V (and LLaMA's gate/up) into one tensor per block: the state dict stays the plain
+    model's, several rows multiply by each group in one GEMM, weights loaded in place write through, and parameters
+    replaced behind its back are re-packed before use."""
+    model = tiny_model(family, 2 if family == "llama" else None, "dense", 64)
+    plain = {k: v.clone() for k, v in model.state_dict().items()}
+    set_backend(model, "triton")
+    state = model.state_dict()
+    assert state.keys() == plain.keys() and all(torch.equal(state[k], plain[k]) for k in plain)
+    blk = model.layers[1]
+    groups = blk.packed_groups()
+    assert set(groups) == ({"qkv", "gate_up"} if family == "llama" else {"qkv"})
+    for group, linears in groups.items():
+        w = getattr(blk, f"{group}_weight")
+        assert w.shape[0] == sum(lin.weight.shape[0] for lin in linears)
+        assert linears[1].weight.data_ptr() == w[linears[0].weight.shape[0]:].data_ptr()
+    tokens = torch.randint(0, 96, (2, 6), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+
+    def logits(backend):
+        set_backend(model, backend)
+        model.setup_caches(2, 64)
+        with torch.no_grad():
+            out = [model(tokens[:, :4], torch.arange(4, device=DEVICE))]
+            out += [model(tokens[:, p:p + 1], torch.tensor([p], device=DEVICE)) for p in (4, 5)]
+        return torch.cat(out, 1)
+
+    n_linear = []
+    real_linear = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda *a: n_linear.append(1) or real_linear(*a))
+    ref = logits("torch")
+    per_plain = len(n_linear)
+    n_linear.clear()
+    fast = logits("triton")
+    saved = 3 * (3 - 1 + (2 - 1 if family == "llama" else 0))  # per call: 3 layers, Q/K/V (and gate/up) as one
+    assert len(n_linear) == per_plain - saved * 3  # prefill + 2 decode steps
+    assert rel_err(fast, ref) < TOL
+    # in-place loading writes through the views; parameters replaced (assign=True) get packed again before use
+    doubled = {k: v * 2 if k.endswith("wk.weight") else v for k, v in plain.items()}
+    model.load_state_dict(doubled)
+    n_q = blk.attention.wq.weight.shape[0]
+    assert torch.equal(blk.qkv_weight[n_q:n_q + 4], doubled["layers.1.attention.wk.weight"][:4])
+    model.load_state_dict(plain, assign=True)
+    assert blk.attention.wq.weight.data_ptr() != blk.qkv_weight.data_ptr()
+    again = logits("triton")
+    assert blk.attention.wq.weight.data_ptr() == blk.qkv_weight.data_ptr()
+    assert rel_err(again, ref) < TOL
+
+
 # ----------------------------------------------------------------------------------------------------
 # Unit tests: cluster_lists, decode_config, the decode rule, the inductor fallbacks
 
@@ -675,7 +729,8 @@ def test_inductor_fallbacks(monkeypatch):
         return info(msg, *args, **kwargs)
 
     def f(x, w, g, u, p, v):  # the ops alone: no pointwise kernel for inductor to build with a C++ compiler
-        return gemv.gemv(x, [w], [], None, None, 0.0, None, False, False), silu_mul.silu_mul_op(g, u), probs.probs_times_v(p, v)
+        return (gemv.gemv(x, [w], [], None, None, 0.0, None, False, False), silu_mul.silu_mul_op(g, u),
+                probs.probs_times_v(p, v))
 
     args = tuple(t.to(DEVICE) for t in (torch.randn(1, 1, 16), torch.randn(8, 16), torch.randn(4), torch.randn(4),
                                         torch.rand(2, 1, 5), torch.randn(2, 5, 3)))

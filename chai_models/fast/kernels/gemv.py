@@ -17,7 +17,8 @@ if triton is not None:
 # One launch serves up to three weights of one K (Q, K and V; or SwiGLU's gate and up), and folds in what sits
 # around a projection in a LLaMA block, so that none of it is a launch of its own:
 #   - a norm prologue: llama.RMSNorm's math and roundings, or nn.LayerNorm's (mean and variance in fp32, one
-#     rounding of the output); each program recomputes the statistics of the 8 KB of x it needs;
+#     rounding of the output); each program recomputes the statistics of the 8 KB of x it needs, in one pass
+#     (two passes, mean then variance, ran OPT-6.7B's decode 2.4% slower: docs/performance.md, "OPT decode");
 #   - SwiGLU: a program reads the same rows of gate and up and writes silu(gate x) * (up x);
 #   - a bias, ReLU, and a residual add.
 # Each program owns BLOCK_N rows and walks K in BLOCK_K tiles, one tile loaded ahead. The weights do not depend on
@@ -54,16 +55,23 @@ if triton is not None:
             tl.extra.cuda.gdc_wait()  # x and the residual are the previous kernel's output
             tl.extra.cuda.gdc_launch_dependents()
         mean = 0.0
-        if NORM and LAYER_NORM:  # two passes over x (it is in cache): the mean, then the variance around it
+        if NORM and LAYER_NORM:  # one pass over x for both moments, shifted by x[0] against cancellation
+            shift = tl.load(x_ptr).to(tl.float32)
             sx = tl.zeros([BLOCK_K], dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                sx += tl.load(x_ptr + k0 + ks, mask=k0 + ks < K, other=0.0).to(tl.float32)
-            mean = tl.sum(sx, 0) / K
-        if NORM:  # RMSNorm: 1/rms(x); LayerNorm: 1/std(x), the biased variance as nn.LayerNorm takes it
             sq = tl.zeros([BLOCK_K], dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 xk = tl.load(x_ptr + k0 + ks, mask=k0 + ks < K, other=0.0).to(tl.float32)
-                xk = tl.where(k0 + ks < K, xk - mean, 0.0)
+                xk = tl.where(k0 + ks < K, xk - shift, 0.0)
+                sx += xk
+                sq += xk * xk
+            m = tl.sum(sx, 0) / K
+            mean = m + shift
+            # 1/std(x), the biased variance as nn.LayerNorm takes it
+            inv_rms = 1.0 / tl.sqrt(tl.maximum(tl.sum(sq, 0) / K - m * m, 0.0) + eps)
+        elif NORM:  # 1/rms(x)
+            sq = tl.zeros([BLOCK_K], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                xk = tl.load(x_ptr + k0 + ks, mask=k0 + ks < K, other=0.0).to(tl.float32)
                 sq += xk * xk
             inv_rms = 1.0 / tl.sqrt(tl.sum(sq, 0) / K + eps)
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -197,12 +205,13 @@ def gemv_applies(x: torch.Tensor, weights, biases=(), norm=None, residual=None, 
     return residual is None or (residual.numel() == weights[0].shape[0] and residual.dtype == dt)
 
 
-def linear(x: torch.Tensor, linears, norm=None, residual=None, swiglu=False, relu=False):
+def linear(x: torch.Tensor, linears, norm=None, residual=None, swiglu=False, relu=False, packed=None):
     """The projections of a block, with what surrounds them, in one call.
 
     linears: nn.Linear modules, (weight, bias) pairs or bare weights, sharing an input; norm: an RMSNorm or LayerNorm
     module applied to x first; swiglu: out = silu(l0(x)) * l1(x); relu: out = relu(l(x)) for each linear; residual:
-    out = residual + l0(x). Returns one tensor,
+    out = residual + l0(x); packed: (weight, bias or None) holding the linears' weights (and biases) stacked in
+    order, which the torch path multiplies by as one GEMM (fast.blocks.pack). Returns one tensor,
     or with several linears and no swiglu a tuple, one per linear. One token on CUDA (decode at batch 1) in a
     compiled graph: one _gemv_kernel launch (gemv_applies); otherwise the plain torch ops, which are also the
     reference.
@@ -222,7 +231,10 @@ def linear(x: torch.Tensor, linears, norm=None, residual=None, swiglu=False, rel
             return out
         return out.split([w.shape[0] for w in weights], dim=-1)
     h = norm(x) if norm is not None else x
-    ys = [torch.nn.functional.linear(h, w, b) for w, b in wb]
+    if packed is not None:  # views of one product: [..., sum N_i] -> [..., N_i] each
+        ys = torch.nn.functional.linear(h, *packed).split([w.shape[0] for w in weights], dim=-1)
+    else:
+        ys = [torch.nn.functional.linear(h, w, b) for w, b in wb]
     if swiglu:
         return silu_mul(ys[0], ys[1])
     if relu:
