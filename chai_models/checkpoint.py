@@ -16,6 +16,8 @@ from typing import Iterator
 
 import torch
 
+from .errors import UserError
+
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 SINGLE_NAME = "model.safetensors"
@@ -25,18 +27,18 @@ DEFAULT_SHARD_BYTES = 2 * 1024**3
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that is missing, corrupt or contradicts its config. The message says how to fix it."""
 
 
 def dtype_from_name(name: str | torch.dtype) -> torch.dtype:
     if isinstance(name, torch.dtype):
         if name not in DTYPES.values():
-            raise ValueError(f"unsupported dtype {name}; use one of {sorted(DTYPES)}")
+            raise UserError(f"unsupported dtype {name}; use one of {sorted(DTYPES)}")
         return name
     key = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}.get(name, name)
     if key not in DTYPES:
-        raise ValueError(f"unsupported dtype {name!r}; use one of {sorted(DTYPES)} (or fp32/fp16/bf16)")
+        raise UserError(f"unsupported dtype {name!r}; use one of {sorted(DTYPES)} (or fp32/fp16/bf16)")
     return DTYPES[key]
 
 
@@ -75,8 +77,11 @@ def read_config(path: str | os.PathLike) -> dict:
 
 
 def config_from_dict(cls, d: dict, where: str = "config.json"):
-    """Builds a config dataclass from a dict; unknown or missing fields are errors, not guesses."""
+    """Builds a config dataclass from a dict; unknown or missing fields, values of the wrong type and values the
+    config rejects (a size < 1, n_heads not a multiple of n_kv_heads, ...) are CheckpointErrors naming the file
+    and the field, not guesses or tracebacks."""
     import dataclasses
+    import typing
 
     fields = {f.name: f for f in dataclasses.fields(cls)}
     d = {k: v for k, v in d.items() if k not in ("family", "format_version", "torch_dtype")}
@@ -87,7 +92,58 @@ def config_from_dict(cls, d: dict, where: str = "config.json"):
                and f.default_factory is dataclasses.MISSING]
     if missing:
         raise CheckpointError(f"{where}: missing required field(s) {missing} for {cls.__name__}")
-    return cls(**d)
+    hints = typing.get_type_hints(cls)
+    fix = "; correct it in the file, or re-convert the source with --force"
+    for name, value in d.items():
+        if not _has_type(value, hints[name]):
+            raise CheckpointError(f"{where}: {name} = {json.dumps(value)} is {_json_kind(value)}; it must be "
+                                  f"{_type_words(hints[name])}{fix}")
+    try:
+        return cls(**d)
+    except ValueError as e:
+        raise CheckpointError(f"{where}: {e}{fix}") from e
+
+
+def _has_type(value, hint) -> bool:
+    """Whether a JSON value fits a config field's annotation (int, float, bool, str, dict, list[X], X | None)."""
+    import types
+    import typing
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is float:  # JSON writes 10000.0 as 10000
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is list:  # a single item stands for a list of one (eos_token_ids: 2)
+        return isinstance(value, list) and all(_has_type(v, args[0]) for v in value) or _has_type(value, args[0])
+    if origin is dict:
+        return isinstance(value, dict)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def _type_words(hint) -> str:
+    import types
+    import typing
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_words(a) for a in args)
+    if origin is list:
+        return "a list of " + _type_words(args[0]).removeprefix("an ").removeprefix("a ") + "s"
+    words = {type(None): "null", int: "an integer", float: "a number", bool: "true or false", str: "a string",
+             dict: "an object"}
+    return words.get(origin or hint, getattr(hint, "__name__", str(hint)))
+
+
+def _json_kind(value) -> str:
+    if value is None:
+        return "null"
+    return {bool: "a boolean", int: "an integer", float: "a float", str: "a string", list: "a list",
+            dict: "an object"}.get(type(value), type(value).__name__)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -279,7 +335,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
     config = config_from_dict(cls.config_class, cfg, f"{path}/{CONFIG_NAME}")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' asked for but CUDA is not available here; use device='cpu'")
+        raise UserError("device 'cuda' asked for but CUDA is not available here; use device='cpu'")
     dtype = dtype_from_name(dtype if dtype is not None else cfg.get("torch_dtype", "float32"))
     with torch.device("meta"):
         model = cls(config)

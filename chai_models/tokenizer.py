@@ -24,6 +24,8 @@ from pathlib import Path
 # the standard `re` module has no \p{...}.
 import regex
 
+from .errors import UserError
+
 # GPT-2's byte-level split, shared by GPT-2, OPT, SmolLM2 and most byte-level BPE models
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
@@ -31,7 +33,7 @@ GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError):
     """A tokenizer folder we cannot read, or text/template we cannot handle; the message says what to do."""
 
 
