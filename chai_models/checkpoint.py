@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -150,16 +152,77 @@ def _json_kind(value) -> str:
 # writing
 
 
+# A conversion's temporary folder is named .NAME.tmp-PID-RANDOM (and a replaced checkpoint is moved aside to
+# .NAME.old-PID for a moment); a process killed with SIGKILL or SIGTERM leaves it behind. The next conversion into
+# the same parent removes those whose process is gone, or, with no pid to check (older names, another machine's pid
+# namespace), that nothing has touched for STALE_AFTER_S.
+_LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old)-(?:(?P<pid>\d+)(?:-[A-Za-z0-9_]+)?|[A-Za-z0-9_]+)")
+STALE_AFTER_S = 6 * 3600
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_leftovers(parent: str | os.PathLike, log=None) -> list[Path]:
+    """Removes the temporary folders that killed conversions left in parent (see _LEFTOVER); returns them.
+    log(line) is told each one and why (default: printed to stderr)."""
+    import time
+
+    log = log or (lambda line: print(line, file=sys.stderr))
+    removed = []
+    for path in sorted(Path(parent).iterdir()) if Path(parent).is_dir() else []:
+        m = _LEFTOVER.fullmatch(path.name)
+        if m is None or not path.is_dir():
+            continue
+        pid = int(m["pid"]) if m["pid"] else None
+        try:
+            age = time.time() - path.stat().st_mtime
+        except FileNotFoundError:  # its own process finished with it just now
+            continue
+        if pid is not None and pid != os.getpid() and not _process_alive(pid):
+            why = f"its conversion, process {pid}, is gone"
+        elif age > STALE_AFTER_S:
+            why = f"untouched for {age / 3600:.1f} hours"
+        else:
+            continue  # a conversion still running, perhaps in another process
+        shutil.rmtree(path, ignore_errors=True)
+        log(f"removed {path}, the temporary folder of an interrupted conversion ({why})")
+        removed.append(path)
+    return removed
+
+
+def _follow_umask(folder: Path) -> None:
+    """mkdtemp makes 0700 folders and safetensors writes 0600 files; outputs get the modes the umask gives."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for root, dirs, files in os.walk(folder):
+        os.chmod(root, 0o777 & ~umask)
+        for f in files:
+            os.chmod(os.path.join(root, f), 0o666 & ~umask)
+
+
 @contextlib.contextmanager
 def atomic_output_dir(dst: str | os.PathLike, force: bool = False) -> Iterator[Path]:
-    """Yields a temporary folder beside dst; on success it replaces dst, on failure it is removed."""
+    """Yields a temporary folder beside dst; on success it replaces dst, on failure it is removed.
+
+    Leftovers of killed conversions in dst's parent are removed first (remove_stale_leftovers); the output's
+    folder and files get the modes that the umask gives."""
     dst = Path(dst)
     if dst.exists() and not force:
         raise FileExistsError(f"{dst} already exists; pass --force (force=True) to overwrite it")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    remove_stale_leftovers(dst.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-{os.getpid()}-", dir=dst.parent))
     try:
         yield tmp
+        _follow_umask(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
