@@ -18,9 +18,9 @@ def default_threads() -> int:
     """CPU threads for generation: every core this process may use, less one on a machine of at most 4 cores.
 
     torch's intra-op threads spin at a barrier after every operation, so one thread that shares its core with
-    another busy process stalls all the others: on 2 cores with one busy, 2 threads ran 0.4 tok/s against 1
-    thread's 21 tok/s (README, "CPU threads"). On a small machine, leaving one core free costs little when the
-    machine is idle and saves the run when it is not; on larger machines one busy core matters less.
+    another busy process stalls all the others: on 2 shared cores with one busy, 2 threads ran 2-4x slower than 1
+    (README, "CPU threads"). On a small machine, leaving one core free costs little when the machine is idle and
+    saves the run when it is not; on larger machines one busy core matters less.
     """
     try:
         n = len(os.sched_getaffinity(0))  # the cores this process may run on (a container's share)
@@ -56,11 +56,8 @@ def cmd_generate(a) -> int:
         raise UserError("--chai auto but the checkpoint has no chai.json; calibrate it first "
                         f"(python tools/calibrate.py {model_dir}) or give counts, e.g. --chai 4")
     chat = not a.raw and tok.chat_template is not None
-    n_pieces = 0
 
     def stream(row, piece):
-        nonlocal n_pieces
-        n_pieces += 1
         print(piece, end="", flush=True)
 
     try:
@@ -71,8 +68,7 @@ def cmd_generate(a) -> int:
     except KeyboardInterrupt:
         # what was generated is already on stdout (streamed); end its line and say where it stopped
         print(flush=True)
-        print(f"[interrupted (Ctrl-C) after {n_pieces} streamed piece(s) of text; the text above is all that was "
-              "generated]", file=sys.stderr)
+        print("[interrupted (Ctrl-C); the text above is everything generated so far]", file=sys.stderr)
         return 130
     s = out.stats
     print(flush=True)
