@@ -152,12 +152,24 @@ def _json_kind(value) -> str:
 # writing
 
 
-# A conversion's temporary folder is named .NAME.tmp-PID-RANDOM (and a replaced checkpoint is moved aside to
-# .NAME.old-PID for a moment); a process killed with SIGKILL or SIGTERM leaves it behind. The next conversion into
-# the same parent removes those whose process is gone, or, with no pid to check (older names, another machine's pid
-# namespace), that nothing has touched for STALE_AFTER_S.
-_LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old)-(?:(?P<pid>\d+)(?:-[A-Za-z0-9_]+)?|[A-Za-z0-9_]+)")
+# A conversion's temporary folder is named .NAME.tmp-PID@HOST-RANDOM (and a replaced checkpoint is moved aside to
+# .NAME.old-PID@HOST for a moment; HOST: a hash of the machine's name); a process killed with SIGKILL or SIGTERM
+# leaves it behind. The next conversion into the same parent removes those whose process on this machine is gone,
+# and those it cannot check (another machine's, a name without a pid) once nothing has touched them for
+# STALE_AFTER_S.
+_LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?:tmp|old)-(?:(?P<pid>\d+)@(?P<host>[0-9a-f]{8})(?:-\w+)?|\w+)")
 STALE_AFTER_S = 6 * 3600
+
+
+def _host_tag() -> str:
+    import hashlib
+    import socket
+
+    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _owner() -> str:
+    return f"{os.getpid()}@{_host_tag()}"
 
 
 def _process_alive(pid: int) -> bool:
@@ -181,7 +193,7 @@ def remove_stale_leftovers(parent: str | os.PathLike, log=None) -> list[Path]:
         m = _LEFTOVER.fullmatch(path.name)
         if m is None or not path.is_dir():
             continue
-        pid = int(m["pid"]) if m["pid"] else None
+        pid = int(m["pid"]) if m["pid"] and m["host"] == _host_tag() else None
         try:
             age = time.time() - path.stat().st_mtime
         except FileNotFoundError:  # its own process finished with it just now
@@ -219,7 +231,7 @@ def atomic_output_dir(dst: str | os.PathLike, force: bool = False) -> Iterator[P
         raise FileExistsError(f"{dst} already exists; pass --force (force=True) to overwrite it")
     dst.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_leftovers(dst.parent)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-{os.getpid()}-", dir=dst.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-{_owner()}-", dir=dst.parent))
     try:
         yield tmp
         _follow_umask(tmp)
@@ -228,7 +240,7 @@ def atomic_output_dir(dst: str | os.PathLike, force: bool = False) -> Iterator[P
         raise
     old = None
     if dst.exists():  # force: move the old one aside first so that a crash never leaves neither
-        old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+        old = dst.parent / f".{dst.name}.old-{_owner()}"
         os.replace(dst, old)
     os.replace(tmp, dst)
     if old is not None:

@@ -18,7 +18,7 @@ from chai_models import ChaiConfig, CheckpointError, load, save_model
 from chai_models import cli
 from chai_models import default_model as dm
 from chai_models.chai.config import ChaiConfigError
-from chai_models.checkpoint import STALE_AFTER_S, atomic_output_dir
+from chai_models.checkpoint import STALE_AFTER_S, _host_tag, atomic_output_dir
 from chai_models.errors import UserError
 from chai_models.models import Llama, LlamaConfig
 from chai_models.models.opt import OPT, OPTConfig
@@ -371,20 +371,20 @@ def test_killed_conversion_leftovers_are_removed_next_time(tmp_path, capsys):
     # SIGKILL; SIGTERM leaves the same folder (Python's default SIGTERM action ends the process without unwinding)
     pid = _killed_conversion(tmp_path, signal.SIGKILL)
     leftover = [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]
-    assert len(leftover) == 1 and f".tmp-{pid}-" in leftover[0].name
-    running = tmp_path / f".other.tmp-{os.getpid()}-abc123"  # a conversion still running (this process)
-    running.mkdir()
-    legacy_old, legacy_new = tmp_path / ".x.tmp-k3j9_a2b", tmp_path / ".y.tmp-q8w7e6r5"  # names without a pid
-    legacy_old.mkdir()
-    legacy_new.mkdir()
-    os.utime(legacy_old, (0, os.path.getmtime(legacy_old) - STALE_AFTER_S - 60))
+    assert len(leftover) == 1 and f".tmp-{pid}@{_host_tag()}-" in leftover[0].name
+    running = tmp_path / f".other.tmp-{os.getpid()}@{_host_tag()}-abc123"  # still running (this process)
+    elsewhere = tmp_path / f".other.old-{pid}@00000000"  # another machine's pid: only age tells
+    old_name, old_name_recent = tmp_path / ".x.tmp-k3j9_a2b", tmp_path / ".y.tmp-q8w7e6r5"  # names without a pid
+    for folder in (running, elsewhere, old_name, old_name_recent):
+        folder.mkdir()
+    os.utime(old_name, (0, os.path.getmtime(old_name) - STALE_AFTER_S - 60))
     (tmp_path / "keep.tmp-1").mkdir()  # not our pattern
     torch.manual_seed(0)
     save_model(Llama(LlamaConfig(**TINY)), tmp_path / "out")
     err = capsys.readouterr().err
     assert not leftover[0].exists() and f"process {pid}, is gone" in err and str(leftover[0]) in err
-    assert not legacy_old.exists() and "untouched for" in err
-    assert running.exists() and legacy_new.exists() and (tmp_path / "keep.tmp-1").exists()
+    assert not old_name.exists() and "untouched for" in err
+    assert running.exists() and elsewhere.exists() and old_name_recent.exists() and (tmp_path / "keep.tmp-1").exists()
     assert (tmp_path / "out" / "config.json").exists()
 
 
