@@ -124,7 +124,7 @@ class Attention(nn.Module):
         return shared.cached_attention(self.kv_cache, q, k, v, input_pos, mask, self.scale)
 
     def forward(self, x, rope=None, input_pos=None, mask=None):
-        # x [B, S, hidden]; input_pos [S] or None; mask [S, n_keys] bool or None
+        # x [B, S, hidden]; input_pos [S], [B, 1] or None; mask (shared.positions_and_mask) or None
         B, S, _ = x.shape
         q, k, v = self.project(x, rope)
         y = self.attend(q, k, v, input_pos, mask)  # [B, H, S, D]
@@ -220,27 +220,27 @@ class OPT(nn.Module):
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,
                 last_only: bool = False) -> torch.Tensor:
         """tokens [B, S] -> logits [B, S, vocab]; last_only: of the last position only, [B, 1, vocab] (a prefill
-        that only samples the next token skips the output projection of the other S - 1 rows).
+        that only samples the next token skips the output projection of the other S - 1 rows), or a [B] tensor of
+        each row's last real index (rows right-padded to S: shared.positions_and_mask).
 
         Without input_pos: scores the whole sequence at positions 0..S-1 and touches no cache.
-        With input_pos [S] (positions of these tokens, the same for every row): reads and writes the KV cache
-        set up by setup_caches; serves prefill (S > 1) and one-token decode (S == 1).
-        Rows are never padded, so positions are 0..S-1, which is what HF derives from an all-ones
-        attention mask (its cumsum - 1).
+        With input_pos [S] (positions of these tokens, the same for every row) or [B, 1] (one token per row, each at
+        its own position): reads and writes the KV cache set up by setup_caches; serves prefill (S > 1) and decode.
+        A row's real tokens are at positions 0..n-1 (padding only follows them), which is what HF derives from an
+        all-ones attention mask (its cumsum - 1).
         """
         S = tokens.shape[1]
         if input_pos is None and S > self.config.max_seq_len:
             raise ValueError(f"{S} tokens but OPT has learned positions for {self.config.max_seq_len}; "
                              f"score at most {self.config.max_seq_len} tokens at a time")
-        pos, mask = shared.positions_and_mask(self, tokens, input_pos)  # pos [S]; mask [S, n_keys] or None (causal)
+        pos, mask = shared.positions_and_mask(self, tokens, input_pos)  # pos [S] or [B, 1]; mask or None (causal)
         x = self.tok_embeddings(tokens)  # [B, S, E]
         if self.project_in is not None:
             x = self.project_in(x)  # [B, S, hidden]
         x = x + self.pos_embeddings(pos + POS_OFFSET)
         for blk in self.layers:
             x = blk(x, None, input_pos, mask)
-        if last_only:
-            x = x[:, -1:]  # [B, 1, hidden]
+        x = shared.last_rows(x, last_only)  # [B, 1, hidden] when last_only
         if self.norm is not None:
             x = self.norm(x)
         if self.project_out is not None:
