@@ -1,9 +1,9 @@
 """The generation loop: prefill, then one token at a time through the static KV cache.
 
-Prompts of different lengths share one position per step (as in Meta's reference loop): the batch is
-prefilled up to the shortest prompt, then each step feeds every row its next prompt token while it still has
-one, or its sampled token once it is past its prompt. So every row sees exactly the positions and tokens it
-would see alone, and no padding ever enters attention.
+Prompts of different lengths are prefilled in one call, right-padded to the longest, each row's next token sampled
+from its own last real position; decoding then gives each row its own position (input_pos [B, 1]). Every real token
+sits at the position it has alone, and a row's padding lands in cache slots that its own next tokens overwrite before
+any of them attends there (models/shared.positions_and_mask), so each row gets the tokens it would get alone.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .chai import open_windows
 from .chai import reset as reset_chai
 from .fast.compile import decode_step
 from .sampling import sample
@@ -127,20 +128,19 @@ def generate(model, tokenizer, prompts: str | Sequence[str] | Sequence[Sequence[
             callback(b, piece)
 
     step = decode_step(model, compile)
-    pos_t = torch.zeros(1, dtype=torch.long, device=device)  # the decode position, updated in place
+    pos_t = torch.tensor(lengths, device=device)[:, None]  # [B, 1]: each row's next position, updated in place
     compile_s = 0.0
     t0 = time.perf_counter()
-    logits = model(prompt[:, :l_min], torch.arange(l_min, device=device), last_only=True)[:, -1]  # [B, vocab]
+    last = pos_t[:, 0] - 1 if l_min < l_max else True  # each row's last real token
+    logits = model(prompt, torch.arange(l_max, device=device), last_only=last)[:, -1]  # [B, vocab]
+    open_windows(model, lengths)  # a row shorter than CHAI's window finishes it while decoding
     _sync(device)
     t1 = time.perf_counter()
-    for pos in range(l_min, l_max + max_new_tokens):
+    for i in range(max_new_tokens):
         nxt = sample(logits.float(), temperature, top_k, top_p, gen)  # [B]
-        if pos < l_max:  # rows still inside their prompt take the prompt's token
-            in_prompt = torch.tensor([pos < n for n in lengths], device=device)
-            nxt = torch.where(in_prompt, prompt[:, pos], nxt)
         nxt_host = nxt.tolist()
         for b in range(B):
-            if reasons[b] is not None or pos < lengths[b]:
+            if reasons[b] is not None:
                 continue
             t = nxt_host[b]
             if t in eos:
@@ -158,10 +158,10 @@ def generate(model, tokenizer, prompts: str | Sequence[str] | Sequence[Sequence[
                     reasons[b] = "length"
         if all(r is not None for r in reasons):
             break
-        pos_t.fill_(pos)
         ts = time.perf_counter()
         logits = step(nxt[:, None], pos_t)
-        if compile and pos == l_min:  # the first compiled call traces, compiles and captures
+        pos_t += 1
+        if compile and i == 0:  # the first compiled call traces, compiles and captures
             _sync(device)
             compile_s = time.perf_counter() - ts
     _sync(device)
