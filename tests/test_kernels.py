@@ -294,6 +294,58 @@ def test_rope_and_cache(name):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Per-row positions (continuous batching): pos [B, 1] and RoPE rows [B, D] give each row what a launch for that row
+# alone at its own position gives (each single-position path is checked against torch above)
+
+PER_ROW_CASES = {  # name: (kernel, B, H, Hkv, k, D, T, positions, dense)
+    "decode_clustered": ("decode", 3, 8, 4, 3, 16, 40, [0, 29, 17], False),
+    "decode_dense": ("decode", 3, 8, 2, 8, 16, 40, [39, 4, 16], True),
+    "probs": ("probs", 3, 8, 8, 3, 16, 64, [63, 0, 33], False),
+    "rope_cache": ("rope_cache", 3, 8, 8, 8, 16, 20, [19, 2, 7], True),
+}
+
+
+def run_kernel(kernel, q, k_new, v_new, cos, sin, k_cache, v_cache, pos, scale, h2c, slot_of_rep, members, start):
+    if kernel == "decode":
+        lists = (None, None, None) if members is None else (members, start, slot_of_rep)
+        return decode.decode_launch(q, k_cache, v_cache, k_new, v_new, cos, sin, *lists, pos, scale, split=16,
+                                    block_t=8)
+    if kernel == "probs":
+        return probs.clustered_probs(q, k_new, v_new, cos, sin, k_cache, v_cache, pos, scale, h2c, slot_of_rep)
+    return rope_cache.rope_and_cache(q, k_new, v_new, cos, sin, k_cache, v_cache, pos)
+
+
+@needs_kernels
+@ids(PER_ROW_CASES)
+def test_per_row_positions(name, monkeypatch):
+    kernel, B, H, Hkv, k, D, T, positions, dense = PER_ROW_CASES[name]
+    monkeypatch.setattr(probs, "CLUSTER_SCORES_SPLIT", 16)
+    gen = torch.Generator().manual_seed(5)
+    h2c, slot_of_rep, n_slots = random_membership(gen, B, H, Hkv, k, dense)
+    members, start = cluster_lists(h2c, k)
+    idx = [t.to(DEVICE).contiguous() for t in (h2c, slot_of_rep, members, start)]
+    if dense:
+        idx[2] = idx[3] = None
+    n_q = H if kernel == "rope_cache" else k
+    q, k_new, v_new = randn(gen, B, n_q, D), randn(gen, B, n_slots, D), randn(gen, B, Hkv, D)
+    k_cache, v_cache = randn(gen, B, n_slots, T, D), randn(gen, B, Hkv, T, D)
+    pos = torch.tensor(positions, device=DEVICE)[:, None]  # [B, 1]
+    cfg = LlamaConfig(vocab_size=8, hidden_size=D, intermediate_size=8, n_layers=1, n_heads=1, n_kv_heads=1,
+                      head_dim=D)
+    from chai_models.models.llama import rope_cos_sin, rope_inv_freq
+    cos, sin = (t.reshape(B, D) for t in rope_cos_sin(rope_inv_freq(cfg).to(DEVICE), pos, torch.float32))
+    kc, vc = k_cache.clone(), v_cache.clone()
+    out = run_kernel(kernel, q, k_new, v_new, cos, sin, kc, vc, pos, D ** -0.5, *idx)
+    for b in range(B):
+        r = slice(b, b + 1)
+        kb, vb = k_cache[r].clone(), v_cache[r].clone()
+        one = run_kernel(kernel, q[r], k_new[r], v_new[r], cos[r], sin[r], kb, vb, pos[b], D ** -0.5,
+                         *(None if t is None else t[r] for t in idx))
+        assert rel_err(out[r], one) < TOL, b
+        assert torch.equal(kc[r], kb) and torch.equal(vc[r], vb), b
+
+
+# ----------------------------------------------------------------------------------------------------
 # silu_mul.py
 
 SILU_CASES = {  # name: (shape, extra)
@@ -497,6 +549,10 @@ MODEL_CASES = {
     "llama_chai_gqa_long": ("llama", 2, "4,1,3", 64, 2, dict(long=True)),
     "llama_chai_mha_b1_long": ("llama", 4, "4,1,3", 64, 1, dict(long=True)),
     "opt_chai_b1": ("opt", None, "4,1,3", 64, 1, {}),
+    # per_row: row 1 one token shorter (right-padded prefill), then each row decodes at its own position ([B, 1])
+    "llama_dense_per_row": ("llama", 2, "dense", 128, 2, dict(per_row=True)),
+    "llama_chai_gqa_per_row": ("llama", 2, "4,1,3", 128, 2, dict(per_row=True)),
+    "opt_chai_per_row_long": ("opt", None, "4,1,3", 64, 2, dict(per_row=True, long=True)),
 }
 # FastChaiAttention.attend_unrotated takes a batch-1 decode token's q and k as projected by the representatives' rows
 # whenever the layer has rows, but FastOPTAttention.forward projects every head (it never asks qk_weights): wrong
@@ -557,8 +613,14 @@ def test_model_backends_agree(name, monkeypatch):
         chai.reset(model)
         compiling["on"] = backend == "triton" and extra.get("gemv", False)
         try:
-            out = [model(tokens[:, :n0], torch.arange(n0, device=DEVICE))]
-            out += [model(tokens[:, p:p + 1], torch.tensor([p], device=DEVICE)) for p in range(n0, tokens.shape[1])]
+            if extra.get("per_row"):
+                ends = torch.tensor([n0, n0 - 1], device=DEVICE)  # each row's length
+                out = [model(tokens[:, :n0], torch.arange(n0, device=DEVICE), last_only=ends - 1)]
+                out += [model(tokens[:, p:p + 1], (ends + p - n0)[:, None]) for p in range(n0, tokens.shape[1])]
+            else:
+                out = [model(tokens[:, :n0], torch.arange(n0, device=DEVICE))]
+                out += [model(tokens[:, p:p + 1], torch.tensor([p], device=DEVICE))
+                        for p in range(n0, tokens.shape[1])]
         finally:
             compiling["on"] = False
         return torch.cat(out, 1)
