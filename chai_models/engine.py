@@ -6,8 +6,8 @@
     for req in engine.run():                            # finished requests, as they finish
         print(req.id, req.finish_reason, req.text)
 
-Each step admits waiting requests into free slots (one right-padded prefill per group of newcomers), then runs one
-decode step for every slot, each row at its own position (models/shared.positions_and_mask). A request leaves its slot
+Each step admits waiting requests into free slots (a group of newcomers prefilled together without padding:
+generation.prefill), then runs one decode step for every slot, each row at its own position (models/shared.positions_and_mask). A request leaves its slot
 the step it finishes (eos, a stop string, max_new_tokens, cancel), and the next waiting request takes it at once.
 
 A prefill writes cache rows 0..n-1 (the model's cached forward fills the first rows), so before a prefill the engine
@@ -34,7 +34,7 @@ import torch
 from .chai import open_windows
 from .chai import reset as reset_chai
 from .fast.compile import decode_step
-from .generation import _first_stop, _RowText
+from .generation import _first_stop, _RowText, prefill
 from .models.shared import move_rows
 from .sampling import sample
 
@@ -93,8 +93,8 @@ class Engine:
     max_batch_size: the slots; or memory_gb: the KV-cache budget (GiB) the slots are sized from. max_seq_len: positions
     per slot (prompt + generated; default the model's context). compile: the decode step through torch.compile with
     CUDA graphs (fast.compile.decode_step). static_batching: admit only when every slot is free (a batch runs until
-    its last request ends), the baseline continuous batching is measured against. max_prefill_tokens: padded tokens
-    per prefill call (newcomers beyond it wait for the next call).
+    its last request ends), the baseline continuous batching is measured against. max_prefill_tokens: prompt tokens
+    per prefill group (newcomers beyond it wait for the next group).
     """
 
     def __init__(self, model, tokenizer, max_batch_size: int | None = None, max_seq_len: int | None = None, *,
@@ -121,8 +121,8 @@ class Engine:
         self.waiting: deque[Request] = deque()
         self.finished: deque[Request] = deque()  # finished, not yet handed out by step()
         self._ids = itertools.count()
-        self.stats = {"prefill_calls": 0, "prefill_tokens": 0, "padded_prefill_tokens": 0, "decode_steps": 0,
-                      "generated_tokens": 0, "row_moves": 0}
+        self.stats = {"prefill_groups": 0, "prefill_tokens": 0, "decode_steps": 0, "generated_tokens": 0,
+                      "row_moves": 0}
 
     # -- requests in
 
@@ -220,14 +220,12 @@ class Engine:
         while self.waiting and None in self.slots:
             n_free = self.slots.count(None)
             group = [self.waiting.popleft()]
-            L = len(group[0].prompt_ids)  # the group's padded length
-            while self.waiting and len(group) < n_free:
-                L_next = max(L, len(self.waiting[0].prompt_ids))
-                if (len(group) + 1) * L_next > self.max_prefill_tokens:
-                    break
+            n_tokens = len(group[0].prompt_ids)
+            while (self.waiting and len(group) < n_free
+                   and n_tokens + len(self.waiting[0].prompt_ids) <= self.max_prefill_tokens):
+                n_tokens += len(self.waiting[0].prompt_ids)
                 group.append(self.waiting.popleft())
-                L = L_next
-            self._prefill(group)
+            self._prefill(sorted(group, key=lambda r: -len(r.prompt_ids)))  # longest first, as prefill takes them
         open_windows(self.model, [r.pos for r in self.slots if r is not None])
 
     def _prefill(self, group: list[Request]):
@@ -239,20 +237,12 @@ class Engine:
         for src, dst in zip(busy, spare):
             self.slots[dst], self.slots[src] = self.slots[src], None
         self.stats["row_moves"] += len(busy)
-        lengths = [len(r.prompt_ids) for r in group]
-        L = max(lengths)
-        tokens = torch.zeros(n, L, dtype=torch.long)
-        for b, r in enumerate(group):
-            tokens[b, :lengths[b]] = torch.tensor(r.prompt_ids)
-        last = torch.tensor(lengths, device=self.device) - 1
-        logits = self.model(tokens.to(self.device), torch.arange(L, device=self.device),
-                            last_only=last if min(lengths) < L else True)[:, -1]  # [n, vocab]
-        self.stats["prefill_calls"] += 1
-        self.stats["prefill_tokens"] += sum(lengths)
-        self.stats["padded_prefill_tokens"] += n * L
+        logits = prefill(self.model, [r.prompt_ids for r in group])  # [n, vocab]
+        self.stats["prefill_groups"] += 1
         for b, r in enumerate(group):
             self.slots[b] = r
-            r.pos = lengths[b]
+            r.pos = len(r.prompt_ids)
+            self.stats["prefill_tokens"] += r.pos
         self._take_tokens(logits, list(range(n)))
 
     def _decode(self):

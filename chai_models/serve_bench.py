@@ -88,8 +88,8 @@ def serve_stream(model, tok, requests, slots: int, max_seq_len: int, static: boo
     kv = model.kv_cache_bytes()["total"]
     return {"slots": slots, "requests": len(reqs), "generated": n_tok, "wall_s": wall, "req_per_s": len(reqs) / wall,
             "tok_per_s": n_tok / wall, "decode_steps": st["decode_steps"],
-            "mean_batch": n_tok / max(st["decode_steps"], 1), "prefill_calls": st["prefill_calls"],
-            "padded_prefill": st["padded_prefill_tokens"] / max(st["prefill_tokens"], 1), "kv_gib": kv / 2**30}
+            "mean_batch": n_tok / max(st["decode_steps"], 1), "prefill_groups": st["prefill_groups"],
+            "kv_gib": kv / 2**30}
 
 
 def run(model, requests, modes, memory_gb: float, max_seq_len: int, chai_cfg, single_requests: int,
@@ -116,7 +116,7 @@ def run(model, requests, modes, memory_gb: float, max_seq_len: int, chai_cfg, si
 def print_table(res: dict, head: str):
     print(head)
     cols = ("mode", "slots", "KV GiB", "requests", "generated", "wall s", "req/s", "tok/s", "x one", "mean batch",
-            "steps", "prefills", "pad x")
+            "steps", "prefill groups")
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     one = res.get("one", {}).get("tok_per_s")
@@ -124,7 +124,7 @@ def print_table(res: dict, head: str):
         x_one = f"{r['tok_per_s'] / one:.2f}" if one else "-"
         print(f"| {mode} | {r['slots']} | {r['kv_gib']:.2f} | {r['requests']} | {r['generated']} | {r['wall_s']:.1f} | "
               f"{r['req_per_s']:.2f} | {r['tok_per_s']:.1f} | {x_one} | {r['mean_batch']:.1f} | {r['decode_steps']} | "
-              f"{r['prefill_calls']} | {r['padded_prefill']:.2f} |")
+              f"{r['prefill_groups']} |")
     if "chai" in res and "continuous" in res:
         print(f"CHAI over dense continuous: {res['chai']['tok_per_s'] / res['continuous']['tok_per_s']:.2f}x tok/s "
               f"({res['chai']['slots']} vs {res['continuous']['slots']} slots)")

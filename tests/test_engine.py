@@ -71,13 +71,13 @@ def test_engine_gives_every_request_its_alone_tokens(family, chai):
     assert sorted(r.id for r in done) == [r.id for r in reqs]
     assert [r.tokens for r in reqs] == ref
     assert all(r.finish_reason == "length" for r in reqs)
-    assert engine.stats["prefill_calls"] >= 3 and engine.stats["row_moves"] > 0  # joins, and rows moved for them
+    assert engine.stats["prefill_groups"] >= 3 and engine.stats["row_moves"] > 0  # joins, and rows moved for them
     assert engine.slots == [None] * 3
 
 
-def test_generate_batch_of_mixed_lengths_is_one_prefill(family):
-    """generate(): one right-padded prefill for a 2-token and a 40-token prompt, each row its alone tokens, with CHAI
-    (the 2-token row finishes its window while decoding, the long one is clustered from its prefill)."""
+def test_generate_batch_of_mixed_lengths_prefills_no_padding(family):
+    """generate(): a 2-token and a 40-token prompt cost 2 + 40 prefill tokens (two calls: both rows, then the long
+    one), each row its alone tokens, with CHAI (the short row finishes its window while decoding)."""
     model = MODELS[family]()
     set_chai(model, CHAI[family])
     prompts = [PROMPTS[0], PROMPTS[3]]
@@ -85,7 +85,7 @@ def test_generate_batch_of_mixed_lengths_is_one_prefill(family):
     hook = model.register_forward_pre_hook(lambda m, args: calls.append(tuple(args[0].shape)))
     out = generate(model, TOK, prompts, max_new_tokens=6, eos_ids=[])
     hook.remove()
-    assert calls[0] == (2, len(PROMPTS[3])) and all(c == (2, 1) for c in calls[1:])
+    assert calls[:2] == [(2, 2), (1, len(PROMPTS[3]) - 2)] and all(c == (2, 1) for c in calls[2:])
     assert out.tokens == alone(model, prompts, [6, 6])
 
 

@@ -549,7 +549,7 @@ MODEL_CASES = {
     "llama_chai_gqa_long": ("llama", 2, "4,1,3", 64, 2, dict(long=True)),
     "llama_chai_mha_b1_long": ("llama", 4, "4,1,3", 64, 1, dict(long=True)),
     "opt_chai_b1": ("opt", None, "4,1,3", 64, 1, {}),
-    # per_row: row 1 one token shorter (right-padded prefill), then each row decodes at its own position ([B, 1])
+    # per_row: row 1 one token shorter (its prefill stops a token early), then each row decodes at its own position
     "llama_dense_per_row": ("llama", 2, "dense", 128, 2, dict(per_row=True)),
     "llama_chai_gqa_per_row": ("llama", 2, "4,1,3", 128, 2, dict(per_row=True)),
     "opt_chai_per_row_long": ("opt", None, "4,1,3", 64, 2, dict(per_row=True, long=True)),
@@ -613,17 +613,19 @@ def test_model_backends_agree(name, monkeypatch):
         chai.reset(model)
         compiling["on"] = backend == "triton" and extra.get("gemv", False)
         try:
-            if extra.get("per_row"):
+            if extra.get("per_row"):  # generation.prefill's calls for lengths n0 and n0 - 1, then [B, 1] positions
                 ends = torch.tensor([n0, n0 - 1], device=DEVICE)  # each row's length
-                out = [model(tokens[:, :n0], torch.arange(n0, device=DEVICE), last_only=ends - 1)]
-                out += [model(tokens[:, p:p + 1], (ends + p - n0)[:, None]) for p in range(n0, tokens.shape[1])]
+                out = [model(tokens[:, :n0 - 1], torch.arange(n0 - 1, device=DEVICE)).flatten(),
+                       model(tokens[:1, n0 - 1:n0], torch.tensor([n0 - 1], device=DEVICE)).flatten()]
+                out += [model(tokens[:, p:p + 1], (ends + p - n0)[:, None]).flatten()
+                        for p in range(n0, tokens.shape[1])]
             else:
                 out = [model(tokens[:, :n0], torch.arange(n0, device=DEVICE))]
                 out += [model(tokens[:, p:p + 1], torch.tensor([p], device=DEVICE))
                         for p in range(n0, tokens.shape[1])]
         finally:
             compiling["on"] = False
-        return torch.cat(out, 1)
+        return torch.cat(out, 1) if out[0].dim() > 1 else torch.cat(out)
 
     with torch.no_grad():
         ref = logits("torch")
@@ -632,7 +634,7 @@ def test_model_backends_agree(name, monkeypatch):
     # the kernels that must have served this case
     n_chai = 0 if spec == "dense" else sum(c < model.config.n_heads for c in model.chai_config.clusters)
     n_dense = 3 - n_chai
-    steps = tokens.shape[1] - n0
+    steps = tokens.shape[1] - n0 + bool(extra.get("per_row"))  # per_row: the long row's last prompt token is one too
     long = extra.get("long", False)
     want = {"new_token_decode": 0 if long else 3 * steps, "clustered_probs": n_chai * steps if long else 0,
             "rope_and_cache": n_dense * steps if long else 0, "window_attention": n_chai,

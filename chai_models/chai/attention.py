@@ -18,8 +18,9 @@ Per request (per sequence), the first W tokens decide the membership:
   3. Every later position uses clustered attention with that membership, fixed for the rest of the request.
 Window rows are the same whether a prompt arrives in one chunk or token by token, so a sequence shorter than W is
 dense until it reaches W tokens, and batching never changes a sequence's result. Rows of a batch decode at their own
-positions ([B, 1]): a row still inside its window (a prompt shorter than W, right-padded in its prefill) redoes its
-window rows from its real tokens as it reaches them, and decides its own membership at position W-1.
+positions ([B, 1]): a row still inside its window (a prompt shorter than W) finishes it while decoding, and decides
+its own membership at position W-1; a row whose cache slot held another sequence before redoes every window row it
+reaches, so nothing of the previous one is used.
 
 GQA (G = H / Hkv query heads share a KV head): query heads are clustered. With C < Hkv the layer keeps C K slots,
 slot c holding representative c's KV head (two representatives of one KV head each hold a copy: the allocation stays

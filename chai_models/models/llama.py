@@ -215,8 +215,7 @@ class Llama(nn.Module):
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,
                 last_only: bool = False) -> torch.Tensor:
         """tokens [B, S] -> logits [B, S, vocab]; last_only: of the last position only, [B, 1, vocab] (a prefill
-        that only samples the next token skips the output projection of the other S - 1 rows), or a [B] tensor of
-        each row's last real index (rows right-padded to S: shared.positions_and_mask).
+        that only samples the next token skips the output projection of the other S - 1 rows).
 
         Without input_pos: scores the whole sequence at positions 0..S-1 and touches no cache.
         With input_pos [S] (positions of these tokens, the same for every row) or [B, 1] (one token per row, each at
@@ -227,7 +226,8 @@ class Llama(nn.Module):
         rope = rope_cos_sin(self.inv_freq, pos, x.dtype)  # cos, sin [S, D] or [B, 1, 1, D]
         for blk in self.layers:
             x = blk(x, rope, input_pos, mask)
-        x = shared.last_rows(x, last_only)  # [B, 1, hidden] when last_only
+        if last_only:
+            x = x[:, -1:]  # [B, 1, hidden]
         x = self.norm(x)
         w = self.tok_embeddings.weight if self.output is None else self.output.weight
         return F.linear(x, w)  # [B, S, vocab]

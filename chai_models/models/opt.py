@@ -220,14 +220,13 @@ class OPT(nn.Module):
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,
                 last_only: bool = False) -> torch.Tensor:
         """tokens [B, S] -> logits [B, S, vocab]; last_only: of the last position only, [B, 1, vocab] (a prefill
-        that only samples the next token skips the output projection of the other S - 1 rows), or a [B] tensor of
-        each row's last real index (rows right-padded to S: shared.positions_and_mask).
+        that only samples the next token skips the output projection of the other S - 1 rows).
 
         Without input_pos: scores the whole sequence at positions 0..S-1 and touches no cache.
         With input_pos [S] (positions of these tokens, the same for every row) or [B, 1] (one token per row, each at
         its own position): reads and writes the KV cache set up by setup_caches; serves prefill (S > 1) and decode.
-        A row's real tokens are at positions 0..n-1 (padding only follows them), which is what HF derives from an
-        all-ones attention mask (its cumsum - 1).
+        Rows are never padded, so a row's positions are 0..n-1, which is what HF derives from an all-ones
+        attention mask (its cumsum - 1).
         """
         S = tokens.shape[1]
         if input_pos is None and S > self.config.max_seq_len:
@@ -240,7 +239,8 @@ class OPT(nn.Module):
         x = x + self.pos_embeddings(pos + POS_OFFSET)
         for blk in self.layers:
             x = blk(x, None, input_pos, mask)
-        x = shared.last_rows(x, last_only)  # [B, 1, hidden] when last_only
+        if last_only:
+            x = x[:, -1:]  # [B, 1, hidden]
         if self.norm is not None:
             x = self.norm(x)
         if self.project_out is not None:

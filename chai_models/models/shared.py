@@ -98,8 +98,8 @@ def check_cache_call(model, B: int, S: int, input_pos: torch.Tensor) -> int | No
     if input_pos.dim() == 2:
         if S != 1 or input_pos.shape != (B, 1):
             raise ValueError(f"per-row input_pos [B, 1] serves one token per row; got shape {tuple(input_pos.shape)} "
-                             f"for tokens [{B}, {S}]. A prefill of rows of different lengths pads them on the right "
-                             f"and passes the shared positions [S] (see shared.positions_and_mask)")
+                             f"for tokens [{B}, {S}]. A prefill of rows of different lengths runs one call per length "
+                             f"with shared positions [S] (generation.prefill)")
         return None
     if input_pos.dim() != 1 or input_pos.shape[0] != S:
         raise ValueError(f"input_pos must be a 1-D tensor of the {S} positions of the tokens (or [B, 1] for one token "
@@ -125,10 +125,11 @@ def positions_and_mask(model, tokens: torch.Tensor, input_pos: torch.Tensor | No
     masks the whole cache (its position stays on the device); a prefill chunk starting at `start` spans slots
     0..start+S-1 only, which is all its attention reads.
 
-    Rows of different lengths: a prefill pads them on the right and shares positions 0..S-1, and decoding then gives
-    each row its own position ([B, 1]). Every real token sits at its true position (RoPE and learned positions as for
-    the row alone, the fused causal kernel for the prompt, no key mask); a row's padding lands in cache slots past its
-    end, and the row's own next token overwrites each such slot before any of its tokens can attend to it.
+    Rows of different lengths (generation.prefill): rows sorted longest first, one call per distinct length, each over
+    the rows whose prompts reach it (the first rows: a call writes rows 0..B-1), so no token is padding; decoding then
+    gives each row its own position ([B, 1]). Every token sits at the position it has alone (RoPE and learned positions
+    unchanged, the fused causal kernel for a prompt, no key mask), and a one-token call masks each row past its own
+    position: cache slots a row has not reached hold nothing it can see.
     """
     B, S = tokens.shape
     if input_pos is None:
@@ -139,14 +140,6 @@ def positions_and_mask(model, tokens: torch.Tensor, input_pos: torch.Tensor | No
     if input_pos.dim() == 2:
         return input_pos, (keys <= input_pos[:, :, None])[:, None]  # [B, 1, 1, T]
     return input_pos, keys[None, :] <= input_pos[:, None]
-
-
-def last_rows(x: torch.Tensor, last_only) -> torch.Tensor:
-    """x [B, S, hidden] -> the rows the logits are wanted for: all (last_only False), the last position (True), or
-    each row's own last real token (a [B] tensor of indices: a right-padded prefill) -> [B, S or 1, hidden]."""
-    if isinstance(last_only, torch.Tensor):
-        return x[torch.arange(x.shape[0], device=x.device), last_only][:, None]
-    return x[:, -1:] if last_only else x
 
 
 def move_rows(model, src: list[int], dst: list[int]) -> None:
