@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     v = sub.add_parser("serve", help="serve JSON-line requests from stdin with continuous batching (results to "
                                      "stdout; see chai_models/serve.py for the format)")
     v.add_argument("--model", default=None, help="converted checkpoint folder (default: the default model)")
-    v.add_argument("--memory-gb", type=float, default=4.0,
+    v.add_argument("--memory-gb", type=float, default=1.0,
                    help="KV-cache budget in GiB the slots are sized from (CHAI's smaller K cache gives more slots)")
     v.add_argument("--max-batch-size", type=int, default=None, help="slots, instead of --memory-gb")
     v.add_argument("--max-seq-len", type=int, default=None, help="positions per slot, prompt + generated "
