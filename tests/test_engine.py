@@ -210,3 +210,21 @@ def test_serve_cli_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr
     res = [json.loads(x) for x in proc.stdout.splitlines()]
     assert sorted(r["id"] for r in res) == [0, 1] and all(r["finish_reason"] in ("length", "eos") for r in res)
+
+
+def test_serve_bench_tiny(capsys):
+    """The serving benchmark at a tiny shape: every mode serves the whole stream (exact output lengths), CHAI's
+    slots outnumber dense's in the same budget, and the table prints."""
+    from chai_models.bench import random_model
+    from chai_models.serve_bench import MODES, print_table, run, workload
+
+    model = random_model("tiny", torch.device("cpu"), torch.float32).eval()
+    requests = workload(5, 0, (4, 20), (2, 6), model.config.vocab_size)
+    cfg = ChaiConfig.from_spec("2:2", 4, 8)
+    res = run(model, requests, MODES, 0.0092, 200, cfg, single_requests=2, compile=False, log=lambda *a: None)
+    assert res["one"]["generated"] == sum(n for _, n in requests[:2]) and res["one"]["slots"] == 1
+    for mode in ("static", "continuous", "chai"):
+        assert res[mode]["generated"] == sum(n for _, n in requests) and res[mode]["requests"] == 5
+    assert res["chai"]["slots"] > res["continuous"]["slots"] == res["static"]["slots"] > 1
+    print_table(res, "tiny")
+    assert "CHAI over dense continuous" in capsys.readouterr().out
