@@ -113,6 +113,9 @@ class ChaiAttention:
     [B, Hkv, S, D] with RoPE already applied.
     """
 
+    # per-sequence buffers besides the KV cache, batch first (shared.move_rows moves a sequence with them)
+    sequence_state = ("rep_idx", "head_to_cluster", "kv_of_slot", "slot_of_rep", "k_win", "p_win")
+
     def init_chai(self, n_clusters: int, cfg: ChaiConfig, static: list[int] | None = None):
         self.n_clusters, self.window = n_clusters, cfg.window
         self.algorithm, self.representative = cfg.algorithm, cfg.representative
@@ -140,7 +143,7 @@ class ChaiAttention:
 
     def release_cache(self):
         self.kv_cache = None
-        for name in ("rep_idx", "head_to_cluster", "kv_of_slot", "slot_of_rep", "k_win", "p_win"):
+        for name in ChaiAttention.sequence_state:
             self._buffers.pop(name, None)
         self.ready = False
 

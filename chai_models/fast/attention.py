@@ -90,6 +90,8 @@ class FastChaiAttention(ChaiAttention):
     decode token in one launch (or two and cuBLAS for long caches), and at batch 1 a decode token projects only its
     representatives' Q and K rows (qk_weights)."""
 
+    sequence_state = ChaiAttention.sequence_state + ("members", "cluster_start")
+
     def setup_cache(self, max_batch_size, max_seq_len, dtype, device):
         super().setup_cache(max_batch_size, max_seq_len, dtype, device)
         B, H, C = max_batch_size, self.n_heads, self.n_clusters
@@ -105,7 +107,7 @@ class FastChaiAttention(ChaiAttention):
 
     def release_cache(self):
         super().release_cache()
-        for name in ("members", "cluster_start"):
+        for name in ("members", "cluster_start"):  # its own sequence_state entries
             self._buffers.pop(name, None)
         self.rows = None
 

@@ -143,9 +143,9 @@ def positions_and_mask(model, tokens: torch.Tensor, input_pos: torch.Tensor | No
 
 
 def move_rows(model, src: list[int], dst: list[int]) -> None:
-    """Copies the cache rows src to rows dst in every attention layer: K, V and any per-sequence state (CHAI's
-    membership and window). Every buffer of an attention layer holds per-sequence state with the batch first, so a
-    sequence moves whole. A serving engine uses it to free the first rows for a prefill (which writes rows 0..B-1)."""
+    """Copies the cache rows src to rows dst in every attention layer: K, V and the per-sequence state a layer names in
+    `sequence_state` (CHAI's membership and window), so a sequence moves whole. A serving engine uses it to free the
+    first rows for a prefill (which writes rows 0..B-1)."""
     if len(src) != len(dst):
         raise ValueError(f"move_rows: {len(src)} source rows but {len(dst)} destinations")
     if not src:
@@ -153,9 +153,8 @@ def move_rows(model, src: list[int], dst: list[int]) -> None:
     device = model.tok_embeddings.weight.device
     s, d = torch.tensor(src, device=device), torch.tensor(dst, device=device)
     for attn in model.attention_layers:
-        for buf in attn.buffers():
-            if buf.dim() and buf.shape[0] == model.max_batch_size:
-                buf[d] = buf[s]
+        for buf in (attn.kv_cache.k, attn.kv_cache.v, *(getattr(attn, n) for n in getattr(attn, "sequence_state", ()))):
+            buf[d] = buf[s]
 
 
 def setup_caches(model, max_batch_size: int, max_seq_len: int | None):
