@@ -133,23 +133,26 @@ def print_table(res: dict, head: str):
 
 
 def pair(model_dir, short: int, long: int, max_new: int, repeats: int) -> None:
-    """A short and a long prompt in one generate() call vs the long one alone (median wall time of `repeats`)."""
+    """A short and a long prompt in one generate() call vs the long one alone: medians of `repeats` runs of the
+    prefill, the decode and the whole call."""
     from . import generate, load, load_tokenizer
 
     model = load(model_dir, dtype="float32")
     tok = load_tokenizer(model_dir)
     rng = random.Random(0)
     text = [rng.randrange(100, model.config.vocab_size) for _ in range(long)]
-    prompts = {"long alone": [text], "short + long": [text[:short], text]}
-    print(f"| prompts ({short} and {long} tokens, {max_new} new, {model_dir}, CPU fp32) | median s |")
-    print("|---|---|")
-    for name, ps in prompts.items():
-        times = []
+    cases = {f"{long} alone": [text], f"{short} + {long}": [text[:short], text]}
+    print(f"| prompts ({max_new} new tokens each; {model_dir}, CPU fp32, {torch.get_num_threads()} threads) | "
+          f"prefill s | decode s | total s |")
+    print("|---|---|---|---|")
+    for name, prompts in cases.items():
+        runs = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            generate(model, tok, ps, max_new_tokens=max_new, eos_ids=[])
-            times.append(time.perf_counter() - t0)
-        print(f"| {name} | {sorted(times)[len(times) // 2]:.3f} |")
+            out = generate(model, tok, prompts, max_new_tokens=max_new, eos_ids=[])
+            runs.append((out.prefill_s, out.decode_s, time.perf_counter() - t0))
+        med = [sorted(r[i] for r in runs)[len(runs) // 2] for i in range(3)]
+        print(f"| {name} | {med[0]:.3f} | {med[1]:.3f} | {med[2]:.3f} |")
 
 
 def main(argv=None) -> int:
@@ -172,10 +175,11 @@ def main(argv=None) -> int:
                                                        "the long one alone, on a checkpoint (--model)")
     p.add_argument("--model", default="weights/smollm2-135m-instruct")
     p.add_argument("--pair-len", type=int, nargs=2, default=(3, 300), metavar=("SHORT", "LONG"))
+    p.add_argument("--pair-new", type=int, default=8, help="new tokens per prompt in --pair")
     p.add_argument("--repeats", type=int, default=3)
     a = p.parse_args(argv)
     if a.pair:
-        pair(a.model, *a.pair_len, max_new=16, repeats=a.repeats)
+        pair(a.model, *a.pair_len, max_new=a.pair_new, repeats=a.repeats)
         return 0
     device = torch.device(a.device)
     dtype = getattr(torch, a.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
