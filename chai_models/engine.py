@@ -15,8 +15,9 @@ moves the sequences living in those rows to free rows (shared.move_rows: K, V an
 of each row). The slot a sequence lives in is therefore not fixed; nothing outside the engine sees it.
 
 Free slots still take part in the decode step (its shape is fixed, so the compiled graph never changes) at the last
-cache position with a dummy token: a row's own next token overwrites a slot before that row reads it, and a new
-occupant's prefill rewrites the rows' window and membership from position 0, so nothing of a previous occupant leaks.
+cache position with a dummy token: each row attends only to positions it has written itself (a one-token call masks
+past its own position), and a new occupant rewrites CHAI's window from position 0 and decides its own membership at
+position W-1, so nothing of a previous occupant leaks.
 
 Memory: with `memory_gb` the slots are as many as the KV budget holds at max_seq_len positions each, measured on the
 model's own cache (kv_cache_bytes of one slot), so CHAI's smaller K cache gives more slots in the same memory.

@@ -5,8 +5,9 @@ One request per input line:
      "top_p": null, "seed": null, "stop": ["\\n\\n"], "raw": false, "stream": false}
 One result per request, written when it finishes (in finishing order, not input order):
     {"id": "a", "text": "...", "tokens": [...], "prompt_tokens": 5, "finish_reason": "eos|stop|length|error", "error": ...}
-With "stream": true, {"id": "a", "delta": "..."} lines come first, as text is generated. A line that is not a request
-(bad JSON, unknown fields) gets an error result with the line's id if it has one; the other requests go on.
+With "stream": true, {"id": "a", "delta": "..."} lines come first, as text is generated. {"cancel": "a"} ends request
+"a" (its result says "cancelled"). A line that is not a request (bad JSON, unknown fields) gets an error result with
+the line's id if it has one; the other requests go on.
 Requests are read while the engine runs (a reader thread), so a request arriving mid-flight joins the running batch.
 """
 from __future__ import annotations
@@ -28,14 +29,24 @@ def result_line(req) -> dict:
     return out
 
 
-def submit_line(engine, line: str, write: Callable[[str], None]):
-    """Parses one input line and submits it; a line that is not a request is answered with an error at once."""
+def submit_line(engine, line: str, write: Callable[[str], None], live: dict | None = None):
+    """Parses one input line and submits it (or cancels the request it names); a line that is not a request is
+    answered with an error at once. live: id -> unfinished request, for cancel lines."""
+    live = {} if live is None else live
     try:
         spec = json.loads(line)
         if not isinstance(spec, dict):
             raise ValueError("each line must be a JSON object")
     except ValueError as e:
         write(json.dumps({"id": None, "finish_reason": "error", "error": f"not a JSON request line: {e}"}))
+        return
+    if set(spec) == {"cancel"}:
+        req = live.get(spec["cancel"])
+        if req is None:
+            write(json.dumps({"id": spec["cancel"], "finish_reason": "error",
+                              "error": "cancel: no running or waiting request has this id"}))
+        else:
+            engine.cancel(req)
         return
     unknown = set(spec) - FIELDS
     if unknown or "prompt" not in spec:
@@ -50,6 +61,8 @@ def submit_line(engine, line: str, write: Callable[[str], None]):
     req = engine.submit(spec["prompt"], max_new_tokens=spec.get("max_new_tokens", 128),
                         temperature=spec.get("temperature") or 0.0, top_k=spec.get("top_k"), top_p=spec.get("top_p"),
                         seed=spec.get("seed"), stop=spec.get("stop"), chat=chat, callback=callback, id=rid)
+    if not req.done:
+        live[rid] = req
     return req
 
 
@@ -65,7 +78,7 @@ def serve_lines(engine, lines: Iterable[str], write: Callable[[str], None]) -> i
         inbox.put(_EOF)
 
     threading.Thread(target=read, daemon=True).start()
-    n, eof = 0, False
+    n, eof, live = 0, False, {}
     while not eof or engine.has_work():
         block = not engine.has_work()  # idle: wait for the next line
         while not eof:
@@ -77,8 +90,9 @@ def serve_lines(engine, lines: Iterable[str], write: Callable[[str], None]) -> i
             if item is _EOF:
                 eof = True
             else:
-                submit_line(engine, item, write)
+                submit_line(engine, item, write, live)
         for req in engine.step() if engine.has_work() else []:
+            live.pop(req.id, None)
             write(json.dumps(result_line(req)))
             n += 1
     return n

@@ -184,18 +184,21 @@ def test_serve_cli_json_lines():
     lines = [{"id": "a", "prompt": "Hello", "max_new_tokens": 3, "raw": True},
              {"id": "b", "prompt": "", "max_new_tokens": 3},
              "not json",
-             {"id": "c", "prompt": [72, 105], "max_new_tokens": 2}]
+             {"id": "c", "prompt": [72, 105], "max_new_tokens": 2},
+             {"id": "d", "prompt": "long one", "max_new_tokens": 80},
+             {"cancel": "d"}]
     stdin = "\n".join(json.dumps(x) if isinstance(x, dict) else x for x in lines) + "\n"
     from chai_models.serve import serve_lines
 
     model = tiny_llama()
     out = []
-    serve_lines(Engine(model, TOK, max_batch_size=2, max_seq_len=32), iter(stdin.splitlines()), out.append)
+    serve_lines(Engine(model, TOK, max_batch_size=2, max_seq_len=96), iter(stdin.splitlines()), out.append)
     res = {r.get("id"): r for r in map(json.loads, out)}
     assert len(res["a"]["tokens"]) == 3 and res["a"]["finish_reason"] == "length"
     assert res["b"]["finish_reason"] == "error" and "empty" in res["b"]["error"]
     assert res[None]["finish_reason"] == "error" and "JSON" in res[None]["error"]
     assert res["c"]["tokens"] == alone(tiny_llama(), [[72, 105]], [2])[0]
+    assert res["d"]["finish_reason"] == "cancelled" and len(res["d"]["tokens"]) < 80
 
 
 def test_serve_cli_runs(tmp_path):
