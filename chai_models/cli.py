@@ -1,4 +1,5 @@
-"""Command line: `python -m chai_models generate "prompt"` (the main job) and `... convert SRC DST`."""
+"""Command line: `python -m chai_models generate "prompt"` (the main job), `... serve` (JSON lines on stdin, continuous
+batching) and `... convert SRC DST`."""
 from __future__ import annotations
 
 import argparse
@@ -29,14 +30,23 @@ def default_threads() -> int:
     return max(1, n - 1) if n <= 4 else n
 
 
+def _check_threads(a) -> None:
+    if a.threads is not None and a.threads < 1:
+        raise UserError(f"--threads {a.threads}: give at least 1 (the number of CPU threads for generation)")
+
+
+def _set_threads(a, device: str) -> None:
+    if device == "cpu" or a.threads is not None:
+        torch.set_num_threads(a.threads or default_threads())
+
+
 def cmd_generate(a) -> int:
     from . import chai
     from .checkpoint import load
     from .generation import generate
     from .tokenizer import load_tokenizer
 
-    if a.threads is not None and a.threads < 1:
-        raise UserError(f"--threads {a.threads}: give at least 1 (the number of CPU threads for generation)")
+    _check_threads(a)
     if a.model is None:
         from .default_model import ensure_default_model
 
@@ -45,8 +55,7 @@ def cmd_generate(a) -> int:
         model_dir = a.model
     device = a.device or _default_device()
     dtype = a.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-    if device == "cpu" or a.threads is not None:
-        torch.set_num_threads(a.threads or default_threads())
+    _set_threads(a, device)
     try:
         model = load(model_dir, device=device, dtype=dtype, chai=a.chai)
         tok = load_tokenizer(model_dir)
@@ -80,6 +89,43 @@ def cmd_generate(a) -> int:
     return 0
 
 
+def cmd_serve(a) -> int:
+    from . import chai
+    from .checkpoint import CheckpointError, load
+    from .engine import Engine
+    from .serve import serve_lines
+    from .tokenizer import load_tokenizer
+
+    _check_threads(a)
+    if a.model is None:
+        from .default_model import ensure_default_model
+
+        model_dir = ensure_default_model()
+    else:
+        model_dir = a.model
+    device = a.device or _default_device()
+    dtype = a.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    _set_threads(a, device)
+    try:
+        model = load(model_dir, device=device, dtype=dtype, chai=a.chai)
+        tok = load_tokenizer(model_dir)
+        engine = Engine(model, tok, a.max_batch_size, a.max_seq_len,
+                        memory_gb=a.memory_gb if a.max_batch_size is None else None, compile=a.compile)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"[serving {model_dir}: {engine.max_batch_size} slots of {engine.max_seq_len} positions, KV cache "
+          f"{model.kv_cache_bytes()['total'] / 2**30:.2f} GiB, {device} {dtype}; {chai.summary(model)}]",
+          file=sys.stderr)
+
+    def write(line: str):
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
+    serve_lines(engine, sys.stdin, write)
+    return 0
+
+
 def main(argv=None) -> int:
     """`python -m chai_models ...`: a UserError ends in one `error:` line and exit status 2, Ctrl-C in 130."""
     return run_main(_main, argv)
@@ -106,6 +152,19 @@ def _main(argv=None) -> int:
     g.add_argument("--chai", default=None, metavar="SPEC",
                    help="CHAI on: 'auto' (chai.json beside the checkpoint), a preset name, 'k' (all layers), "
                         "'N:k' (first N layers dense), or a comma list of per-layer counts")
+    v = sub.add_parser("serve", help="serve JSON-line requests from stdin with continuous batching (results to "
+                                     "stdout; see chai_models/serve.py for the format)")
+    v.add_argument("--model", default=None, help="converted checkpoint folder (default: the default model)")
+    v.add_argument("--memory-gb", type=float, default=1.0,
+                   help="KV-cache budget in GiB the slots are sized from (CHAI's smaller K cache gives more slots)")
+    v.add_argument("--max-batch-size", type=int, default=None, help="slots, instead of --memory-gb")
+    v.add_argument("--max-seq-len", type=int, default=None, help="positions per slot, prompt + generated "
+                                                                 "(default: the model's context)")
+    v.add_argument("--compile", action="store_true", help="compiled CUDA-graph decode step")
+    v.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: as for generate)")
+    v.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
+    v.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on GPU, fp32 on CPU)")
+    v.add_argument("--chai", default=None, metavar="SPEC", help="as for generate")
     c = sub.add_parser("convert", help="convert a Hugging Face folder or .gguf file into our format",
                        add_help=False)
     c.add_argument("args", nargs=argparse.REMAINDER)
@@ -116,4 +175,4 @@ def _main(argv=None) -> int:
 
         return convert_main(argv[1:])
     a = p.parse_args(argv)
-    return cmd_generate(a)
+    return cmd_serve(a) if a.cmd == "serve" else cmd_generate(a)
