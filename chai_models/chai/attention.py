@@ -17,7 +17,10 @@ Per request (per sequence), the first W tokens decide the membership:
      index), and keeps only the slots' K of the window.
   3. Every later position uses clustered attention with that membership, fixed for the rest of the request.
 Window rows are the same whether a prompt arrives in one chunk or token by token, so a sequence shorter than W is
-dense until it reaches W tokens, and batching never changes a sequence's result.
+dense until it reaches W tokens, and batching never changes a sequence's result. Rows of a batch decode at their own
+positions ([B, 1]): a row still inside its window (a prompt shorter than W) finishes it while decoding, and decides
+its own membership at position W-1; a row whose cache slot held another sequence before redoes every window row it
+reaches, so nothing of the previous one is used.
 
 Membership from the prompt (ChaiConfig.membership = "prompt", an option beside the paper's window): a request's first
 call (its prompt, from position 0) runs densely over its own K and V; its last R rows' probabilities over all of the
@@ -126,6 +129,9 @@ class ChaiAttention:
     [B, Hkv, S, D] with RoPE already applied.
     """
 
+    # per-sequence buffers besides the KV cache, batch first (shared.move_rows moves a sequence with them)
+    sequence_state = ("rep_idx", "head_to_cluster", "kv_of_slot", "slot_of_rep", "k_win", "p_win")
+
     def init_chai(self, n_clusters: int, cfg: ChaiConfig, static: list[int] | None = None):
         self.n_clusters, self.window = n_clusters, cfg.window
         self.algorithm, self.representative = cfg.algorithm, cfg.representative
@@ -136,7 +142,7 @@ class ChaiAttention:
         self.slots_are_reps = self.n_k_slots < self.n_kv_heads
         # CHAI-static: a fixed head -> cluster list from calibration instead of the request's window
         self.static = None if static is None else torch.tensor(static, dtype=torch.long)
-        self.ready = False  # host flag: the sequences in the cache have their membership
+        self.ready = False  # host flag: every sequence in the cache is past its window (decode reads no positions)
 
     # -- the cache: K of n_k_slots heads, plus the window state and the membership of each sequence
 
@@ -163,13 +169,13 @@ class ChaiAttention:
 
     def release_cache(self):
         self.kv_cache = None
-        for name in ("rep_idx", "head_to_cluster", "kv_of_slot", "slot_of_rep", "k_win", "p_win"):
+        for name in ChaiAttention.sequence_state:
             self._buffers.pop(name, None)
         self.ready = False
 
-    def window_k(self, B: int):
-        # the first B sequences' window K of every KV head, [B, Hkv, W, D]
-        return self.kv_cache.k[:B, :, :self.window] if self.k_win is None else self.k_win[:B]
+    def window_k(self, rows: slice):
+        # the cache rows' window K of every KV head, [B, Hkv, W, D]
+        return self.kv_cache.k[rows, :, :self.window] if self.k_win is None else self.k_win[rows]
 
     def cache_nbytes(self) -> dict:
         """Bytes of the K and V caches, and of CHAI's per-sequence state beside them (window K and features,
@@ -188,6 +194,8 @@ class ChaiAttention:
         S = q.shape[2]
         if self.ready and S == 1:  # decode: no host read
             return self.attend_clustered(q, k, v, input_pos, mask)
+        if input_pos.dim() == 2:  # one token per row, each at its own position, some maybe inside their window
+            return self.attend_rows(q, k, v, input_pos, mask)
         # a prefill chunk spans keys 0..start+S-1 (its mask's width); a single token inside the window is read from
         # the device (only until the window is full)
         start = mask.shape[-1] - S if S > 1 else int(input_pos[0])
@@ -207,7 +215,8 @@ class ChaiAttention:
         y_w = self.attend_window(q[:, :, :n_w], k[:, :, :n_w], v[:, :, :n_w], start)  # [B, H, n_w, D]
         if start + n_w < self.window:
             return y_w  # still inside the window: dense
-        self.decide_membership(q.shape[0])
+        self.decide_membership(slice(0, q.shape[0]))
+        self.ready = True
         if S == n_w:
             return y_w
         # the rows after the window: the whole chunk goes through the clustered pass and its window rows are dropped,
@@ -216,15 +225,35 @@ class ChaiAttention:
         y_r = self.attend_clustered(q, k, v, input_pos, mask)[:, :, n_w:]
         return torch.cat([y_w, y_r], dim=2)
 
-    def attend_window(self, q, k, v, p0: int):
-        """Window rows p0..p0+n-1: q [B, H, n, D], k/v [B, Hkv, n, D] -> their dense output [B, H, n, D]; k into the
-        window's K, v into the cache, their probabilities over the window into p_win (the features)."""
-        B, n = q.shape[0], q.shape[2]
-        self.window_k(B)[:, :, p0:p0 + n] = k
-        self.kv_cache.v[:B, :, p0:p0 + n] = v
-        probs = window_probs(q, self.window_k(B), p0, self.scale)  # [B, H, n, W]
-        self.p_win[:B, :, p0:p0 + n] = probs
-        v_win = repeat_kv(self.kv_cache.v[:B, :, :self.window], self.n_heads)  # [B, H, W, D]
+    def attend_rows(self, q, k, v, input_pos, mask):
+        """One token per row at its own position (input_pos [B, 1], read on the host): every row through the clustered
+        pass, then each row still inside its window redone densely (its clustered output and its K written at a window
+        position are replaced: the window's K goes into the compact cache when the row decides at position W-1)."""
+        if self.decides_on == "prompt":
+            raise RuntimeError(f"CHAI layer {self.layer_idx}: membership from the prompt is decided by a prompt call "
+                               "from position 0 for every row; per-row positions arrived before it")
+        y = self.attend_clustered(q, k, v, input_pos, mask)  # [B, H, 1, D]
+        pos = input_pos[:, 0].tolist()
+        for b, p in enumerate(pos):
+            if p < self.window:
+                rows = slice(b, b + 1)
+                y[rows] = self.attend_window(q[rows], k[rows], v[rows], p, rows)
+                if p == self.window - 1:
+                    self.decide_membership(rows)
+        self.ready = min(pos) >= self.window - 1
+        return y
+
+    def attend_window(self, q, k, v, p0: int, rows: slice | None = None):
+        """Window rows p0..p0+n-1 of the cache rows `rows` (default the first B): q [B, H, n, D], k/v [B, Hkv, n, D]
+        -> their dense output [B, H, n, D]; k into the window's K, v into the cache, their probabilities over the
+        window into p_win (the features)."""
+        n = q.shape[2]
+        rows = slice(0, q.shape[0]) if rows is None else rows
+        self.window_k(rows)[:, :, p0:p0 + n] = k
+        self.kv_cache.v[rows, :, p0:p0 + n] = v
+        probs = window_probs(q, self.window_k(rows), p0, self.scale)  # [B, H, n, W]
+        self.p_win[rows, :, p0:p0 + n] = probs
+        v_win = repeat_kv(self.kv_cache.v[rows, :, :self.window], self.n_heads)  # [B, H, W, D]
         return torch.matmul(probs.to(v.dtype), v_win)
 
     def attend_prompt(self, q, k, v, input_pos):
@@ -232,7 +261,8 @@ class ChaiAttention:
         membership from its last rows, then only the slots' K and all V into the cache -> [B, H, P, D]."""
         B = q.shape[0]
         y = attention(q, k, v, None, self.scale)  # [B, H, P, D], causal
-        self.decide_membership(B, prompt_probs(q, k, self.prompt_rows, self.scale).flatten(2))
+        self.decide_membership(slice(0, B), prompt_probs(q, k, self.prompt_rows, self.scale).flatten(2))
+        self.ready = True
         self.kv_cache.update(input_pos, batched_index(k, self.kv_of_slot[:B]), v)
         return y
 
@@ -255,22 +285,21 @@ class ChaiAttention:
             kv_of_slot, slot_of_rep = torch.arange(self.n_kv_heads, device=dev).expand(B, -1), rep_kv
         return rep_idx, head_to_cluster, kv_of_slot, slot_of_rep
 
-    def decide_membership(self, B: int, features=None):
-        """Clusters the first B sequences' heads on features [B, H, F] (None: their window's) and, for the window,
-        keeps only the slots' window K."""
+    def decide_membership(self, rows: slice, features=None):
+        """Clusters the cache rows `rows` on features [B, H, F] (None: their window's) and, for the window, keeps only
+        the slots' window K."""
         by_window = features is None
         if by_window:
-            features = self.p_win[:B].flatten(2)  # [B, H, W*W]
-        self.store_membership(B, features)
+            features = self.p_win[rows].flatten(2)  # [B, H, W*W]
+        self.store_membership(rows, features)
         if by_window and self.k_win is not None:
-            self.kv_cache.k[:B, :, :self.window] = batched_index(self.k_win[:B], self.kv_of_slot[:B])
-        self.ready = True
+            self.kv_cache.k[rows, :, :self.window] = batched_index(self.k_win[rows], self.kv_of_slot[rows])
 
-    def store_membership(self, B: int, features):
-        # the first B sequences' membership into the buffers that later steps read
+    def store_membership(self, rows: slice, features):
+        # the rows' membership into the buffers that later steps read
         for dst, src in zip((self.rep_idx, self.head_to_cluster, self.kv_of_slot, self.slot_of_rep),
                             self.membership(features)):
-            dst[:B].copy_(src)
+            dst[rows].copy_(src)
 
     def attend_clustered(self, q, k, v, input_pos, mask):
         """Rows past the window: the representatives' q, the slots' K into the compact cache, V into the cache."""
@@ -379,9 +408,20 @@ def scoring_prompt(model, n_tokens: int | None):
 
 
 def reset(model) -> None:
-    """Forgets every sequence's membership (a new request starts)."""
+    """Makes the next call read positions on the host (a new request starts, or a row is inside its window): each
+    row then follows its own position, and a row that reaches position W-1 decides its membership."""
     for attn in chai_layers(model):
         attn.ready = False
+
+
+def open_windows(model, next_positions) -> None:
+    """Tells the CHAI layers the next position of each row of the cache (host ints): if any is inside a layer's
+    window, that layer's next decode call reads positions on the host and routes each row (ChaiAttention.attend_rows).
+    A serving loop calls it after every prefill, whose rows may be shorter than the window."""
+    low = min(next_positions, default=None)
+    for attn in chai_layers(model):
+        if low is not None and low < attn.window:
+            attn.ready = False
 
 
 def ready(model) -> bool:
