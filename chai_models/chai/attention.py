@@ -229,9 +229,8 @@ class ChaiAttention:
         """One token per row at its own position (input_pos [B, 1], read on the host): every row through the clustered
         pass, then each row still inside its window redone densely (its clustered output and its K written at a window
         position are replaced: the window's K goes into the compact cache when the row decides at position W-1)."""
-        if self.decides_on == "prompt":
-            raise RuntimeError(f"CHAI layer {self.layer_idx}: membership from the prompt is decided by a prompt call "
-                               "from position 0 for every row; per-row positions arrived before it")
+        if self.decides_on == "prompt":  # every row's membership came with its prompt's call: all rows clustered
+            return self.attend_clustered(q, k, v, input_pos, mask)
         y = self.attend_clustered(q, k, v, input_pos, mask)  # [B, H, 1, D]
         pos = input_pos[:, 0].tolist()
         for b, p in enumerate(pos):
