@@ -2,17 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 import torch
 
 
-def _default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def cmd_generate(a) -> int:
-    from . import chai
+    from . import chai, parallel, set_chai
     from .checkpoint import CheckpointError, load
     from .generation import generate
     from .tokenizer import load_tokenizer
@@ -23,14 +20,23 @@ def cmd_generate(a) -> int:
         model_dir = ensure_default_model()
     else:
         model_dir = a.model
-    device = a.device or _default_device()
+    # under torchrun: one rank of a tensor-parallel group, which loads its slices only; rank 0 alone prints
+    tp, device = parallel.init_from_env(a.device)
+    show = tp is None or tp.rank == 0
     dtype = a.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     try:
-        model = load(model_dir, device=device, dtype=dtype, chai=a.chai)
+        model = (load if tp is None else parallel.load)(model_dir, device=device, dtype=dtype, chai=a.chai)
+        if a.chai_groups > 1 and model.chai_config is not None:
+            set_chai(model, dataclasses.replace(model.chai_config, groups=a.chai_groups))
         tok = load_tokenizer(model_dir)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    seed = a.seed
+    if tp is not None and seed is None:  # every rank must sample the same token: one seed, rank 0's
+        seed = [torch.seed() if show else 0]
+        torch.distributed.broadcast_object_list(seed, src=0)
+        seed = seed[0]
     if a.chai is not None and model.chai_config is None:
         print("error: --chai auto but the checkpoint has no chai.json; calibrate it first "
               f"(python tools/calibrate.py {model_dir}) or give counts, e.g. --chai 4", file=sys.stderr)
@@ -38,14 +44,19 @@ def cmd_generate(a) -> int:
     chat = not a.raw and tok.chat_template is not None
 
     def stream(row, piece):
-        print(piece, end="", flush=True)
+        if show:
+            print(piece, end="", flush=True)
 
     try:
         out = generate(model, tok, [a.prompt], max_new_tokens=a.max_new_tokens, temperature=a.temperature,
-                       top_k=a.top_k, top_p=a.top_p, seed=a.seed, stop=a.stop, chat=chat, callback=stream)
+                       top_k=a.top_k, top_p=a.top_p, seed=seed, stop=a.stop, chat=chat, callback=stream)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if tp is not None:
+        torch.distributed.destroy_process_group()
+    if not show:
+        return 0
     s = out.stats
     print(flush=True)
     print(f"[{s['prompt_tokens']} prompt tokens, {s['generated_tokens']} generated, "
@@ -75,6 +86,9 @@ def main(argv=None) -> int:
     g.add_argument("--chai", default=None, metavar="SPEC",
                    help="CHAI on: 'auto' (chai.json beside the checkpoint), a preset name, 'k' (all layers), "
                         "'N:k' (first N layers dense), or a comma list of per-layer counts")
+    g.add_argument("--chai-groups", type=int, default=1, metavar="G",
+                   help="cluster each layer's heads in G equal groups apart (what G tensor-parallel ranks do; one "
+                        "process with G reproduces torchrun --nproc-per-node G)")
     c = sub.add_parser("convert", help="convert a Hugging Face folder or .gguf file into our format",
                        add_help=False)
     c.add_argument("args", nargs=argparse.REMAINDER)

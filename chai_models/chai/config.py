@@ -22,6 +22,9 @@ class ChaiConfig:
 
     static_membership: CHAI-static, one head->cluster list per layer (None for a dense layer), fixed
     offline instead of decided per request; representatives are then the lowest index of each cluster.
+    groups: the heads of a layer are split into this many equal, contiguous groups, each clustered among itself
+    into its share of the layer's count (group_counts). It is what tensor parallelism does (each rank clusters
+    its own heads, chai_models.parallel), so one process with groups = tp reproduces a tp-rank run exactly.
     """
 
     clusters: list[int]
@@ -30,6 +33,7 @@ class ChaiConfig:
     algorithm: str = "agglomerative"
     static_membership: list[list[int] | None] | None = None
     calibration: dict | None = None  # how the counts were obtained (written by calibrate)
+    groups: int = 1
 
     def validate(self, n_layers: int, n_heads: int) -> "ChaiConfig":
         if len(self.clusters) != n_layers:
@@ -45,7 +49,17 @@ class ChaiConfig:
             raise ValueError(f"ChaiConfig.representative = {self.representative!r}; use one of {REPRESENTATIVES}")
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"ChaiConfig.algorithm = {self.algorithm!r}; use one of {ALGORITHMS}")
+        if not isinstance(self.groups, int) or self.groups < 1 or n_heads % self.groups:
+            raise ValueError(f"ChaiConfig.groups = {self.groups!r}: the clustering groups must be an int >= 1 that "
+                             f"divides n_heads ({n_heads})")
+        for i, n in enumerate(self.clusters):
+            if n < n_heads and n < self.groups:
+                raise ValueError(f"ChaiConfig.clusters[{i}] = {n} but the heads are clustered in {self.groups} "
+                                 f"groups (each needs a cluster); use counts >= {self.groups} or fewer groups")
         if self.static_membership is not None:
+            if self.groups > 1:
+                raise ValueError("ChaiConfig.static_membership (CHAI-static) lists one membership for all heads; it "
+                                 "cannot be combined with clustering groups > 1 (or tensor parallelism)")
             if len(self.static_membership) != n_layers:
                 raise ValueError(f"ChaiConfig.static_membership has {len(self.static_membership)} entries for "
                                  f"{n_layers} layers")
@@ -80,6 +94,13 @@ class ChaiConfig:
             raise ValueError(f"CHAI spec {spec!r} not understood: use a preset ({', '.join(PRESETS)}), 'k', "
                              "'N:k' or a comma list of per-layer counts") from None
         return cls(clusters=counts, **kw).validate(n_layers, n_heads)
+
+    def group_counts(self, layer: int, n_heads: int, groups: int | None = None) -> list[int]:
+        """The cluster counts of a layer's head groups (groups: default self.groups), as even as possible, the first
+        groups taking one more: 7 clusters in 3 groups -> [3, 2, 2]."""
+        g = self.groups if groups is None else groups
+        n = self.clusters[layer]
+        return [n // g + (i < n % g) for i in range(g)]
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)

@@ -120,7 +120,8 @@ class FastChaiAttention(ChaiAttention):
     def store_membership(self, B: int):
         # also the decode kernel's lists (members, cluster_start); on the device, all of it in one launch
         features = self.p_win[:B].reshape(B, self.n_heads, -1)  # [B, H, W*W]
-        if self.static is None and self.algorithm == "agglomerative" and available(features):
+        if (self.static is None and self.algorithm == "agglomerative" and len(self.group_counts) == 1
+                and available(features)):
             out = (self.rep_idx[:B], self.head_to_cluster[:B], self.kv_of_slot[:B], self.slot_of_rep[:B],
                    self.members[:B], self.cluster_start[:B])
             membership_kernel(features, self.n_clusters, self.representative == "medoid",
