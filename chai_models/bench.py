@@ -296,6 +296,30 @@ def time_calibration(model, n: int, length: int, device) -> int:
     return 0
 
 
+@torch.no_grad()
+def load_memory(path, device, tp) -> list[dict]:
+    """Loads a checkpoint (this rank's slices under torchrun, else checkpoint.load: the whole model, mmap-ed) and
+    measures this process: bytes read through read calls, resident memory before, after loading and after a forward
+    pass (which touches every weight, mmap-ed pages included) and at its peak. Returns every rank's row."""
+    from .checkpoint import load
+    from .parallel import host_memory
+    from .parallel import load as load_rank
+
+    before = host_memory()
+    model = (load if tp is None else load_rank)(path, device=device, backend="torch")
+    loaded = host_memory()
+    model(torch.zeros(1, 8, dtype=torch.long, device=device))
+    after = host_memory()
+    row = {"rank": 0 if tp is None else tp.rank, "read": loaded["rchar"] - before["rchar"], "rss_before": before["rss"],
+           "rss_loaded": loaded["rss"], "rss_forward": after["rss"], "peak": after["peak_rss"],
+           "weights": sum(t.numel() * t.element_size() for t in model.state_dict().values())}
+    if tp is None:
+        return [row]
+    rows = [None] * tp.world
+    torch.distributed.all_gather_object(rows, row)
+    return rows
+
+
 def tp_step_model(shape: str, world: int, B: int, T: int, dtype: torch.dtype, bandwidth: float,
                   allreduce_s: float) -> str:
     """What one decode step of a shape costs each rank of a tensor-parallel group, from the shapes alone (a meta
@@ -406,6 +430,9 @@ def main(argv=None) -> int:
     p.add_argument("--copy-bw", type=float, default=4.2, help="TB/s for --tp-model (default 4.2: one H200, measured)")
     p.add_argument("--allreduce-us", type=float, default=10.0,
                    help="one all-reduce's latency in us for --tp-model (bench under torchrun measures it)")
+    p.add_argument("--load-memory", default=None, metavar="CHECKPOINT",
+                   help="instead: load this checkpoint (under torchrun: each rank its slices) and print each rank's "
+                        "bytes read and resident memory")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: the parent's dense timings (json)
     argv = sys.argv[1:] if argv is None else list(argv)
     a = p.parse_args(argv)
@@ -430,6 +457,15 @@ def main(argv=None) -> int:
     if tp is not None and tp.rank != 0:
         sys.stdout = open(os.devnull, "w")
     device, dtype = torch.device(a.device), dtype_from_name(a.dtype)
+    if a.load_memory:
+        print(f"# loading {a.load_memory} on {a.device}, {1 if tp is None else tp.world} process(es); MB")
+        print(f"{'rank':>4}{'weights':>9}{'read':>9}{'RSS before':>12}{'loaded':>9}{'forward':>9}{'peak':>9}")
+        for r in load_memory(a.load_memory, device, tp):
+            print(f"{r['rank']:>4}" + "".join(f"{r[k] / 1e6:>{w}.0f}" for k, w in (
+                ("weights", 9), ("read", 9), ("rss_before", 12), ("rss_loaded", 9), ("rss_forward", 9), ("peak", 9))))
+        if tp is not None:
+            torch.distributed.destroy_process_group()
+        return 0
     per_config = a.processes == "per-config" or (a.processes == "auto" and device.type == "cuda" and tp is None)
     if per_config and tp is not None:
         p.error("--processes per-config cannot run under torchrun (each configuration runs in the ranks' processes)")

@@ -11,7 +11,7 @@ tp.py; the model files never see it:
     embeddings, norms, output replicated
 So a block costs two all-reduces of [B, S, hidden]. Why the embeddings and the output projection are replicated: a
 token lookup reads B rows of the table, so splitting it saves memory only and costs one more all-reduce; the output
-projection is 2% (LLaMA-2-7B, tp=2) to 6% (OPT-66B, tp=8) of a rank's bytes per decode step, and replicated it gives
+projection is 4% (LLaMA-2-7B, tp=2) to 5% (OPT-66B, tp=8) of a rank's bytes per decode step, and replicated it gives
 every rank bit-identical logits, so every rank samples the same token with no broadcast (generation.py runs unchanged
 on every rank) and the models' forward, which computes the logits inline, stays untouched.
 

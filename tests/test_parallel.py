@@ -204,3 +204,30 @@ def test_two_gpus_compiled_decode_equals_one_process(tmp_path):
     results = run_cases(tmp_path, 2, cases, device="cuda", backend="auto", compile=True)
     for name, ranks in results.items():
         check_equal(ranks, *refs[name], tol=1e-4)
+
+
+def test_bench_under_torchrun_prints_one_table_with_allreduce_share():
+    """tools/bench.py under torchrun: rank 0 alone prints; each row has the all-reduce time and its share."""
+    out = torchrun(2, ROOT / "tools" / "bench.py", "--shape", "tiny", "--device", "cpu", "--dtype", "float32",
+                   "--chai", "dense", "2", "--steps", "2", "--context", "32").stdout.splitlines()
+    assert sum(line.startswith("config") for line in out) == 1, out
+    rows = {" ".join(line.split()[:2]): line.split() for line in out if " eager " in line}
+    assert set(rows) == {"torch dense", "torch 2"}, out
+    for row in rows.values():
+        ar_ms, share = float(row[-2]), float(row[-1])
+        assert ar_ms > 0 and 0 < share < 100 * 10  # timed apart, so noise can put it past the step
+
+
+def test_tp_step_model_counts_bytes_and_allreduces():
+    """bench --tp-model: per-rank weight bytes of LLaMA-2-7B at tp=2 by hand (blocks split, output replicated)."""
+    from chai_models.bench import tp_step_model
+
+    d, f, L, V = 4096, 11008, 32, 32000
+    blocks = L * (4 * d * d + 3 * d * f) // 2 + L * 2 * d  # split projections, replicated norms
+    weights = 2 * (blocks + V * d + d)  # bf16; the output projection and final norm whole on every rank
+    kv = 2 * L * 16 * 512 * 128 * 2  # 16 KV heads per rank, T = 512
+    text = tp_step_model("llama-2-7b", 2, 1, 512, torch.bfloat16, 4e12, 10e-6)
+    assert f"weights read {weights / 1e9:.2f} GB" in text and f"KV read {kv / 1e9:.2f} GB" in text, text
+    assert "all-reduces 64 of 8.2 kB" in text
+    floor = (weights + kv) / 4e12 + 64 * 10e-6
+    assert f"= {floor * 1e3:.2f} ms/step" in text, text
