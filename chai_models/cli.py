@@ -61,7 +61,8 @@ def cmd_generate(a) -> int:
     print(flush=True)
     print(f"[{s['prompt_tokens']} prompt tokens, {s['generated_tokens']} generated, "
           f"{s['tokens_per_s']:.1f} tok/s, prefill {out.prefill_s * 1000:.0f} ms, KV cache "
-          f"{s['kv_cache_bytes'] / 2**20:.2f} MiB, {device} {dtype}]", file=sys.stderr)
+          f"{s['kv_cache_bytes'] / 2**20:.2f} MiB, {device} {dtype}"
+          f"{'' if tp is None else f'; rank 0 of {tp.world}, KV and weights per rank'}]", file=sys.stderr)
     if model.chai_config is not None:
         print(f"[{chai.summary(model)}]", file=sys.stderr)
     return 0

@@ -21,6 +21,7 @@ from chai_models.fast.kernels.membership import membership as membership_kernel
 from chai_models.fast.kernels.probs import clustered_probs, probs_times_v
 from chai_models.fast.kernels.window import window_attention
 from chai_models.models.llama import Attention, Llama, LlamaConfig, RMSNorm, apply_rope
+from chai_models.models.opt import OPT, OPTConfig
 
 pytestmark = pytest.mark.gpu
 
@@ -180,6 +181,27 @@ def test_tuned_compiled_decode_matches_eager(path, batch, monkeypatch):
     fast = stepwise_logits(model, tokens, 8, step, assert_ready=True)[:, 8:]
     set_backend(model, "torch")
     ref = stepwise_logits(model, tokens, 8)[:, 8:]  # the one-token steps: prefill is eager in both
+    assert rel_err(fast, ref) < 1e-5
+    assert torch.equal(fast.argmax(-1), ref.argmax(-1))
+
+
+@pytest.mark.parametrize("batch", [3, 1])
+@pytest.mark.parametrize("chai", [None, "8,2,3,1"])
+def test_opt_compiled_decode_matches_eager(chai, batch):
+    """OPT's compiled decode on the triton backend (at batch 1 its pre-LN blocks are four one-row GEMVs each, with
+    LayerNorm, the biases, ReLU and the residual adds in them) vs the torch backend in eager."""
+    dynamo.reset()
+    torch.manual_seed(0)
+    model = OPT(OPTConfig(vocab_size=256, hidden_size=256, ffn_dim=512, n_layers=4, n_heads=8,
+                          max_seq_len=512)).to("cuda").eval()
+    with torch.no_grad():
+        model.tok_embeddings.weight.mul_(4)  # peaked logits: greedy choices are far from ties
+    set_chai(model, chai_spec(chai))
+    set_backend(model, "triton")
+    tokens = cuda_tokens(batch, 48, seed=1)
+    fast = stepwise_logits(model, tokens, 8, decode_step(model, compile=True), assert_ready=True)[:, 8:]
+    set_backend(model, "torch")
+    ref = stepwise_logits(model, tokens, 8)[:, 8:]
     assert rel_err(fast, ref) < 1e-5
     assert torch.equal(fast.argmax(-1), ref.argmax(-1))
 
@@ -432,15 +454,18 @@ def test_new_token_decode_matches_torch(shape, dtype):
         assert err <= 1.5 * torch_err + 1e-4, (err, torch_err)
 
 
-GEMV_SHAPES = {  # name: (rows per weight, K, norm, residual, swiglu, bias)
-    "qkv_7b": ((4096, 4096, 4096), 4096, True, False, False, False),
-    "qkv_gqa_bias": ((896, 128, 128), 896, True, False, False, True),  # Qwen2-0.5B-like
-    "wo_7b": ((4096,), 4096, False, True, False, False),
-    "swiglu_7b": ((11008, 11008), 4096, True, False, True, False),
-    "down_7b": ((4096,), 11008, False, True, False, False),
-    "head_smollm": ((49152,), 576, True, False, False, False),
-    "odd": ((77, 5, 9), 333, True, False, False, True),
-    "odd_residual": ((77,), 333, False, True, False, True),
+GEMV_SHAPES = {  # name: (rows per weight, K, norm, residual, activation, bias); norm "rms" (LLaMA), "layer" (OPT)
+    "qkv_7b": ((4096, 4096, 4096), 4096, "rms", False, None, False),
+    "qkv_gqa_bias": ((896, 128, 128), 896, "rms", False, None, True),  # Qwen2-0.5B-like
+    "wo_7b": ((4096,), 4096, None, True, None, False),
+    "swiglu_7b": ((11008, 11008), 4096, "rms", False, "swiglu", False),
+    "down_7b": ((4096,), 11008, None, True, None, False),
+    "head_smollm": ((49152,), 576, "rms", False, None, False),
+    "odd": ((77, 5, 9), 333, "rms", False, None, True),
+    "odd_residual": ((77,), 333, None, True, None, True),
+    "qkv_opt_6.7b": ((4096, 4096, 4096), 4096, "layer", False, None, True),
+    "fc1_opt_6.7b": ((16384,), 4096, "layer", False, "relu", True),
+    "fc2_opt_6.7b": ((4096,), 16384, None, True, None, True),
 }
 
 
@@ -449,17 +474,22 @@ GEMV_SHAPES = {  # name: (rows per weight, K, norm, residual, swiglu, bias)
 def test_gemv_matches_torch(shape, dtype, monkeypatch):
     """kernels.linear's one-row GEMV (used inside torch.compile: forced here in eager) against its torch path: fp32
     to rounding, bf16 to one rounding of the output."""
-    rows, K, norm, residual, swiglu, bias = GEMV_SHAPES[shape]
+    rows, K, norm, residual, act, bias = GEMV_SHAPES[shape]
+    swiglu, relu = act == "swiglu", act == "relu"
     gen = torch.Generator("cuda").manual_seed(0)
     x = torch.randn(1, 1, K, device="cuda", generator=gen).to(dtype)
     linears = [(torch.randn(n, K, device="cuda", generator=gen).to(dtype) / K**0.5,
                 torch.randn(n, device="cuda", generator=gen).to(dtype) if bias else None) for n in rows]
-    nrm = RMSNorm(K, 1e-5).to("cuda", dtype) if norm else None
+    nrm = {"rms": lambda: RMSNorm(K, 1e-5), "layer": lambda: torch.nn.LayerNorm(K), None: lambda: None}[norm]()
     if nrm is not None:
+        nrm = nrm.to("cuda", dtype)
         nrm.weight.data.uniform_(0.5, 1.5)
+        if norm == "layer":
+            nrm.bias.data.normal_()
+            x = x + 2.0  # a mean away from 0
     n_out = rows[0] if swiglu else sum(rows)
     res = torch.randn(1, 1, n_out, device="cuda", generator=gen).to(dtype) if residual else None
-    args = dict(norm=nrm, residual=res, swiglu=swiglu)
+    args = dict(norm=nrm, residual=res, swiglu=swiglu, relu=relu)
     weights, biases = [w for w, _ in linears], [b for _, b in linears] if bias else []
     assert not gemv_applies(x, weights, biases, **args)  # eager: the torch path
     with torch.no_grad():

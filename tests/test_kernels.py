@@ -300,6 +300,7 @@ SILU_CASES = {  # name: (shape, extra)
     "one_block": ((2, 1, 96), {}),
     "partial_block": ((3, 5, 1111), {}),  # 16665 elements: a partial last block
     "strided": ((2, 40, 30), dict(strided=True)),  # transposed views: the op makes them contiguous
+    "halves": ((2, 3, 100), dict(halves=True)),  # the two halves of one packed projection: read in place
     "opcheck": ((2, 3, 64), dict(op="opcheck")),
     "grad": ((2, 3, 64), dict(op="grad")),  # a gradient is needed: silu_mul takes the torch path
 }
@@ -320,6 +321,9 @@ def test_silu_mul(name):
         return
     if extra.get("strided"):
         gate, up = gate.transpose(-1, -2), up.transpose(-1, -2)
+    if extra.get("halves"):
+        gate, up = torch.cat([gate, up], -1).split(shape[-1], -1)
+        assert gate.stride(1) == 2 * shape[-1]
     if extra.get("op") == "opcheck":
         r = torch.library.opcheck(torch.ops.chai_models.silu_mul.default, (gate.bfloat16(), up.bfloat16()))
         assert all(x == "SUCCESS" for x in r.values()), r
@@ -340,7 +344,11 @@ GEMV_CASES = {
     "swiglu_norm": ((50, 50), 200, dict(norm=True, swiglu=True)),
     "swiglu_bias": ((24, 24), 64, dict(swiglu=True, bias=True)),
     "long_k": ((9,), 9000, dict(residual=True)),  # K >= 8192: several K tiles
+    "qkv_layer_norm_bias": ((40, 40, 40), 333, dict(norm="layer", bias=True)),  # OPT's attention input
+    "fc1_layer_norm_relu": ((130,), 200, dict(norm="layer", bias=True, relu=True)),  # OPT's fc1
+    "relu_fp16": ((64,), 96, dict(relu=True, dtype=torch.float16)),
     "opcheck": ((24, 8), 64, dict(norm=True, op="opcheck")),
+    "opcheck_layer_norm_relu": ((24,), 64, dict(norm="layer", bias=True, relu=True, op="opcheck")),
     "grad": ((24,), 64, dict(op="grad")),  # a weight that needs a gradient: the torch path, and it flows
 }
 
@@ -364,17 +372,22 @@ def test_gemv(name, compiling):
                for n in rows]
     nrm = None
     if extra.get("norm"):
-        nrm = RMSNorm(K, 1e-5).to(DEVICE, dt)
+        nrm = (torch.nn.LayerNorm(K) if extra["norm"] == "layer" else RMSNorm(K, 1e-5)).to(DEVICE, dt)
         nrm.weight.data = (torch.rand(K, generator=gen) + 0.5).to(DEVICE, dt)
+        if extra["norm"] == "layer":
+            nrm.bias.data = randn(gen, K).to(dt)
+            x = x + 3.0  # a mean far from 0: the kernel must subtract it
     res = randn(gen, 1, 1, rows[0]).to(dt) if extra.get("residual") else None
-    args = dict(norm=nrm, residual=res, swiglu=extra.get("swiglu", False))
+    args = dict(norm=nrm, residual=res, swiglu=extra.get("swiglu", False), relu=extra.get("relu", False))
     weights = [w for w, _ in linears]
     biases = [b for _, b in linears] if extra.get("bias") else []
     assert gemv.gemv_applies(x, weights, biases, **args)
     assert not gemv.gemv_applies(x.expand(2, 1, K), weights, biases, **args)  # two rows: the torch path
     if op == "opcheck":
         compiling["on"] = False
-        opcheck(torch.ops.chai_models.gemv.default, (x, weights, biases, nrm.weight, 1e-5, res, args["swiglu"]))
+        layer = isinstance(nrm, torch.nn.LayerNorm)
+        opcheck(torch.ops.chai_models.gemv.default, (x, weights, biases, nrm.weight, nrm.bias if layer else None,
+                                                     nrm.eps, res, args["swiglu"], args["relu"]))
         compiling["on"] = True
     if op == "grad":
         w = weights[0].clone().requires_grad_()
@@ -390,6 +403,22 @@ def test_gemv(name, compiling):
     fast, ref = (torch.cat(t, -1) if isinstance(t, tuple) else t for t in (fast, ref))
     assert fast.shape == ref.shape and fast.dtype == ref.dtype
     assert rel_err(fast, ref) < TOL
+    if args["relu"]:
+        assert (ref == 0).any() and (ref > 0).any()  # the activation had something to do
+
+
+def test_gemv_refuses_what_it_lacks(compiling):
+    """linear keeps the torch path for a norm whose math the kernel lacks, and rejects contradictory asks."""
+    K = 16
+    x, w = torch.randn(1, 1, K, device=DEVICE), torch.randn(8, K, device=DEVICE)
+    assert gemv.gemv_applies(x, [w], norm=torch.nn.LayerNorm(K).to(DEVICE))
+    assert not gemv.gemv_applies(x, [w], norm=torch.nn.LayerNorm(K, elementwise_affine=False).to(DEVICE))
+    assert not gemv.gemv_applies(x, [w], norm=torch.nn.LayerNorm(K, bias=False).to(DEVICE))
+    assert not gemv.gemv_applies(x, [w], norm=torch.nn.GroupNorm(1, K).to(DEVICE))
+    with pytest.raises(ValueError, match="two different activations"):
+        gemv.linear(x, [w, w], swiglu=True, relu=True)
+    with pytest.raises(ValueError, match="residual"):
+        gemv.linear(x, [w], residual=x[..., :8], relu=True)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -497,6 +526,7 @@ MODEL_CASES = {
     "llama_chai_gqa_long": ("llama", 2, "4,1,3", 64, 2, dict(long=True)),
     "llama_chai_mha_b1_long": ("llama", 4, "4,1,3", 64, 1, dict(long=True)),
     "opt_chai_b1": ("opt", None, "4,1,3", 64, 1, {}),
+    "opt_chai_b1_gemv": ("opt", None, "4,1,3", 64, 1, dict(gemv=True)),  # LayerNorm and ReLU in the GEMV
 }
 # FastChaiAttention.attend_unrotated takes a batch-1 decode token's q and k as projected by the representatives' rows
 # whenever the layer has rows, but FastOPTAttention.forward projects every head (it never asks qk_weights): wrong
@@ -581,6 +611,56 @@ def test_model_backends_agree(name, monkeypatch):
     assert rel_err(fast, ref) < TOL
 
 
+@needs_kernels
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_packed_projections(family, monkeypatch):
+    """The triton backend packs Q/K/V (and LLaMA's gate/up) into one tensor per block: the state dict stays the plain
+    model's, several rows multiply by each group in one GEMM, weights loaded in place write through, and parameters
+    replaced behind its back are re-packed before use."""
+    model = tiny_model(family, 2 if family == "llama" else None, "dense", 64)
+    plain = {k: v.clone() for k, v in model.state_dict().items()}
+    set_backend(model, "triton")
+    state = model.state_dict()
+    assert state.keys() == plain.keys() and all(torch.equal(state[k], plain[k]) for k in plain)
+    blk = model.layers[1]
+    groups = blk.packed_groups()
+    assert set(groups) == ({"qkv", "gate_up"} if family == "llama" else {"qkv"})
+    for group, linears in groups.items():
+        w = getattr(blk, f"{group}_weight")
+        assert w.shape[0] == sum(lin.weight.shape[0] for lin in linears)
+        assert linears[1].weight.data_ptr() == w[linears[0].weight.shape[0]:].data_ptr()
+    tokens = torch.randint(0, 96, (2, 6), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+
+    def logits(backend):
+        set_backend(model, backend)
+        model.setup_caches(2, 64)
+        with torch.no_grad():
+            out = [model(tokens[:, :4], torch.arange(4, device=DEVICE))]
+            out += [model(tokens[:, p:p + 1], torch.tensor([p], device=DEVICE)) for p in (4, 5)]
+        return torch.cat(out, 1)
+
+    n_linear = []
+    real_linear = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda *a: n_linear.append(1) or real_linear(*a))
+    ref = logits("torch")
+    per_plain = len(n_linear)
+    n_linear.clear()
+    fast = logits("triton")
+    saved = 3 * (3 - 1 + (2 - 1 if family == "llama" else 0))  # per call: 3 layers, Q/K/V (and gate/up) as one
+    assert len(n_linear) == per_plain - saved * 3  # prefill + 2 decode steps
+    assert rel_err(fast, ref) < TOL
+    # in-place loading writes through the views; parameters replaced (assign=True) get packed again before use
+    doubled = {k: v * 2 if k.endswith("wk.weight") else v for k, v in plain.items()}
+    model.load_state_dict(doubled)
+    n_q = blk.attention.wq.weight.shape[0]
+    assert torch.equal(blk.qkv_weight[n_q:n_q + 4], doubled["layers.1.attention.wk.weight"][:4])
+    model.load_state_dict(plain, assign=True)
+    assert blk.attention.wq.weight.data_ptr() != blk.qkv_weight.data_ptr()
+    again = logits("triton")
+    assert blk.attention.wq.weight.data_ptr() == blk.qkv_weight.data_ptr()
+    assert rel_err(again, ref) < TOL
+
+
 # ----------------------------------------------------------------------------------------------------
 # Unit tests: cluster_lists, decode_config, the decode rule, the inductor fallbacks
 
@@ -649,7 +729,8 @@ def test_inductor_fallbacks(monkeypatch):
         return info(msg, *args, **kwargs)
 
     def f(x, w, g, u, p, v):  # the ops alone: no pointwise kernel for inductor to build with a C++ compiler
-        return gemv.gemv(x, [w], [], None, 0.0, None, False), silu_mul.silu_mul_op(g, u), probs.probs_times_v(p, v)
+        return (gemv.gemv(x, [w], [], None, None, 0.0, None, False, False), silu_mul.silu_mul_op(g, u),
+                probs.probs_times_v(p, v))
 
     args = tuple(t.to(DEVICE) for t in (torch.randn(1, 1, 16), torch.randn(8, 16), torch.randn(4), torch.randn(4),
                                         torch.rand(2, 1, 5), torch.randn(2, 5, 3)))
@@ -684,10 +765,11 @@ def decode_split_variant(dense, one_split, fused, pdl, rope):
                  ONE_SPLIT=one_split, STAGES=2, DENSE=dense, ROPE=rope, FUSED_COMBINE=fused, PDL=pdl))
 
 
-def gemv_variant(norm, swiglu, bias, res, pdl):
+def gemv_variant(norm, swiglu, bias, res, pdl, layer_norm=False, relu=False):
     cfg = {n: v for n, v in gemv.gemv_config(4096, 4096, swiglu).items() if n != "num_warps"}
     return (gemv, "_gemv_kernel", dict(eps="fp32"),
-            dict(K=4096, NORM=norm, SWIGLU=swiglu, HAS_BIAS=bias, HAS_RES=res, PDL=pdl, **cfg))
+            dict(K=4096, NORM=norm, LAYER_NORM=layer_norm, SWIGLU=swiglu, RELU=relu, HAS_BIAS=bias, HAS_RES=res,
+                 PDL=pdl, **cfg))
 
 
 def membership_variant(H, K, group, slots_are_reps, medoid):
@@ -711,6 +793,7 @@ COMPILE_CASES = {
     "gemv_qkv_norm_pdl": gemv_variant(True, False, False, False, True),
     "gemv_swiglu_norm_bias": gemv_variant(True, True, True, False, True),
     "gemv_bias_residual": gemv_variant(False, False, True, True, False),
+    "gemv_layer_norm_relu_pdl": gemv_variant(True, False, True, False, True, layer_norm=True, relu=True),
     "silu_mul": (silu_mul, "_silu_mul_kernel", {}, dict(BLOCK=1024, PDL=True)),
     "membership_medoid_slots": membership_variant(32, 4, 1, True, True),
     "membership_first_gqa": membership_variant(32, 3, 4, True, False),

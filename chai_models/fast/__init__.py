@@ -13,8 +13,9 @@ import torch
 from ..chai.attention import ChaiAttention, swap_class
 from ..models.llama import Block as LlamaBlock
 from ..models.opt import Attention as OPTAttention
+from ..models.opt import Block as OPTBlock
 from .attention import FastAttention, FastChaiAttention
-from .blocks import FastLlamaBlock, FastOPTAttention
+from .blocks import FastLlamaBlock, FastOPTAttention, FastOPTBlock, repack
 from .kernels import interpreted, triton
 
 BACKENDS = ("auto", "torch", "triton")
@@ -51,6 +52,10 @@ def apply(model, backend: str = "auto") -> str:
         swap_class(attn, *mixins)
         if isinstance(blk, LlamaBlock):
             swap_class(blk, FastLlamaBlock)
+        elif isinstance(blk, OPTBlock):
+            swap_class(blk, FastOPTBlock)
+        if hasattr(blk, "packed_groups"):
+            repack(blk)
     model.backend = backend
     if model.max_batch_size:  # the fast CHAI layers keep more state per sequence
         model.setup_caches(model.max_batch_size, model.max_seq_len)

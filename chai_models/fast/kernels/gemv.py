@@ -1,5 +1,5 @@
-"""One-row GEMV with the RMSNorm before it and SwiGLU or the residual add after it folded in, and `linear`, which
-uses it for a decode token at batch 1 inside torch.compile."""
+"""One-row GEMV with the norm before it (LLaMA's RMSNorm, OPT's LayerNorm) and SwiGLU, ReLU or the residual add
+after it folded in, and `linear`, which uses it for a decode token at batch 1 inside torch.compile."""
 from __future__ import annotations
 
 import torch
@@ -16,9 +16,11 @@ if triton is not None:
 #
 # One launch serves up to three weights of one K (Q, K and V; or SwiGLU's gate and up), and folds in what sits
 # around a projection in a LLaMA block, so that none of it is a launch of its own:
-#   - an RMSNorm prologue (llama.RMSNorm's math and roundings; each program recomputes the 8 KB of x it needs);
+#   - a norm prologue: llama.RMSNorm's math and roundings, or nn.LayerNorm's (mean and variance in fp32, one
+#     rounding of the output); each program recomputes the statistics of the 8 KB of x it needs, in one pass
+#     (two passes, mean then variance, ran OPT-6.7B's decode 2.4% slower: docs/performance.md, "OPT decode");
 #   - SwiGLU: a program reads the same rows of gate and up and writes silu(gate x) * (up x);
-#   - a bias, and a residual add.
+#   - a bias, ReLU, and a residual add.
 # Each program owns BLOCK_N rows and walks K in BLOCK_K tiles, one tile loaded ahead. The weights do not depend on
 # the previous kernel, so under PDL the first tile is requested before gdc_wait: the weight stream starts while
 # the previous kernel drains. It reads the weights faster than inductor's tuned reductions of the same products
@@ -27,9 +29,10 @@ if triton is not None:
 if triton is not None:
 
     @triton.jit
-    def _gemv_kernel(x_ptr, g_ptr, w0_ptr, w1_ptr, w2_ptr, b0_ptr, b1_ptr, b2_ptr, res_ptr, out_ptr, N0, N1, N2,
-                     eps, K: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    def _gemv_kernel(x_ptr, g_ptr, gb_ptr, w0_ptr, w1_ptr, w2_ptr, b0_ptr, b1_ptr, b2_ptr, res_ptr, out_ptr, N0, N1,
+                     N2, eps, K: tl.constexpr, NORM: tl.constexpr, LAYER_NORM: tl.constexpr, SWIGLU: tl.constexpr,
+                     RELU: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, PDL: tl.constexpr):
         # programs 0..nb0-1 take weight 0, then weight 1, then weight 2; outputs are concatenated in that order
         pid = tl.program_id(0)
         nb0 = tl.cdiv(N0, BLOCK_N)
@@ -51,7 +54,21 @@ if triton is not None:
         if PDL:
             tl.extra.cuda.gdc_wait()  # x and the residual are the previous kernel's output
             tl.extra.cuda.gdc_launch_dependents()
-        if NORM:
+        mean = 0.0
+        if NORM and LAYER_NORM:  # one pass over x for both moments, shifted by x[0] against cancellation
+            shift = tl.load(x_ptr).to(tl.float32)
+            sx = tl.zeros([BLOCK_K], dtype=tl.float32)
+            sq = tl.zeros([BLOCK_K], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                xk = tl.load(x_ptr + k0 + ks, mask=k0 + ks < K, other=0.0).to(tl.float32)
+                xk = tl.where(k0 + ks < K, xk - shift, 0.0)
+                sx += xk
+                sq += xk * xk
+            m = tl.sum(sx, 0) / K
+            mean = m + shift
+            # 1/std(x), the biased variance as nn.LayerNorm takes it
+            inv_rms = 1.0 / tl.sqrt(tl.maximum(tl.sum(sq, 0) / K - m * m, 0.0) + eps)
+        elif NORM:  # 1/rms(x)
             sq = tl.zeros([BLOCK_K], dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 xk = tl.load(x_ptr + k0 + ks, mask=k0 + ks < K, other=0.0).to(tl.float32)
@@ -62,7 +79,11 @@ if triton is not None:
         for k0 in range(0, K, BLOCK_K):
             k_ok = k0 + ks < K
             xk = tl.load(x_ptr + k0 + ks, mask=k_ok, other=0.0)  # [BLOCK_K]
-            if NORM:  # weight * (x * inv_rms).to(dtype), rounded as llama.RMSNorm rounds it
+            if NORM and LAYER_NORM:  # (x - mean) / std * weight + bias in fp32, one rounding, as nn.LayerNorm
+                gk = tl.load(g_ptr + k0 + ks, mask=k_ok, other=0.0).to(tl.float32)
+                bk = tl.load(gb_ptr + k0 + ks, mask=k_ok, other=0.0).to(tl.float32)
+                xk = ((xk.to(tl.float32) - mean) * inv_rms * gk + bk).to(xk.dtype)
+            elif NORM:  # weight * (x * inv_rms).to(dtype), rounded as llama.RMSNorm rounds it
                 gk = tl.load(g_ptr + k0 + ks, mask=k_ok, other=0.0).to(tl.float32)
                 xk = (gk * (xk.to(tl.float32) * inv_rms).to(xk.dtype).to(tl.float32)).to(xk.dtype)
             xk = xk.to(tl.float32)[None, :]
@@ -84,6 +105,8 @@ if triton is not None:
                 u += tl.load(b1_ptr + rows, mask=r_ok, other=0.0).to(tl.float32)
             g = y.to(odt).to(tl.float32)
             y = (g / (1.0 + tl.exp(-g))).to(odt).to(tl.float32) * u.to(odt).to(tl.float32)
+        if RELU:  # F.relu(W x + b): the rounding commutes with it
+            y = tl.maximum(y, 0.0)
         if HAS_RES:  # residual + (W x).to(dtype)
             y = tl.load(res_ptr + rows, mask=r_ok, other=0.0).to(tl.float32) + y.to(odt).to(tl.float32)
         tl.store(out_ptr + out0 + rows, y.to(odt), mask=r_ok)
@@ -107,7 +130,7 @@ def gemv_config(n_rows: int, K: int, swiglu: bool) -> dict:
     return dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
 
 
-def gemv_launch(x, weights, biases, norm_weight, eps, residual, swiglu):
+def gemv_launch(x, weights, biases, norm_weight, norm_bias, eps, residual, swiglu, relu):
     K = x.shape[-1]
     x = x.contiguous()
     ns = [w.shape[0] for w in weights]
@@ -120,27 +143,29 @@ def gemv_launch(x, weights, biases, norm_weight, eps, residual, swiglu):
     ns = ns + [0] * (3 - len(ns))
     cfg = gemv_config(n_out, K, swiglu)
     grid = (sum(triton.cdiv(n, cfg["BLOCK_N"]) for n in ns),)
-    _gemv_kernel[grid](x, norm_weight if norm_weight is not None else x, *ws, *bs,
-                       residual.contiguous() if residual is not None else x, out, ns[0], ns[1], ns[2], eps, K=K,
-                       NORM=norm_weight is not None, SWIGLU=swiglu, HAS_BIAS=bool(biases),
-                       HAS_RES=residual is not None, **cfg, **_pdl_kwargs(x.device))
+    _gemv_kernel[grid](x, norm_weight if norm_weight is not None else x, norm_bias if norm_bias is not None else x,
+                       *ws, *bs, residual.contiguous() if residual is not None else x, out, ns[0], ns[1], ns[2], eps,
+                       K=K, NORM=norm_weight is not None, LAYER_NORM=norm_bias is not None, SWIGLU=swiglu, RELU=relu,
+                       HAS_BIAS=bool(biases), HAS_RES=residual is not None, **cfg, **_pdl_kwargs(x.device))
     return out
 
 
 @torch.library.custom_op("chai_models::gemv", mutates_args=())
 def gemv(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor], norm_weight: torch.Tensor | None,
-         eps: float, residual: torch.Tensor | None, swiglu: bool) -> torch.Tensor:
+         norm_bias: torch.Tensor | None, eps: float, residual: torch.Tensor | None, swiglu: bool,
+         relu: bool) -> torch.Tensor:
     """One row x [..., K] (one element in the leading dims) through up to three weights [N_i, K] -> [..., sum N_i].
 
-    biases: one per weight, or empty. norm_weight: RMSNorm x first (llama.RMSNorm, eps). swiglu: two weights of one
-    shape, out = silu(W0 x) * (W1 x) [..., N_0]. residual [..., N]: out = residual + W x. An opaque op, so
-    torch.compile keeps it one launch. The contract and the checks live in kernels.linear.
+    biases: one per weight, or empty. norm_weight alone: RMSNorm x first (llama.RMSNorm, eps); with norm_bias:
+    LayerNorm (nn.LayerNorm, eps). swiglu: two weights of one shape, out = silu(W0 x) * (W1 x) [..., N_0]. relu:
+    out = relu(W x + b). residual [..., N]: out = residual + W x. An opaque op, so torch.compile keeps it one
+    launch. The contract and the checks live in kernels.linear.
     """
-    return gemv_launch(x, weights, biases, norm_weight, eps, residual, swiglu)
+    return gemv_launch(x, weights, biases, norm_weight, norm_bias, eps, residual, swiglu, relu)
 
 
 @gemv.register_fake
-def _(x, weights, biases, norm_weight, eps, residual, swiglu):
+def _(x, weights, biases, norm_weight, norm_bias, eps, residual, swiglu, relu):
     n = weights[0].shape[0] if swiglu else sum(w.shape[0] for w in weights)
     return x.new_empty(*x.shape[:-1], n)
 
@@ -151,7 +176,15 @@ def _weight_bias(m):  # an nn.Linear, a (weight, bias) pair, or a bare weight
     return tuple(m) if isinstance(m, (tuple, list)) else (m, None)
 
 
-def gemv_applies(x: torch.Tensor, weights, biases=(), norm=None, residual=None, swiglu=False) -> bool:
+def norm_in_kernel(norm, K: int) -> bool:
+    """Whether the kernel has this norm module's math: llama.RMSNorm, or an affine nn.LayerNorm over the last dim."""
+    if type(norm) is RMSNorm:
+        return norm.weight.shape == (K,)
+    return (type(norm) is torch.nn.LayerNorm and norm.normalized_shape == (K,) and norm.weight is not None
+            and norm.bias is not None)
+
+
+def gemv_applies(x: torch.Tensor, weights, biases=(), norm=None, residual=None, swiglu=False, relu=False) -> bool:
     """Whether `linear` runs this call as one _gemv_kernel launch: one row, inside torch.compile (where CUDA graphs
     make its launch free; in eager decode cuBLAS's launches cost less host time than a Triton launch)."""
     if not torch.compiler.is_compiling():
@@ -165,37 +198,47 @@ def gemv_applies(x: torch.Tensor, weights, biases=(), norm=None, residual=None, 
         return False
     if biases and any(b is None or b.dtype != dt or b.shape != (w.shape[0],) for w, b in zip(weights, biases)):
         return False
-    if norm is not None and not (type(norm) is RMSNorm and norm.weight.shape == (K,)):  # its math is in the kernel
+    if norm is not None and not (norm_in_kernel(norm, K) and all(t.dtype == dt for t in norm.parameters())):
         return False
-    if swiglu and (len(weights) != 2 or weights[0].shape != weights[1].shape):
+    if swiglu and (relu or len(weights) != 2 or weights[0].shape != weights[1].shape):
         return False
     return residual is None or (residual.numel() == weights[0].shape[0] and residual.dtype == dt)
 
 
-def linear(x: torch.Tensor, linears, norm=None, residual=None, swiglu=False):
+def linear(x: torch.Tensor, linears, norm=None, residual=None, swiglu=False, relu=False, packed=None):
     """The projections of a block, with what surrounds them, in one call.
 
-    linears: nn.Linear modules, (weight, bias) pairs or bare weights, sharing an input; norm: an RMSNorm module
-    applied to x first; swiglu: out = silu(l0(x)) * l1(x); residual: out = residual + l0(x). Returns one tensor,
+    linears: nn.Linear modules, (weight, bias) pairs or bare weights, sharing an input; norm: an RMSNorm or LayerNorm
+    module applied to x first; swiglu: out = silu(l0(x)) * l1(x); relu: out = relu(l(x)) for each linear; residual:
+    out = residual + l0(x); packed: (weight, bias or None) holding the linears' weights (and biases) stacked in
+    order, which the torch path multiplies by as one GEMM (fast.blocks.pack). Returns one tensor,
     or with several linears and no swiglu a tuple, one per linear. One token on CUDA (decode at batch 1) in a
     compiled graph: one _gemv_kernel launch (gemv_applies); otherwise the plain torch ops, which are also the
     reference.
     """
-    if residual is not None and (swiglu or len(linears) != 1):
-        raise ValueError("linear: a residual goes with exactly one linear and no swiglu")
+    if residual is not None and (swiglu or relu or len(linears) != 1):
+        raise ValueError("linear: a residual goes with exactly one linear and no swiglu or relu")
+    if swiglu and relu:
+        raise ValueError("linear: swiglu and relu are two different activations; pass one")
     wb = [_weight_bias(m) for m in linears]
     weights = [w for w, _ in wb]
     biases = [b for _, b in wb] if any(b is not None for _, b in wb) else []
-    if gemv_applies(x, weights, biases, norm, residual, swiglu):
-        out = gemv(x, weights, biases, norm.weight if norm is not None else None,
-                   float(norm.eps) if norm is not None else 0.0, residual, swiglu)
+    if gemv_applies(x, weights, biases, norm, residual, swiglu, relu):
+        layer_norm = isinstance(norm, torch.nn.LayerNorm)
+        out = gemv(x, weights, biases, norm.weight if norm is not None else None, norm.bias if layer_norm else None,
+                   float(norm.eps) if norm is not None else 0.0, residual, swiglu, relu)
         if len(weights) == 1 or swiglu:
             return out
         return out.split([w.shape[0] for w in weights], dim=-1)
     h = norm(x) if norm is not None else x
-    ys = [torch.nn.functional.linear(h, w, b) for w, b in wb]
+    if packed is not None:  # views of one product: [..., sum N_i] -> [..., N_i] each
+        ys = torch.nn.functional.linear(h, *packed).split([w.shape[0] for w in weights], dim=-1)
+    else:
+        ys = [torch.nn.functional.linear(h, w, b) for w, b in wb]
     if swiglu:
         return silu_mul(ys[0], ys[1])
+    if relu:
+        ys = [torch.relu(y) for y in ys]
     if residual is not None:
         return residual + ys[0]
     return ys[0] if len(ys) == 1 else tuple(ys)

@@ -17,13 +17,17 @@ if triton is not None:
 if triton is not None:
 
     @triton.jit
-    def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, N, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, N, n_cols, g_row_stride, u_row_stride, BLOCK: tl.constexpr,
+                         PDL: tl.constexpr):
+        # gate and up [rows, n_cols] with unit column stride and their own row strides (e.g. the two halves of one
+        # packed projection's output); out [rows, n_cols] contiguous; N = rows * n_cols
         i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         ok = i < N
+        row, col = i // n_cols, i % n_cols
         if PDL:
             tl.extra.cuda.gdc_wait()
-        g = tl.load(g_ptr + i, mask=ok, other=0.0).to(tl.float32)
-        u = tl.load(u_ptr + i, mask=ok, other=0.0)
+        g = tl.load(g_ptr + row * g_row_stride + col, mask=ok, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + row * u_row_stride + col, mask=ok, other=0.0)
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
         s = (g / (1.0 + tl.exp(-g))).to(u.dtype)  # rounded to the input dtype, as F.silu's output is
@@ -32,12 +36,16 @@ if triton is not None:
 
 @torch.library.custom_op("chai_models::silu_mul", mutates_args=())
 def silu_mul_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """F.silu(gate) * up for two tensors of one shape and dtype (CUDA, or CPU under TRITON_INTERPRET=1)."""
-    gate, up = gate.contiguous(), up.contiguous()
-    out = torch.empty_like(gate)
+    """F.silu(gate) * up for two tensors of one shape and dtype (CUDA, or CPU under TRITON_INTERPRET=1); strided
+    rows are read in place (the halves of a packed gate/up projection's output are not copied first)."""
+    n_cols = gate.shape[-1]
+    g2, u2 = (t.reshape(-1, n_cols) for t in (gate, up))  # [rows, n_cols]; a view wherever the rows allow one
+    g2, u2 = (t if t.stride(-1) == 1 else t.contiguous() for t in (g2, u2))
+    out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     n = gate.numel()
     block = 1024
-    _silu_mul_kernel[(triton.cdiv(n, block),)](gate, up, out, n, BLOCK=block, num_warps=4, **_pdl_kwargs(gate.device))
+    _silu_mul_kernel[(triton.cdiv(n, block),)](g2, u2, out, n, n_cols, g2.stride(0), u2.stride(0), BLOCK=block,
+                                               num_warps=4, **_pdl_kwargs(gate.device))
     return out
 
 
