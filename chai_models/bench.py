@@ -343,15 +343,14 @@ def tp_step_model(shape: str, world: int, B: int, T: int, dtype: torch.dtype, ba
     kv = 2 * cfg.n_layers * B * n_kv * T * cfg.head_dim * es
     n_ar = 2 * cfg.n_layers if world > 1 else 0
     ar_bytes = B * cfg.hidden_size * es
-    floor = (read + kv) / bandwidth
+    floor, t_ar = (read + kv) / bandwidth, n_ar * allreduce_s
+    sent = 2 * (world - 1) / world * ar_bytes * n_ar  # a ring all-reduce sends 2 (tp - 1) / tp of the tensor
     lines = [f"# {shape} at tp={world}, B={B}, T={T}, {str(dtype).split('.')[-1]}, per rank:",
              f"weights read {read / 1e9:.2f} GB (replicated output projection included), KV read {kv / 1e9:.2f} GB",
-             f"all-reduces {n_ar} of {ar_bytes / 1e3:.1f} kB (ring: {2 * (world - 1) / world * ar_bytes * n_ar / 1e6:.2f}"
-             f" MB sent per rank per step)",
-             f"floor {floor * 1e3:.2f} ms at {bandwidth / 1e12:.2f} TB/s + all-reduces {n_ar * allreduce_s * 1e3:.2f} ms "
-             f"at {allreduce_s * 1e6:.1f} us each = {(floor + n_ar * allreduce_s) * 1e3:.2f} ms/step, "
-             f"{B / (floor + n_ar * allreduce_s):.1f} tok/s; all-reduce share "
-             f"{100 * n_ar * allreduce_s / (floor + n_ar * allreduce_s):.0f}%"]
+             f"all-reduces {n_ar} of {ar_bytes / 1e3:.1f} kB (ring: {sent / 1e6:.2f} MB sent per rank per step)",
+             f"floor {floor * 1e3:.2f} ms at {bandwidth / 1e12:.2f} TB/s + all-reduces {t_ar * 1e3:.2f} ms at "
+             f"{allreduce_s * 1e6:.1f} us each = {(floor + t_ar) * 1e3:.2f} ms/step, {B / (floor + t_ar):.1f} tok/s; "
+             f"all-reduce share {100 * t_ar / (floor + t_ar):.0f}%"]
     return "\n".join(lines)
 
 
@@ -477,8 +476,8 @@ def main(argv=None) -> int:
     print(f"# {a.shape} {a.dtype} on {card}, torch {torch.__version__}, copy bandwidth {bw / 1e12:.2f} TB/s, "
           f"weights {weight_bytes(model) / 1e9:.2f} GB" + ("" if tp is None else " per rank"))
     if tp is not None:
-        print(f"# tensor parallel over {tp.world} ranks ({torch.distributed.get_backend()}): bytes, GB/s and %bw per rank; "
-              "all-reduce: the step's 2 x n_layers all-reduces timed alone, and their share of the step")
+        print(f"# tensor parallel over {tp.world} ranks ({torch.distributed.get_backend()}): bytes, GB/s and %bw per "
+              "rank; AR: the step's 2 x n_layers all-reduces timed alone, and their share of the step")
     if a.calibrate:
         return time_calibration(model, a.calibrate, a.calibrate_len, device)
     hdr = (f"{'config':<22}{'B':>4}{'T':>7}{'mode':>10}{'tok/s':>10}{'ms/tok':>9}{'GB/s':>8}{'%bw':>6}"

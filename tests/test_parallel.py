@@ -70,10 +70,11 @@ def reference(path, chai, tokens, prefill):
 
 
 def run_cases(tmp_path, n, cases, **options):
-    """cases: name -> (checkpoint, ChaiConfig or None, tokens, prefill); runs them all in one launch of n ranks and
-    returns name -> [rank results]. options: device, backend, compile (tests/tp_worker.py)."""
+    """cases: name -> (checkpoint, ChaiConfig or None, tokens, prefill[, options]); runs them all in one launch of n
+    ranks and returns name -> [rank results]. options: device, backend, compile (tests/tp_worker.py)."""
     spec = [{"path": str(p), "chai": None if c is None else c.to_json(), "tokens": t.tolist(), "prefill": pf,
-             "out": str(tmp_path / name), **options} for name, (p, c, t, pf) in cases.items()]
+             "out": str(tmp_path / name), **options, **(rest[0] if rest else {})}
+            for name, (p, c, t, pf, *rest) in cases.items()]
     job = tmp_path / "job.json"
     job.write_text(json.dumps(spec))
     torchrun(n, ROOT / "tests" / "tp_worker.py", job)
@@ -104,6 +105,10 @@ def test_tiny_models_tp2_equal_one_process(tmp_path):
             refs[f"{name}_{variant}"] = reference(path, c, tokens, 3)
     cases["mha_chai_prefill"] = (tmp_path / "mha", cases["mha_chai"][1], tokens, 7)  # the window inside the prefill
     refs["mha_chai_prefill"] = reference(tmp_path / "mha", cases["mha_chai"][1], tokens, 7)
+    # the triton backend's fused blocks (kernels interpreted on the CPU): the all-reduce before the residual add
+    for name in ("gqa_chai", "opt_dense"):
+        cases[f"{name}_triton"] = (*cases[name], {"backend": "triton"})
+        refs[f"{name}_triton"] = refs[name]
     results = run_cases(tmp_path, 2, cases)
     for name, ranks in results.items():
         check_equal(ranks, *refs[name])

@@ -296,7 +296,11 @@ def install(model, cfg: ChaiConfig | None, cluster_dense_layers: bool = False) -
             raise ValueError(f"ChaiConfig.groups = {cfg.groups} under tensor parallelism over {world} ranks: each "
                              f"rank clusters its own heads, so groups must be a multiple of {world} (or 1)")
         if groups != cfg.groups:  # the same checks as one process with these groups
-            dataclasses.replace(cfg, groups=groups).validate(mc.n_layers, mc.n_heads)
+            try:
+                dataclasses.replace(cfg, groups=groups).validate(mc.n_layers, mc.n_heads)
+            except ValueError as e:
+                raise ValueError(f"tensor parallelism over {world} ranks: each rank clusters its own heads, "
+                                 f"so {e}") from e
     for i, attn in enumerate(model.attention_layers):
         n_clusters = mc.n_heads if cfg is None else cfg.clusters[i]
         if cfg is None or (n_clusters == mc.n_heads and not cluster_dense_layers):
