@@ -236,3 +236,18 @@ def test_tp_step_model_counts_bytes_and_allreduces():
     assert "all-reduces 64 of 8.2 kB" in text
     floor = (weights + kv) / 4e12 + 64 * 10e-6
     assert f"= {floor * 1e3:.2f} ms/step" in text, text
+
+
+def test_evaluate_groups_methods():
+    """evaluate --groups G: each CHAI method also runs with its heads clustered in G groups, at the same counts."""
+    from chai_models.evaluate import EvaluationError, build_methods
+
+    cfg = LlamaConfig(vocab_size=16, hidden_size=36, intermediate_size=16, n_layers=2, n_heads=9, n_kv_heads=3,
+                      head_dim=4)
+    model = Llama(cfg)
+    methods = build_methods(model, None, ["9,5"], groups=[3], n_random=1)
+    assert [(m.name, m.chai and m.chai.groups) for m in methods] == [
+        ("dense", None), ("chai[9,5]", 1), ("chai[9,5]/g3", 3), ("random[chai[9,5]]", 1)]
+    assert methods[2].chai.clusters == [9, 5]
+    with pytest.raises(EvaluationError, match="counts >= 3"):
+        build_methods(model, None, ["9,2"], groups=[3])
