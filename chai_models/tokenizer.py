@@ -8,8 +8,9 @@
     stream = tok.stream_decoder(); pieces = [stream.push(i) for i in ids] + [stream.flush()]
 
 Folder files read (HF formats): tokenizer.json (byte-level BPE), or vocab.json + merges.txt (GPT-2/OPT),
-or tokenizer.model (sentencepiece); plus tokenizer_config.json, special_tokens_map.json,
-generation_config.json, added_tokens.json and our config.json when present.
+or tokenizer.model (sentencepiece, or Meta's LLaMA-3 tiktoken ranks: one "base64-token rank" per line);
+plus tokenizer_config.json, special_tokens_map.json, generation_config.json, added_tokens.json and our
+config.json when present.
 Neither `tokenizers` nor `transformers` nor jinja2 is used here; they are test oracles only.
 """
 from __future__ import annotations
@@ -26,9 +27,24 @@ import regex
 
 # GPT-2's byte-level split, shared by GPT-2, OPT, SmolLM2 and most byte-level BPE models
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# LLaMA-3's split: case-insensitive contractions, letters with one leading non-letter, numbers in groups of up to
+# three digits, punctuation runs with their newlines, newline runs
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+# The HF pre_tokenizer that LLaMA-3's tokenizer.json carries: the split above, then bytes mapped to characters
+LLAMA3_PRE_TOKENIZER = {"type": "Sequence", "pretokenizers": [
+    {"type": "Split", "pattern": {"Regex": LLAMA3_PATTERN}, "behavior": "Isolated", "invert": False},
+    {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
 
 # End-of-turn markers of common chat formats: generation should stop on them as on EOS
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>")
+
+# Meta's LLaMA-3 chat format (its reference ChatFormat) as a Jinja template, for tokenizers that carry none
+LLAMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
+    "'<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
 
 
 class TokenizerError(ValueError):
@@ -274,14 +290,21 @@ class StreamDecoder:
 
 
 class BPETokenizer:
-    """Byte-level BPE (GPT-2 family): pre-tokenize, map bytes to characters, merge by rank, look up ids."""
+    """Byte-level BPE (GPT-2 family): pre-tokenize, map bytes to characters, merge by rank, look up ids.
+
+    merges: the ranked merge list of HF files, or None for a tiktoken rank table, where the pair to merge is
+    the one whose joined token has the lowest id (the vocabulary is ordered by merge rank).
+    ignore_merges: a pre-token that is itself in the vocabulary is that one token, whatever the merges say
+    (HF's `ignore_merges`; tiktoken always works this way).
+    """
 
     strip_first_space = False
 
-    def __init__(self, vocab: dict[str, int], merges: list, added: list[dict], pre_tokenizer, normalizer,
-                 info: TokenizerInfo, add_bos: bool, unk: str | None = None):
+    def __init__(self, vocab: dict[str, int], merges: list | None, added: list[dict], pre_tokenizer, normalizer,
+                 info: TokenizerInfo, add_bos: bool, unk: str | None = None, ignore_merges: bool = False):
         self.vocab = vocab
-        self.ranks = {_merge_pair(m): i for i, m in enumerate(merges)}
+        self.ranks = None if merges is None else {_merge_pair(m): i for i, m in enumerate(merges)}
+        self.ignore_merges = ignore_merges or merges is None
         self.added = {a["content"]: a["id"] for a in added}
         self.special_ids = {a["id"] for a in added if a.get("special", True)}
         self.id_to_token = {i: t for t, i in vocab.items()}
@@ -323,10 +346,14 @@ class BPETokenizer:
             return hit
         table = byte_to_char()
         word = [table[b] for b in piece.encode("utf-8")]
+        whole = "".join(word)
+        if self.ignore_merges and whole in self.vocab:
+            word = [whole]
+        rank = self._pair_rank
         while len(word) > 1:
             pairs = set(zip(word, word[1:]))
-            best = min(pairs, key=lambda p: self.ranks.get(p, float("inf")))
-            if best not in self.ranks:
+            best = min(pairs, key=rank)
+            if rank(best) == _NO_RANK:
                 break
             word = _merge(word, best)
         ids = [self._symbol_id(s) for s in word]
@@ -334,6 +361,11 @@ class BPETokenizer:
             self._cache.clear()
         self._cache[piece] = ids
         return ids
+
+    def _pair_rank(self, pair: tuple[str, str]) -> float:
+        if self.ranks is None:
+            return self.vocab.get(pair[0] + pair[1], _NO_RANK)
+        return self.ranks.get(pair, _NO_RANK)
 
     def _symbol_id(self, symbol: str) -> int:
         i = self.vocab.get(symbol, self.unk_id)
@@ -368,12 +400,15 @@ class BPETokenizer:
 
     # -- chat
 
-    def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
-        return render_chat(self, messages, add_generation_prompt)
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True, date_string: str | None = None) -> str:
+        return render_chat(self, messages, add_generation_prompt, date_string)
 
     def encode_chat(self, messages, add_generation_prompt: bool = True) -> list[int]:
         """The chat as ids; the template writes BOS itself where the format has one, so encode adds none."""
         return self.encode(self.apply_chat_template(messages, add_generation_prompt), bos=False)
+
+
+_NO_RANK = float("inf")
 
 
 def _merge_pair(m) -> tuple[str, str]:
@@ -408,7 +443,7 @@ def bpe_from_tokenizer_json(folder: Path, info: TokenizerInfo) -> BPETokenizer:
         add_bos = _post_processor_adds(doc.get("post_processor"), info.token("bos_token"))
     return BPETokenizer(model["vocab"], model["merges"], doc.get("added_tokens", []),
                         build_pre_tokenizer(doc.get("pre_tokenizer")), build_normalizer(doc.get("normalizer")),
-                        info, bool(add_bos), model.get("unk_token"))
+                        info, bool(add_bos), model.get("unk_token"), bool(model.get("ignore_merges", False)))
 
 
 def _post_processor_adds(spec: dict | None, bos: str | None) -> bool:
@@ -446,19 +481,100 @@ def bpe_from_vocab_merges(folder: Path, info: TokenizerInfo) -> BPETokenizer:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Meta's LLaMA-3 tokenizer.model: tiktoken's rank table
+
+
+def is_tiktoken_file(path: Path) -> bool:
+    """Meta's LLaMA-3 tokenizer.model is text, one "base64-token rank" per line; sentencepiece's is a protobuf."""
+    with open(path, "rb") as f:
+        first = f.read(1024).split(b"\n", 1)[0]
+    return _re.fullmatch(rb"[A-Za-z0-9+/]+=* \d+", first) is not None
+
+
+def read_tiktoken(path: Path) -> dict[bytes, int]:
+    """token bytes -> rank; the ranks must be 0..N-1, each once, and every single byte must be a token."""
+    import base64
+    import binascii
+
+    ranks = {}
+    for n, line in enumerate(path.read_bytes().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except (ValueError, binascii.Error) as e:
+            raise TokenizerError(f"{path}: line {n} is not 'base64-token rank' ({e}); the file is damaged, "
+                                 "restore it from the model's download") from e
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise TokenizerError(f"{path}: the ranks are not 0..{len(ranks) - 1} with one token each; the file is "
+                             "damaged, restore it from the model's download")
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    if missing:
+        raise TokenizerError(f"{path}: {len(missing)} single bytes (e.g. {missing[0]:#04x}) have no token, so some "
+                             "text could not be encoded; this is not a complete byte-level rank table")
+    return ranks
+
+
+def llama3_special_tokens(tool_tokens: bool) -> list[str]:
+    """LLaMA-3's 256 special tokens, in id order after the ranks. tool_tokens: LLaMA-3.1+ names (eom, python
+    tag, fine-tune pad) for ids that LLaMA-3.0 leaves reserved."""
+    named = {0: "<|begin_of_text|>", 1: "<|end_of_text|>", 6: "<|start_header_id|>", 7: "<|end_header_id|>",
+             9: "<|eot_id|>"}
+    if tool_tokens:
+        named.update({4: "<|finetune_right_pad_id|>", 8: "<|eom_id|>", 10: "<|python_tag|>"})
+    out, reserved = [], 0
+    for i in range(256):
+        if i in named:
+            out.append(named[i])
+        else:
+            out.append(f"<|reserved_special_token_{reserved}|>")
+            reserved += 1
+    return out
+
+
+def bpe_from_tiktoken(path: Path, info: TokenizerInfo) -> BPETokenizer:
+    """A LLaMA-3 tokenizer from Meta's tokenizer.model; special tokens from tokenizer_config.json when it lists
+    them, else LLaMA-3's (3.1+ names when params.json or config.json beside it says 3.1+ RoPE scaling)."""
+    ranks = read_tiktoken(path)
+    table = byte_to_char()
+    vocab = {"".join(table[b] for b in token): rank for token, rank in ranks.items()}
+    decoder = info.config.get("added_tokens_decoder") or {}
+    if decoder:
+        added = [{"id": int(i), "content": _content(t), "special": t.get("special", True) if isinstance(t, dict)
+                  else True} for i, t in decoder.items()]
+    else:
+        params = _read_json(path.parent / "params.json")
+        scaled = bool(params.get("use_scaled_rope")) or bool((info.model.get("rope_scaling") or {}).get("factor"))
+        added = [{"id": len(vocab) + i, "content": t, "special": True}
+                 for i, t in enumerate(llama3_special_tokens(scaled))]
+    info.config.setdefault("bos_token", "<|begin_of_text|>")
+    info.config.setdefault("eos_token", "<|end_of_text|>")
+    if info.chat_template is None:
+        info.chat_template = LLAMA3_CHAT_TEMPLATE
+    add_bos = info.config.get("add_bos_token")
+    return BPETokenizer(vocab, None, added, build_pre_tokenizer(LLAMA3_PRE_TOKENIZER), build_normalizer(None),
+                        info, True if add_bos is None else bool(add_bos))
+
+
+# ----------------------------------------------------------------------------------------------------
 # sentencepiece
 
 
 class SentencePieceTokenizer:
     """LLaMA-1/2 tokenizer.model through the sentencepiece package; control tokens in the text kept whole."""
 
-    strip_first_space = True
-
     def __init__(self, path: Path, info: TokenizerInfo):
         import sentencepiece as spm
 
-        self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        except (RuntimeError, OSError) as e:
+            raise TokenizerError(f"{path} is neither a sentencepiece model nor a LLaMA-3 tiktoken rank table ({e}); "
+                                 "restore it from the model's download (a Git LFS pointer is not the file)") from e
         n = self.sp.get_piece_size()
+        # a model that puts a space in front of the text (add_dummy_prefix, LLaMA's default) drops it on decode
+        self.strip_first_space = self.sp.encode("a", out_type=str)[0].startswith("\u2581")
         self.vocab_size = n
         self.special_ids = {i for i in range(n) if self.sp.is_control(i) or self.sp.is_unknown(i)}
         self._special = {self.sp.id_to_piece(i): i for i in self.special_ids}
@@ -512,8 +628,8 @@ class SentencePieceTokenizer:
     def stream_decoder(self, skip_special: bool = False) -> StreamDecoder:
         return StreamDecoder(self, skip_special)
 
-    def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
-        return render_chat(self, messages, add_generation_prompt)
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True, date_string: str | None = None) -> str:
+        return render_chat(self, messages, add_generation_prompt, date_string)
 
     def encode_chat(self, messages, add_generation_prompt: bool = True) -> list[int]:
         return self.encode(self.apply_chat_template(messages, add_generation_prompt), bos=False)
@@ -530,14 +646,11 @@ def chat_format(template: str | None) -> str:
     if "<|im_start|>" in template:
         return "chatml"
     if "<|start_header_id|>" in template:
-        if "Cutting Knowledge Date" in template or "tools" in template:
-            raise TokenizerError("this is a LLaMA-3.1+ chat template (dates, tools), which chai_models does not "
-                                 "render; format the prompt yourself and use raw mode (encode)")
-        return "llama3"
+        return "llama3.1" if "Cutting Knowledge Date" in template else "llama3"
     if "[INST]" in template:
         return "llama2"
-    raise TokenizerError("unknown chat template format (known: ChatML, LLaMA-3, LLaMA-2 [INST]); format the "
-                         "prompt yourself and use raw mode (encode)")
+    raise TokenizerError("unknown chat template format (known: ChatML, LLaMA-3, LLaMA-3.1+, LLaMA-2 [INST]); "
+                         "format the prompt yourself and use raw mode (encode)")
 
 
 def _messages(messages) -> list[dict]:
@@ -578,6 +691,44 @@ def render_llama3(bos: str, messages: list[dict], add_generation_prompt: bool) -
     return "".join(out)
 
 
+def llama31_system_header(template: str, date_string: str | None) -> str:
+    """The lines a LLaMA-3.1+ template puts before the system message: its knowledge cut-off and today's date
+    (the template's fixed default date, or the real date where it calls strftime_now, as transformers does)."""
+    cutoff = _re.search(r"Cutting Knowledge Date: (.*?)(?:\\n|\n)", template)
+    if "Today Date: " not in template:
+        raise TokenizerError("this LLaMA-3.1-style chat template has a knowledge cut-off but no 'Today Date' line, a "
+                             "layout chai_models does not know; format the prompt yourself and use raw mode (encode)")
+    if date_string is None:
+        strftime = _re.search(r"strftime_now\(\s*[\"']([^\"']+)[\"']\s*\)", template)
+        fixed = _re.search(r"set date_string\s*=\s*[\"']([^\"']+)[\"']", template)
+        if strftime:
+            import datetime
+
+            date_string = datetime.datetime.now().strftime(strftime.group(1))
+        elif fixed:
+            date_string = fixed.group(1)
+        else:
+            raise TokenizerError("this LLaMA-3.1+ chat template sets no default date; pass date_string")
+    return f"Cutting Knowledge Date: {cutoff.group(1)}\nToday Date: {date_string}\n\n"
+
+
+def render_llama31(template: str, bos: str, messages: list[dict], add_generation_prompt: bool,
+                   date_string: str | None) -> str:
+    """LLaMA-3.1+ for plain conversations: a system turn always (cut-off and date, then the system message),
+    then the turns as in LLaMA-3. Tool calls and tool results need the template's tool branches: refused."""
+    system = ""
+    if messages and messages[0]["role"] == "system":
+        system, messages = messages[0]["content"].strip(), messages[1:]
+    for m in messages:
+        if m["role"] in ("tool", "ipython") or "tool_calls" in m:
+            raise TokenizerError(f"chat role {m['role']!r} (or tool calls) in a LLaMA-3.1+ chat: chai_models renders "
+                                 "plain system/user/assistant chats only; format the prompt yourself and use raw "
+                                 "mode (encode)")
+    head = (f"{bos}<|start_header_id|>system<|end_header_id|>\n\n"
+            f"{llama31_system_header(template, date_string)}{system}<|eot_id|>")
+    return head + render_llama3("", messages, add_generation_prompt)
+
+
 def render_llama2(bos: str, eos: str, messages: list[dict]) -> str:
     system = None
     if messages and messages[0]["role"] == "system":
@@ -596,7 +747,8 @@ def render_llama2(bos: str, eos: str, messages: list[dict]) -> str:
     return "".join(out)
 
 
-def render_chat(tok, messages, add_generation_prompt: bool = True) -> str:
+def render_chat(tok, messages, add_generation_prompt: bool = True, date_string: str | None = None) -> str:
+    """date_string: the date a LLaMA-3.1+ system turn shows (default: what the template itself would show)."""
     fmt = chat_format(tok.chat_template)
     messages = _messages(messages)
     bos, eos = tok.info.token("bos_token") or "", tok.info.token("eos_token") or ""
@@ -604,6 +756,8 @@ def render_chat(tok, messages, add_generation_prompt: bool = True) -> str:
         return render_chatml(tok.chat_template, messages, add_generation_prompt)
     if fmt == "llama3":
         return render_llama3(bos, messages, add_generation_prompt)
+    if fmt == "llama3.1":
+        return render_llama31(tok.chat_template, bos, messages, add_generation_prompt, date_string)
     return render_llama2(bos, eos, messages)
 
 
@@ -623,6 +777,8 @@ def load_tokenizer(folder) -> BPETokenizer | SentencePieceTokenizer:
         if model.get("type") == "BPE" and not model.get("byte_fallback"):
             return bpe_from_tokenizer_json(folder, info)
     if (folder / "tokenizer.model").exists():
+        if is_tiktoken_file(folder / "tokenizer.model"):
+            return bpe_from_tiktoken(folder / "tokenizer.model", info)
         return SentencePieceTokenizer(folder / "tokenizer.model", info)
     if (folder / "vocab.json").exists() and (folder / "merges.txt").exists():
         return bpe_from_vocab_merges(folder, info)

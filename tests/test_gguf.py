@@ -10,7 +10,7 @@ gguf = pytest.importorskip("gguf")
 
 from chai_models import load  # noqa: E402
 from chai_models.checkpoint import CheckpointError, iter_tensors  # noqa: E402
-from chai_models.convert.gguf import convert_gguf  # noqa: E402
+from chai_models.convert.gguf import convert_gguf, supported_types  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 
@@ -93,41 +93,51 @@ def llamacpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, 2, rows // n_heads // 2, cols).swapaxes(1, 2).reshape(rows, cols)
 
 
-def hf_weights(tied: bool, seed: int = 0) -> dict[str, np.ndarray]:
+def hf_weights(tied: bool, seed: int = 0, vocab: int = VOCAB) -> dict[str, np.ndarray]:
     """Random weights of a 1-layer llama, keyed by GGUF name, in HF row order, row-major [out, in]."""
     g = np.random.default_rng(seed)
-    shapes = {"token_embd.weight": (VOCAB, HIDDEN), "output_norm.weight": (HIDDEN,),
+    shapes = {"token_embd.weight": (vocab, HIDDEN), "output_norm.weight": (HIDDEN,),
               "blk.0.attn_norm.weight": (HIDDEN,), "blk.0.ffn_norm.weight": (HIDDEN,),
               "blk.0.attn_q.weight": (HEADS * HEAD_DIM, HIDDEN), "blk.0.attn_k.weight": (KV_HEADS * HEAD_DIM, HIDDEN),
               "blk.0.attn_v.weight": (KV_HEADS * HEAD_DIM, HIDDEN), "blk.0.attn_output.weight": (HIDDEN, HIDDEN),
               "blk.0.ffn_gate.weight": (FFN, HIDDEN), "blk.0.ffn_up.weight": (FFN, HIDDEN),
               "blk.0.ffn_down.weight": (HIDDEN, FFN)}
     if not tied:
-        shapes["output.weight"] = (VOCAB, HIDDEN)
+        shapes["output.weight"] = (vocab, HIDDEN)
     return {k: g.standard_normal(s).astype(np.float32) * 0.1 for k, s in shapes.items()}
 
 
 def random_blocks(qtype, rows: int, cols: int, seed: int = 0) -> np.ndarray:
-    """Random quantized bytes [rows, bytes_per_row] with sane fp16 scales (random ones can be inf/nan)."""
+    """Random quantized bytes [rows, bytes_per_row]: every bit pattern of every field, except that a block whose
+    scales come out inf/nan (an all-ones fp16 exponent) is drawn again, as no quantizer writes one."""
     block, nbytes = gguf.GGML_QUANT_SIZES[qtype]
     g = np.random.default_rng(seed)
-    data = g.integers(0, 256, size=(rows, cols // block, nbytes), dtype=np.uint8)
-    scales = g.uniform(0.001, 0.01, size=(rows, cols // block, 2)).astype(np.float16).view(np.uint8)
-    if qtype == Q.Q6_K:  # block ends with its fp16 super-scale d
-        data[..., -2:] = scales[..., :2]
-    else:  # Q4_K, Q5_K: d and dmin first
-        data[..., :4] = scales.reshape(rows, cols // block, 4)
-    return data.reshape(rows, -1)
+    data = g.integers(0, 256, size=(rows * cols // block, nbytes), dtype=np.uint8)  # [blocks, bytes]
+    while True:
+        with np.errstate(invalid="ignore", over="ignore"):
+            bad = ~np.isfinite(gguf.quants.dequantize(data, qtype)).all(axis=-1)
+        if not bad.any():
+            return data.reshape(rows, -1)
+        data[bad] = g.integers(0, 256, size=(int(bad.sum()), nbytes), dtype=np.uint8)
+
+
+def quantizable(qtype) -> bool:
+    """Whether the gguf package can quantize to qtype (else the test writes random blocks)."""
+    try:
+        gguf.quants.quantize(np.zeros((1, gguf.GGML_QUANT_SIZES[qtype][0]), np.float32), qtype)
+        return True
+    except NotImplementedError:
+        return False
 
 
 def encode(w: np.ndarray, qtype, seed: int):
     """(bytes to store, the float32 the GGUF really holds) for one matrix."""
-    if qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K):  # the gguf package cannot quantize these: random blocks
-        raw = random_blocks(qtype, *w.shape, seed=seed)
-    elif qtype == Q.F32:
+    if qtype == Q.F32:
         raw = w
-    else:
+    elif quantizable(qtype):
         raw = gguf.quants.quantize(w, qtype)
+    else:
+        raw = random_blocks(qtype, *w.shape, seed=seed)
     return raw, gguf.quants.dequantize(raw, qtype).reshape(w.shape)
 
 
@@ -183,7 +193,14 @@ OURS = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "nor
         "blk.0.ffn_down.weight": "layers.0.feed_forward.w2.weight"}
 
 
-@pytest.mark.parametrize("qtype", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"])
+def test_every_dequantizable_type_is_supported():
+    # the types this gguf package dequantizes; llama.cpp's common file types must be among them
+    assert {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
+            "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M", "IQ4_NL", "IQ4_XS"} <= set(supported_types())
+    assert "Q8_K" not in supported_types()  # llama.cpp's internal dot-product type has no dequantizer
+
+
+@pytest.mark.parametrize("qtype", supported_types())
 def test_dequantize_matches_gguf_reference(tmp_path, qtype):
     held = write_gguf(tmp_path / "m.gguf", hf_weights(tied=False), Q[qtype])
     convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
@@ -192,6 +209,7 @@ def test_dequantize_matches_gguf_reference(tmp_path, qtype):
     for name, ref in held.items():
         t = got[OURS[name]]
         assert t.dtype == torch.float32 and tuple(t.shape) == ref.shape, name
+        assert np.isfinite(ref).all() and np.abs(ref).max() > 0, name  # the blocks hold real values
         np.testing.assert_array_equal(t.numpy(), ref, err_msg=f"{qtype} {name}")
 
 
@@ -214,8 +232,23 @@ def test_missing_output_ties_embeddings(tmp_path):
 
 
 def test_unsupported_quant_type_is_a_clear_error(tmp_path):
-    write_gguf(tmp_path / "m.gguf", hf_weights(tied=True), Q.Q5_0)
-    with pytest.raises(CheckpointError, match=r"Q5_0.*supported|token_embd.weight.*Q5_0"):
+    # Q8_K: a type the writer can store but the gguf package cannot dequantize
+    weights = hf_weights(tied=True)
+    raw = np.random.default_rng(0).integers(0, 256, size=(VOCAB, HIDDEN // 256 * 292), dtype=np.uint8)
+    w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "llama")
+    for key, value in [("block_count", 1), ("context_length", 128), ("embedding_length", HIDDEN),
+                       ("feed_forward_length", FFN), ("head_count", HEADS), ("head_count_kv", KV_HEADS)]:
+        getattr(w, f"add_{key}")(value)
+    for name, x in weights.items():
+        if name == "token_embd.weight":
+            w.add_tensor(name, raw, raw_dtype=Q.Q8_K)
+        else:
+            w.add_tensor(name, x)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(CheckpointError, match=r"token_embd.weight.*Q8_K.*cannot dequantize.*Q5_0"):
         convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
     assert not (tmp_path / "out").exists()  # nothing half-written is left behind
 
@@ -232,6 +265,13 @@ def test_unknown_tensor_is_a_clear_error(tmp_path):
     write_gguf(tmp_path / "m.gguf", weights)
     with pytest.raises(CheckpointError, match="attn_sinks"):
         convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
+
+
+def write_header(w, context: int = 128) -> None:
+    """The hyperparameters of the tiny 1-layer llama into a GGUFWriter."""
+    for key, value in [("block_count", 1), ("context_length", context), ("embedding_length", HIDDEN),
+                       ("feed_forward_length", FFN), ("head_count", HEADS), ("head_count_kv", KV_HEADS)]:
+        getattr(w, f"add_{key}")(value)
 
 
 def write_with_tokenizer(path, model: str, pre: str):
@@ -252,7 +292,7 @@ def write_with_tokenizer(path, model: str, pre: str):
 
 
 @pytest.mark.parametrize("model, pre, match", [("gpt2", "qwen2", "tokenizer.ggml.pre is 'qwen2'"),
-                                               ("llama", "default", "sentencepiece")])
+                                               ("llama", "default", "scores"), ("bert", "default", "'bert'")])
 def test_unsupported_tokenizer_is_a_clear_error(tmp_path, model, pre, match):
     write_with_tokenizer(tmp_path / "m.gguf", model, pre)
     with pytest.raises(CheckpointError, match=match):
@@ -266,3 +306,117 @@ def test_gguf_tokenizer_files_load(tmp_path):
     convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
     tok = load_tokenizer(tmp_path / "out")
     assert tok.vocab_size == VOCAB and tok.decode([3, 4]) == "t3t4"
+
+
+# ----------------------------------------------------------------------------------------------------
+# LLaMA-1/2 GGUFs: a sentencepiece vocabulary (tokenizer.ggml.model "llama")
+
+USER_SYMBOL = "<|user|>"
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["space-prefix", "no-space-prefix"])
+def sp_model(tmp_path_factory, request):
+    """A sentencepiece BPE trained here the way LLaMA's was: byte fallback, no normalization, digits split; with
+    and without the space sentencepiece puts in front of the text (add_dummy_prefix)."""
+    spm = pytest.importorskip("sentencepiece")
+    from test_tokenizer import real_text
+
+    folder = tmp_path_factory.mktemp("sp")
+    lines = [ln for ln in real_text().splitlines() if ln.strip()][:3000]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(folder / "sp"), vocab_size=512,
+                                   model_type="bpe", byte_fallback=True, character_coverage=0.999,
+                                   normalization_rule_name="identity", remove_extra_whitespaces=False,
+                                   split_digits=True, allow_whitespace_only_pieces=True,
+                                   user_defined_symbols=[USER_SYMBOL], unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+                                   add_dummy_prefix=request.param, minloglevel=2)
+    return spm.SentencePieceProcessor(model_file=str(folder / "sp.model"))
+
+
+def write_sp_gguf(path, sp):
+    """What llama.cpp's converter writes for a LLaMA-2 vocabulary: pieces, scores, token types, special ids."""
+    n = sp.get_piece_size()
+    types = []
+    for i in range(n):
+        if sp.is_unknown(i):
+            types.append(gguf.TokenType.UNKNOWN)
+        elif sp.is_control(i):
+            types.append(gguf.TokenType.CONTROL)
+        elif sp.is_byte(i):
+            types.append(gguf.TokenType.BYTE)
+        elif sp.is_unused(i):
+            types.append(gguf.TokenType.UNUSED)
+        elif sp.id_to_piece(i) == USER_SYMBOL:
+            types.append(gguf.TokenType.USER_DEFINED)
+        else:
+            types.append(gguf.TokenType.NORMAL)
+    w = gguf.GGUFWriter(str(path), "llama")
+    for key, value in [("block_count", 1), ("context_length", 4096), ("embedding_length", HIDDEN),
+                       ("feed_forward_length", FFN), ("head_count", HEADS), ("head_count_kv", KV_HEADS)]:
+        getattr(w, f"add_{key}")(value)
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list([sp.id_to_piece(i) for i in range(n)])
+    w.add_token_scores([sp.get_score(i) for i in range(n)])
+    w.add_token_types(types)
+    w.add_unk_token_id(sp.unk_id())
+    w.add_bos_token_id(sp.bos_id())
+    w.add_eos_token_id(sp.eos_id())
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+    w.add_add_space_prefix(sp.encode("a", out_type=str)[0].startswith("\u2581"))
+    w.add_chat_template("{% for m in messages %}{% if m['role'] == 'user' %}{{ bos_token + '[INST] ' + "
+                        "m['content'] + ' [/INST]' }}{% else %}{{ ' ' + m['content'] + ' ' + eos_token }}"
+                        "{% endif %}{% endfor %}")
+    for name, x in hf_weights(tied=False, vocab=n).items():
+        w.add_tensor(name, x)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_sentencepiece_gguf_tokenizer_matches_sentencepiece(tmp_path, sp_model):
+    import sentencepiece as spm
+    from test_tokenizer import ODD_TEXTS, real_text
+
+    from chai_models import load_tokenizer
+
+    write_sp_gguf(tmp_path / "m.gguf", sp_model)
+    convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
+    # the written tokenizer.model is the same model: pieces, scores, types and special ids
+    back = spm.SentencePieceProcessor(model_file=str(tmp_path / "out" / "tokenizer.model"))
+    n = sp_model.get_piece_size()
+    assert back.get_piece_size() == n
+    for i in range(n):
+        assert (back.id_to_piece(i), back.get_score(i), back.is_control(i), back.is_byte(i), back.is_unknown(i)) == \
+            (sp_model.id_to_piece(i), sp_model.get_score(i), sp_model.is_control(i), sp_model.is_byte(i),
+             sp_model.is_unknown(i))
+    assert (back.unk_id(), back.bos_id(), back.eos_id(), back.pad_id()) == (0, 1, 2, -1)
+
+    tok = load_tokenizer(tmp_path / "out")
+    assert tok.bos_id == 1 and tok.eos_ids == [2] and tok.add_bos and tok.vocab_size == n
+    lines = real_text().splitlines()[3000:3400]  # lines the vocabulary was not trained on
+    texts = lines + ODD_TEXTS[1:] + [f"{USER_SYMBOL} hello", "bytes: \u0b85\u0bb4\u0b95\u0bc1 \U0001f9ea"]
+    byte_ids = {i for i in range(n) if sp_model.is_byte(i)}
+    assert any(byte_ids & set(sp_model.encode(t)) for t in texts)  # the byte fallback is exercised
+    for text in texts:
+        ref = sp_model.encode(text)
+        assert tok.encode(text, bos=False) == ref, text
+        assert tok.encode(text) == [1] + ref
+        assert tok.decode(tok.encode(text), skip_special=True) == sp_model.decode(ref)
+        stream = tok.stream_decoder(skip_special=True)
+        assert "".join([stream.push(i) for i in tok.encode(text)] + [stream.flush()]) == sp_model.decode(ref)
+    assert tok.encode("a</s>b", bos=False) == sp_model.encode("a") + [2] + sp_model.encode("b")
+    assert tok.apply_chat_template("Hi") == "<s>[INST] Hi [/INST]"
+    model = load(tmp_path / "out")
+    assert model.config.vocab_size == n and model.config.max_seq_len == 4096
+
+
+def test_sentencepiece_gguf_without_unknown_token_is_a_clear_error(tmp_path, sp_model):
+    write_sp_gguf(tmp_path / "m.gguf", sp_model)
+    reader = gguf.GGUFReader(str(tmp_path / "m.gguf"), "r+")  # mark <unk> as a normal token in place
+    types = reader.fields["tokenizer.ggml.token_type"]
+    types.parts[types.data[0]][0] = gguf.TokenType.NORMAL
+    del reader
+    with pytest.raises(CheckpointError, match="no unknown token"):
+        convert_gguf(tmp_path / "m.gguf", tmp_path / "out")

@@ -5,23 +5,30 @@ What this has to undo, relative to a Hugging Face checkpoint:
   row-major order, so a [rows, cols] weight comes back as rows x cols.
 - llama.cpp's converter permutes the rows of attn_q / attn_k from HF's rotate-half order into interleaved
   pairs (GGML's "normal" RoPE); we permute them back, since llama.py implements rotate-half.
-- Quantized tensors are dequantized to the dtype asked for (float32 by default).
-The tokenizer stored in the GGUF metadata is written out as HF-format files (tokenizer.json,
-tokenizer_config.json, generation_config.json) that chai_models.tokenizer reads.
+- Quantized tensors are dequantized to the dtype asked for (float32 by default), by the `gguf` package's own
+  dequantizers: every type it can dequantize is accepted.
+The tokenizer stored in the GGUF metadata is written out as the files chai_models.tokenizer reads:
+- byte-level BPE (tokenizer.ggml.model "gpt2": SmolLM2, LLaMA-3): tokenizer.json with the pre-tokenizer that
+  tokenizer.ggml.pre names;
+- sentencepiece (tokenizer.ggml.model "llama": LLaMA-1/2, Mistral, TinyLlama): the tokens, scores and token
+  types go back into a sentencepiece tokenizer.model (a protobuf written here), which the sentencepiece
+  package runs exactly as it ran the original;
+plus tokenizer_config.json (special tokens, add_bos, chat template) and generation_config.json (stop tokens).
 """
 from __future__ import annotations
 
 import json
+import struct
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..checkpoint import DEFAULT_SHARD_BYTES, CheckpointError
+from ..tokenizer import LLAMA3_PRE_TOKENIZER
 from .rope import rotate_half_rows
 from .write import Source, write_source
-
-SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
 
 # GGUF per-layer tensor name -> our name (both followed by .weight / .bias)
 _LAYER_NAMES = {
@@ -31,14 +38,12 @@ _LAYER_NAMES = {
 }
 _GLOBAL_NAMES = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "output"}
 
-# llama.cpp's token_type values (tokenizer.ggml.token_type)
+# llama.cpp's token_type values (tokenizer.ggml.token_type); sentencepiece numbers its piece types the same way
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
 
 # tokenizer.ggml.pre -> HF pre_tokenizer JSON. The regexes are the splitting rules each model family was
 # trained with (llama.cpp keys its own copies by the same names).
 _GPT2_BYTELEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
-_LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                   r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 PRE_TOKENIZERS = {
     "default": _GPT2_BYTELEVEL,
     "gpt2": _GPT2_BYTELEVEL,
@@ -46,10 +51,13 @@ PRE_TOKENIZERS = {
     "smollm": {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
                                                      _GPT2_BYTELEVEL]},
     # LLaMA-3: one regex (numbers in groups of up to three), then bytes mapped without a second regex
-    "llama-bpe": {"type": "Sequence", "pretokenizers": [
-        {"type": "Split", "pattern": {"Regex": _LLAMA3_PATTERN}, "behavior": "Isolated", "invert": False},
-        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
+    "llama-bpe": LLAMA3_PRE_TOKENIZER,
+    "llama3": LLAMA3_PRE_TOKENIZER,
+    "llama-v3": LLAMA3_PRE_TOKENIZER,
 }
+# LLaMA-3's names: its tokens look a whole pre-token up in the vocabulary before merging (tiktoken's rule, which
+# LLaMA-3's tokenizer.json states as ignore_merges: true), and llama.cpp adds BOS unless the file says otherwise
+LLAMA3_PRE = {"llama-bpe", "llama3", "llama-v3"}
 
 
 def _gguf():
@@ -155,14 +163,31 @@ def our_name(name: str, n_layers: int) -> str | None:
     return None
 
 
+@lru_cache(maxsize=1)
+def supported_types() -> tuple[str, ...]:
+    """The tensor types the installed `gguf` package dequantizes: each is tried on one block of zero bytes."""
+    gguf = _gguf()
+    names = []
+    for qtype in gguf.GGMLQuantizationType:
+        block, nbytes = gguf.GGML_QUANT_SIZES[qtype]
+        try:
+            out = gguf.quants.dequantize(np.zeros((1, nbytes), np.uint8), qtype)
+        except (NotImplementedError, ValueError, TypeError):
+            continue
+        if out.dtype == np.float32 and out.size == block:  # a view of raw bytes (I8, F64, ...) is no dequantizer
+            names.append(qtype.name)
+    return tuple(names)
+
+
 def dequantize(t, src) -> np.ndarray:
     """One GGUF tensor as a float32 numpy array in row-major [rows, cols] (or [n]) shape."""
     gguf = _gguf()
     qtype = t.tensor_type.name
-    if qtype not in SUPPORTED_TYPES:
-        raise CheckpointError(f"{src}: tensor {t.name!r} is stored as {qtype}, which chai_models cannot "
-                              f"dequantize (supported: {', '.join(SUPPORTED_TYPES)}); re-quantize the model "
-                              "to one of those with llama.cpp's llama-quantize, or convert from the HF folder")
+    if qtype not in supported_types():
+        raise CheckpointError(f"{src}: tensor {t.name!r} is stored as {qtype}, which the installed gguf package "
+                              f"cannot dequantize (it can: "
+                              f"{', '.join(supported_types())}); upgrade it (pip install -U gguf), re-quantize the "
+                              "model with llama.cpp's llama-quantize, or convert from the HF folder")
     x = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
     shape = tuple(int(n) for n in reversed(t.shape))  # ne order -> row-major
     return np.array(x.reshape(shape), dtype=np.float32)  # a copy: F32 data is a read-only view of the mmap
@@ -212,15 +237,17 @@ def gguf_tensors(reader, cfg: dict, dtype: torch.dtype, src):
 # tokenizer
 
 
-def tokenizer_files(reader, src) -> dict[str, dict]:
-    """The GGUF's tokenizer as HF-format JSON documents: {file name: content}."""
+def tokenizer_files(reader, src) -> dict[str, dict | bytes]:
+    """The GGUF's tokenizer as the files of a converted folder: {file name: JSON document or raw bytes}."""
     kind = field(reader, "tokenizer.ggml.model")
     if kind is None:
         return {}
+    if kind == "llama":
+        return sentencepiece_files(reader, src)
     if kind != "gpt2":
-        raise CheckpointError(f"{src}: tokenizer.ggml.model is {kind!r}; only byte-level BPE ('gpt2') tokenizers "
-                              "can be converted from GGUF. For a sentencepiece model ('llama'), convert the HF "
-                              "folder instead (it carries tokenizer.model)")
+        raise CheckpointError(f"{src}: tokenizer.ggml.model is {kind!r}; chai_models converts byte-level BPE "
+                              "('gpt2') and sentencepiece ('llama') tokenizers from GGUF; convert the HF folder "
+                              "instead (it carries the tokenizer files)")
     pre = field(reader, "tokenizer.ggml.pre", "default")
     if pre not in PRE_TOKENIZERS:
         raise CheckpointError(f"{src}: tokenizer.ggml.pre is {pre!r}, a pre-tokenizer chai_models does not know "
@@ -231,7 +258,8 @@ def tokenizer_files(reader, src) -> dict[str, dict]:
     merges = field(reader, "tokenizer.ggml.merges") or []
     return {
         "tokenizer.json": bpe_tokenizer_json(tokens, types, merges, pre),
-        "tokenizer_config.json": tokenizer_config(reader, tokens),
+        "tokenizer_config.json": {"tokenizer_class": "PreTrainedTokenizerFast",
+                                  **tokenizer_config(reader, tokens, add_bos_default=pre in LLAMA3_PRE)},
         "generation_config.json": generation_config(reader),
     }
 
@@ -250,7 +278,8 @@ def bpe_tokenizer_json(tokens: list[str], types: list[int], merges: list[str], p
         "post_processor": None,
         "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
         "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                  "ignore_merges": pre in LLAMA3_PRE,
                   "vocab": {tok: i for i, tok in enumerate(tokens)}, "merges": list(merges)},
     }
 
@@ -260,14 +289,13 @@ def _token(reader, tokens, key):
     return None if i is None or i >= len(tokens) else tokens[i]
 
 
-def tokenizer_config(reader, tokens) -> dict:
+def tokenizer_config(reader, tokens, add_bos_default: bool) -> dict:
     cfg = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": _token(reader, tokens, "bos"),
         "eos_token": _token(reader, tokens, "eos"),
         "unk_token": _token(reader, tokens, "unknown"),
         "pad_token": _token(reader, tokens, "padding"),
-        "add_bos_token": bool(field(reader, "tokenizer.ggml.add_bos_token", False)),
+        "add_bos_token": bool(field(reader, "tokenizer.ggml.add_bos_token", add_bos_default)),
         "add_eos_token": bool(field(reader, "tokenizer.ggml.add_eos_token", False)),
         "model_max_length": field(reader, "llama.context_length"),
     }
@@ -277,6 +305,88 @@ def tokenizer_config(reader, tokens) -> dict:
     return cfg
 
 
+# ----------------------------------------------------------------------------------------------------
+# sentencepiece vocabularies -> tokenizer.model
+
+
+def sentencepiece_files(reader, src) -> dict[str, dict | bytes]:
+    """A 'llama' (sentencepiece) vocabulary as tokenizer.model + tokenizer_config.json + generation_config.json.
+
+    The scores are the BPE merge priorities and the token types say which pieces are control, unknown, byte
+    (<0xNN>, the byte fallback) or user-defined tokens, exactly as sentencepiece stores them; the normalizer is
+    LLaMA's (no normalization, a space put in front of the text unless tokenizer.ggml.add_space_prefix is false).
+    """
+    import sentencepiece as spm
+
+    tokens = field(reader, "tokenizer.ggml.tokens")
+    scores = field(reader, "tokenizer.ggml.scores")
+    types = field(reader, "tokenizer.ggml.token_type")
+    if not tokens or scores is None or types is None or not len(tokens) == len(scores) == len(types):
+        raise CheckpointError(f"{src}: a sentencepiece ('llama') vocabulary needs tokenizer.ggml.tokens, .scores and "
+                              ".token_type of equal length; this file's tokenizer metadata is incomplete")
+    if TOKEN_UNKNOWN not in types:
+        raise CheckpointError(f"{src}: the sentencepiece vocabulary has no unknown token (token type 2); "
+                              "sentencepiece needs one")
+    ids = {k: field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("unknown", "bos", "eos", "padding")}
+    if ids["unknown"] is None:
+        ids["unknown"] = types.index(TOKEN_UNKNOWN)
+    proto = sentencepiece_model_proto(
+        tokens, scores, types, {k: (None if i is None or i >= len(tokens) else int(i)) for k, i in ids.items()},
+        add_dummy_prefix=bool(field(reader, "tokenizer.ggml.add_space_prefix", True)),
+        remove_extra_whitespaces=bool(field(reader, "tokenizer.ggml.remove_extra_whitespaces", False)))
+    try:
+        spm.SentencePieceProcessor(model_proto=proto)
+    except Exception as e:  # sentencepiece raises RuntimeError/OSError with its own message
+        raise CheckpointError(f"{src}: its sentencepiece vocabulary does not load in sentencepiece ({e})") from e
+    return {
+        "tokenizer.model": proto,
+        "tokenizer_config.json": tokenizer_config(reader, tokens, add_bos_default=True),
+        "generation_config.json": generation_config(reader),
+    }
+
+
+def sentencepiece_model_proto(tokens: list[str], scores: list[float], types: list[int], ids: dict[str, int | None],
+                              add_dummy_prefix: bool, remove_extra_whitespaces: bool) -> bytes:
+    """sentencepiece's ModelProto (sentencepiece_model.proto) for a BPE model, written field by field.
+
+    ModelProto: 1 pieces {1 piece, 2 score, 3 type}, 2 trainer_spec, 3 normalizer_spec. The trainer spec
+    carries what the processor reads at run time: model type (BPE = 2), byte fallback and the special pieces.
+    """
+    pieces = b"".join(_pb_bytes(1, _pb_bytes(1, t.encode("utf-8")) + _pb_float(2, s) + _pb_int(3, int(ty)))
+                      for t, s, ty in zip(tokens, scores, types))
+    trainer = _pb_int(3, 2) + _pb_int(4, len(tokens)) + _pb_int(35, int(TOKEN_BYTE in types))
+    for key, id_field, piece_field in (("unknown", 40, 45), ("bos", 41, 46), ("eos", 42, 47), ("padding", 43, 48)):
+        i = ids[key]
+        trainer += _pb_int(id_field, -1 if i is None else i)
+        if i is not None:
+            trainer += _pb_bytes(piece_field, tokens[i].encode("utf-8"))
+    normalizer = (_pb_bytes(1, b"identity") + _pb_int(3, int(add_dummy_prefix))
+                  + _pb_int(4, int(remove_extra_whitespaces)) + _pb_int(5, 1))
+    return pieces + _pb_bytes(2, trainer) + _pb_bytes(3, normalizer)
+
+
+def _pb_varint(n: int) -> bytes:
+    n &= (1 << 64) - 1  # negative int32 values are written as 64-bit two's complement
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+def _pb_int(field_number: int, n: int) -> bytes:
+    return _pb_varint(field_number << 3) + _pb_varint(n)
+
+
+def _pb_float(field_number: int, x: float) -> bytes:
+    return _pb_varint(field_number << 3 | 5) + struct.pack("<f", x)
+
+
+def _pb_bytes(field_number: int, data: bytes) -> bytes:
+    return _pb_varint(field_number << 3 | 2) + _pb_varint(len(data)) + data
+
+
 def generation_config(reader) -> dict:
     eos = [field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
     return {"bos_token_id": field(reader, "tokenizer.ggml.bos_token_id"),
@@ -284,9 +394,12 @@ def generation_config(reader) -> dict:
             "pad_token_id": field(reader, "tokenizer.ggml.padding_token_id")}
 
 
-def write_json_files(folder: Path, docs: dict[str, dict]) -> None:
+def write_json_files(folder: Path, docs: dict[str, dict | bytes]) -> None:
     for name, doc in docs.items():
-        (folder / name).write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        if isinstance(doc, bytes):
+            (folder / name).write_bytes(doc)
+        else:
+            (folder / name).write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------------------------------

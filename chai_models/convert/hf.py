@@ -17,7 +17,7 @@ from ..checkpoint import CheckpointError
 from .write import Source
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "vocab.json", "merges.txt", "generation_config.json", "added_tokens.json")
+                   "vocab.json", "merges.txt", "generation_config.json", "added_tokens.json", "chat_template.jinja")
 
 IGNORED = object()  # a source key we know and deliberately drop
 

@@ -5,6 +5,15 @@ Meta's tensor names are already ours. Two things differ:
   of wq and wk are permuted within each head (the permutation transformers' converter applies).
 - Model parallelism: with N shards each tensor is split along the dimension its layer is parallel in. Shards are
   memory-mapped and each tensor is concatenated on its own, so peak memory is about one tensor.
+params.json leaves out what Meta's code knew per release, so it is inferred:
+- LLaMA-3.x (its tokenizer.model is tiktoken's rank table, or vocab_size 128256): BOS <|begin_of_text|>, stop
+  tokens <|end_of_text|>, <|eot_id|> (and <|eom_id|> from 3.1), context 8192 for 3.0 and 131072 for 3.1+
+  (params.json's use_scaled_rope), the llama3 RoPE scaling with factor 8, or 32 for LLaMA-3.2 (the 1B and 3B
+  text models, the only LLaMA-3.x models narrower than 4096, as Meta's Hugging Face release states);
+- LLaMA-1/2 (sentencepiece): BOS 1, EOS 2, context 4096 for LLaMA-2 (norm_eps 1e-5) and 2048 for LLaMA-1 (1e-6).
+A max_seq_len or rope_scaling_factor written in params.json wins over these.
+The tokenizer goes beside the weights: tokenizer.model as it is, and for LLaMA-3 a tokenizer_config.json and
+generation_config.json naming its special tokens, stop tokens and Meta's chat format.
 """
 from __future__ import annotations
 
@@ -15,6 +24,7 @@ from typing import Iterator
 import torch
 
 from ..checkpoint import CheckpointError
+from ..tokenizer import LLAMA3_CHAT_TEMPLATE, is_tiktoken_file, llama3_special_tokens, read_tiktoken
 from .rope import rotate_half_rows
 from .write import Source
 
@@ -27,17 +37,34 @@ def _kind(name: str) -> str:
     return name.split(".")[-2] if name.endswith(".weight") else name
 
 
-def meta_config(params: dict, shapes: dict[str, torch.Size], n_shards: int) -> dict:
-    """Our config from params.json; the sizes params.json leaves implicit come from the tensor shapes."""
+LLAMA3_VOCAB = 128256  # 128000 ranks + 256 special tokens
+
+
+def meta_config(params: dict, shapes: dict[str, torch.Size], n_shards: int, n_ranks: int | None = None) -> dict:
+    """Our config from params.json; the sizes params.json leaves implicit come from the tensor shapes.
+
+    n_ranks: the number of ranks of a LLaMA-3 tiktoken tokenizer.model beside it (None: sentencepiece or none).
+    """
     dim, n_heads = params["dim"], params["n_heads"]
     vocab = params.get("vocab_size", -1)
     emb = shapes["tok_embeddings.weight"]
     if vocab is None or vocab < 0:  # LLaMA-1/2 write -1: the embedding knows (split along dim 1, or along vocab)
         vocab = emb[0] if emb[1] * n_shards == dim else emb[0] * n_shards
+    llama3 = n_ranks is not None or vocab == LLAMA3_VOCAB
+    scaled = bool(params.get("use_scaled_rope"))
     scaling = None
-    if params.get("use_scaled_rope"):  # LLaMA-3.1's published constants
-        scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+    if scaled:  # LLaMA-3.1's published constants; 3.2 extends further
+        factor = params.get("rope_scaling_factor") or (32.0 if dim < 4096 else 8.0)
+        scaling = {"rope_type": "llama3", "factor": float(factor), "low_freq_factor": 1.0,
+                   "high_freq_factor": float(params.get("rope_high_freq_factor") or 4.0),
                    "original_max_position_embeddings": 8192}
+    if llama3:
+        base = n_ranks if n_ranks is not None else vocab - 256  # special tokens follow the ranks
+        bos, eos = base, [base + 1, base + 8, base + 9] if scaled else [base + 1, base + 9]
+        context = 131072 if scaled else 8192
+    else:
+        bos, eos = 1, [2]
+        context = 4096 if params.get("norm_eps", 1e-5) >= 1e-5 else 2048
     return {
         "family": "llama",
         "vocab_size": int(vocab),
@@ -47,15 +74,23 @@ def meta_config(params: dict, shapes: dict[str, torch.Size], n_shards: int) -> d
         "n_heads": n_heads,
         "n_kv_heads": params.get("n_kv_heads") or n_heads,
         "head_dim": dim // n_heads,
-        "max_seq_len": params.get("max_seq_len", 2048),
+        "max_seq_len": int(params.get("max_seq_len") or context),
         "norm_eps": params.get("norm_eps", 1e-5),
         "rope_theta": float(params.get("rope_theta", 10000.0)),
         "rope_scaling": scaling,
         "tie_word_embeddings": False,
-        "bos_token_id": 1,
-        "eos_token_ids": [2],
+        "bos_token_id": bos,
+        "eos_token_ids": eos,
         "pad_token_id": None,
     }
+
+
+def tiktoken_ranks(src: Path) -> int | None:
+    """The number of ranks of a LLaMA-3 tokenizer.model in src; None when it is sentencepiece's or absent."""
+    path = src / "tokenizer.model"
+    if not path.exists() or not is_tiktoken_file(path):
+        return None
+    return len(read_tiktoken(path))
 
 
 def read_meta(src: Path) -> tuple[dict, Iterator[tuple[str, torch.Tensor]]]:
@@ -73,7 +108,7 @@ def read_meta(src: Path) -> tuple[dict, Iterator[tuple[str, torch.Tensor]]]:
     for f, sd in zip(files, shards):
         if sorted(k for k in sd if k != "rope.freqs") != sorted(names):
             raise CheckpointError(f"{f} does not hold the same tensors as {files[0]}; the shards are incomplete")
-    cfg = meta_config(params, {k: shards[0][k].shape for k in names}, len(shards))
+    cfg = meta_config(params, {k: shards[0][k].shape for k in names}, len(shards), tiktoken_ranks(src))
 
     def tensors():
         for name in names:
@@ -94,11 +129,26 @@ def read_meta(src: Path) -> tuple[dict, Iterator[tuple[str, torch.Tensor]]]:
     return cfg, tensors()
 
 
-def copy_tokenizer(src: Path, dst: Path) -> None:
+def copy_tokenizer(src: Path, dst: Path, cfg: dict) -> None:
+    """tokenizer.model as it is; for LLaMA-3 also the files that name its special tokens and chat format."""
     import shutil
 
-    if (src / "tokenizer.model").exists():
-        shutil.copyfile(src / "tokenizer.model", dst / "tokenizer.model")
+    if not (src / "tokenizer.model").exists():
+        return
+    shutil.copyfile(src / "tokenizer.model", dst / "tokenizer.model")
+    n_ranks = tiktoken_ranks(src)
+    if n_ranks is None:
+        return
+    specials = llama3_special_tokens(tool_tokens=cfg["rope_scaling"] is not None)
+    config = {
+        "bos_token": specials[0], "eos_token": specials[1], "add_bos_token": True,
+        "added_tokens_decoder": {str(n_ranks + i): {"content": t, "special": True} for i, t in enumerate(specials)},
+        "chat_template": LLAMA3_CHAT_TEMPLATE,
+        "model_max_length": cfg["max_seq_len"],
+    }
+    generation = {"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_ids"]}
+    for name, doc in (("tokenizer_config.json", config), ("generation_config.json", generation)):
+        (dst / name).write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -115,4 +165,4 @@ def read(src: Path, dtype: torch.dtype | None = None) -> Source:
     if not sorted(src.glob("consolidated.*.pth")):
         raise CheckpointError(f"{src} has params.json but no consolidated.*.pth shards")
     cfg, tensors = read_meta(src)
-    return Source(cfg, tensors, dtype, extra_files=lambda tmp: copy_tokenizer(src, tmp))
+    return Source(cfg, tensors, dtype, extra_files=lambda tmp: copy_tokenizer(src, tmp, cfg))
