@@ -40,7 +40,11 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributed import _functional_collectives as funcol
+
+try:
+    from torch.distributed import _functional_collectives as funcol
+except ImportError:  # a torch built without torch.distributed: one process only, nothing here is reached
+    funcol = None
 
 
 @dataclass
