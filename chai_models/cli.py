@@ -1,4 +1,5 @@
-"""Command line: `python -m chai_models generate "prompt"` (the main job) and `... convert SRC DST`."""
+"""Command line: `python -m chai_models generate "prompt"` (the main job), `... serve` (JSON lines on stdin, continuous
+batching) and `... convert SRC DST`."""
 from __future__ import annotations
 
 import argparse
@@ -6,6 +7,10 @@ import dataclasses
 import sys
 
 import torch
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def cmd_generate(a) -> int:
@@ -68,6 +73,41 @@ def cmd_generate(a) -> int:
     return 0
 
 
+def cmd_serve(a) -> int:
+    from . import chai
+    from .checkpoint import CheckpointError, load
+    from .engine import Engine
+    from .serve import serve_lines
+    from .tokenizer import load_tokenizer
+
+    if a.model is None:
+        from .default_model import ensure_default_model
+
+        model_dir = ensure_default_model()
+    else:
+        model_dir = a.model
+    device = a.device or _default_device()
+    dtype = a.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    try:
+        model = load(model_dir, device=device, dtype=dtype, chai=a.chai)
+        tok = load_tokenizer(model_dir)
+        engine = Engine(model, tok, a.max_batch_size, a.max_seq_len,
+                        memory_gb=a.memory_gb if a.max_batch_size is None else None, compile=a.compile)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"[serving {model_dir}: {engine.max_batch_size} slots of {engine.max_seq_len} positions, KV cache "
+          f"{model.kv_cache_bytes()['total'] / 2**30:.2f} GiB, {device} {dtype}; {chai.summary(model)}]",
+          file=sys.stderr)
+
+    def write(line: str):
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
+    serve_lines(engine, sys.stdin, write)
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="chai-models", description="LLaMA and OPT with CHAI, in pure PyTorch")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -90,6 +130,18 @@ def main(argv=None) -> int:
     g.add_argument("--chai-groups", type=int, default=1, metavar="G",
                    help="cluster each layer's heads in G equal groups apart (what G tensor-parallel ranks do; one "
                         "process with G reproduces torchrun --nproc-per-node G)")
+    v = sub.add_parser("serve", help="serve JSON-line requests from stdin with continuous batching (results to "
+                                     "stdout; see chai_models/serve.py for the format)")
+    v.add_argument("--model", default=None, help="converted checkpoint folder (default: the default model)")
+    v.add_argument("--memory-gb", type=float, default=1.0,
+                   help="KV-cache budget in GiB the slots are sized from (CHAI's smaller K cache gives more slots)")
+    v.add_argument("--max-batch-size", type=int, default=None, help="slots, instead of --memory-gb")
+    v.add_argument("--max-seq-len", type=int, default=None, help="positions per slot, prompt + generated "
+                                                                 "(default: the model's context)")
+    v.add_argument("--compile", action="store_true", help="compiled CUDA-graph decode step")
+    v.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
+    v.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on GPU, fp32 on CPU)")
+    v.add_argument("--chai", default=None, metavar="SPEC", help="as for generate")
     c = sub.add_parser("convert", help="convert a Hugging Face folder or .gguf file into our format",
                        add_help=False)
     c.add_argument("args", nargs=argparse.REMAINDER)
@@ -100,4 +152,4 @@ def main(argv=None) -> int:
 
         return convert_main(argv[1:])
     a = p.parse_args(argv)
-    return cmd_generate(a)
+    return cmd_serve(a) if a.cmd == "serve" else cmd_generate(a)

@@ -1,9 +1,9 @@
 """The generation loop: prefill, then one token at a time through the static KV cache.
 
-Prompts of different lengths share one position per step (as in Meta's reference loop): the batch is
-prefilled up to the shortest prompt, then each step feeds every row its next prompt token while it still has
-one, or its sampled token once it is past its prompt. So every row sees exactly the positions and tokens it
-would see alone, and no padding ever enters attention.
+Prompts of different lengths are prefilled without padding (`prefill`: rows longest first, one call per distinct
+length over the rows that reach it), and decoding then gives each row its own position (input_pos [B, 1]). Every
+token sits at the position it has alone (models/shared.positions_and_mask), so each row gets the tokens it would get
+alone, and a batch costs the tokens it holds: a 3-token prompt beside a 300-token one adds 3 tokens of prefill.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .chai import open_windows
 from .chai import reset as reset_chai
 from .fast.compile import decode_step
 from .sampling import sample
@@ -97,7 +98,7 @@ def generate(model, tokenizer, prompts: str | Sequence[str] | Sequence[Sequence[
     eos = set(tokenizer.eos_ids if eos_ids is None else eos_ids)
     stop = list(stop or [])
     lengths = [len(x) for x in ids]
-    B, l_min, l_max = len(ids), min(lengths), max(lengths)
+    B, l_max = len(ids), max(lengths)
     limit = model.config.max_seq_len
     total = l_max + max_new_tokens
     if total > limit:
@@ -112,10 +113,6 @@ def generate(model, tokenizer, prompts: str | Sequence[str] | Sequence[Sequence[
     gen = torch.Generator(device=device)
     gen.manual_seed(seed if seed is not None else torch.seed())
 
-    prompt = torch.zeros(B, l_max, dtype=torch.long)
-    for b, x in enumerate(ids):
-        prompt[b, : len(x)] = torch.tensor(x)
-    prompt = prompt.to(device)
     out_ids: list[list[int]] = [[] for _ in range(B)]
     reasons: list[str | None] = [None] * B
     texts: list[str | None] = [None] * B
@@ -127,20 +124,21 @@ def generate(model, tokenizer, prompts: str | Sequence[str] | Sequence[Sequence[
             callback(b, piece)
 
     step = decode_step(model, compile)
-    pos_t = torch.zeros(1, dtype=torch.long, device=device)  # the decode position, updated in place
+    order = sorted(range(B), key=lambda b: -lengths[b])  # cache row r holds prompt order[r]: longest first
+    to_rows = torch.tensor(order, device=device)  # prompt order -> cache-row order
+    to_prompts = torch.tensor([order.index(b) for b in range(B)], device=device)  # and back
+    pos_t = torch.tensor([lengths[b] for b in order], device=device)[:, None]  # [B, 1] next positions, in place
     compile_s = 0.0
     t0 = time.perf_counter()
-    logits = model(prompt[:, :l_min], torch.arange(l_min, device=device), last_only=True)[:, -1]  # [B, vocab]
+    logits = prefill(model, [ids[b] for b in order])[to_prompts]  # [B, vocab]
+    open_windows(model, lengths)  # a row shorter than CHAI's window finishes it while decoding
     _sync(device)
     t1 = time.perf_counter()
-    for pos in range(l_min, l_max + max_new_tokens):
+    for i in range(max_new_tokens):
         nxt = sample(logits.float(), temperature, top_k, top_p, gen)  # [B]
-        if pos < l_max:  # rows still inside their prompt take the prompt's token
-            in_prompt = torch.tensor([pos < n for n in lengths], device=device)
-            nxt = torch.where(in_prompt, prompt[:, pos], nxt)
         nxt_host = nxt.tolist()
         for b in range(B):
-            if reasons[b] is not None or pos < lengths[b]:
+            if reasons[b] is not None:
                 continue
             t = nxt_host[b]
             if t in eos:
@@ -158,10 +156,10 @@ def generate(model, tokenizer, prompts: str | Sequence[str] | Sequence[Sequence[
                     reasons[b] = "length"
         if all(r is not None for r in reasons):
             break
-        pos_t.fill_(pos)
         ts = time.perf_counter()
-        logits = step(nxt[:, None], pos_t)
-        if compile and pos == l_min:  # the first compiled call traces, compiles and captures
+        logits = step(nxt[to_rows][:, None], pos_t)[to_prompts]
+        pos_t += 1
+        if compile and i == 0:  # the first compiled call traces, compiles and captures
             _sync(device)
             compile_s = time.perf_counter() - ts
     _sync(device)
@@ -176,6 +174,32 @@ def generate(model, tokenizer, prompts: str | Sequence[str] | Sequence[Sequence[
                  "tokens_per_s": n_decode / res.decode_s if res.decode_s > 0 else float("nan"),
                  "kv_cache_bytes": model.kv_cache_bytes()["total"]}
     return res
+
+
+@torch.no_grad()
+def prefill(model, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Prefills cache rows 0..B-1 with prompts ordered longest first -> each row's next-token logits [B, vocab].
+
+    One call per distinct length: the call for positions [s, e) covers the rows whose prompts reach e (the first rows,
+    which is what a cached call writes), so no row is padded and the work is the tokens themselves. Each row's logits
+    come from the call where its prompt ends. CHAI decides each row's membership in the call that reaches its position
+    W-1; a row shorter than W finishes its window while decoding (chai.open_windows).
+    """
+    lengths = [len(p) for p in prompts]
+    if any(a < b for a, b in zip(lengths, lengths[1:])):
+        raise ValueError(f"prefill takes prompts longest first, got lengths {lengths}")
+    device = model.tok_embeddings.weight.device
+    out: list = [None] * len(prompts)
+    start = 0
+    for end in sorted(set(lengths)):
+        n = sum(L >= end for L in lengths)  # rows 0..n-1 reach position end - 1
+        tokens = torch.tensor([list(p[start:end]) for p in prompts[:n]], device=device)  # [n, end - start]
+        logits = model(tokens, torch.arange(start, end, device=device), last_only=True)[:, -1]  # [n, vocab]
+        for b in range(n):
+            if lengths[b] == end:
+                out[b] = logits[b]
+        start = end
+    return torch.stack(out)
 
 
 def _first_stop(text: str, stop: list[str]) -> int | None:

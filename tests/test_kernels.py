@@ -294,6 +294,58 @@ def test_rope_and_cache(name):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Per-row positions (continuous batching): pos [B, 1] and RoPE rows [B, D] give each row what a launch for that row
+# alone at its own position gives (each single-position path is checked against torch above)
+
+PER_ROW_CASES = {  # name: (kernel, B, H, Hkv, k, D, T, positions, dense)
+    "decode_clustered": ("decode", 3, 8, 4, 3, 16, 40, [0, 29, 17], False),
+    "decode_dense": ("decode", 3, 8, 2, 8, 16, 40, [39, 4, 16], True),
+    "probs": ("probs", 3, 8, 8, 3, 16, 64, [63, 0, 33], False),
+    "rope_cache": ("rope_cache", 3, 8, 8, 8, 16, 20, [19, 2, 7], True),
+}
+
+
+def run_kernel(kernel, q, k_new, v_new, cos, sin, k_cache, v_cache, pos, scale, h2c, slot_of_rep, members, start):
+    if kernel == "decode":
+        lists = (None, None, None) if members is None else (members, start, slot_of_rep)
+        return decode.decode_launch(q, k_cache, v_cache, k_new, v_new, cos, sin, *lists, pos, scale, split=16,
+                                    block_t=8)
+    if kernel == "probs":
+        return probs.clustered_probs(q, k_new, v_new, cos, sin, k_cache, v_cache, pos, scale, h2c, slot_of_rep)
+    return rope_cache.rope_and_cache(q, k_new, v_new, cos, sin, k_cache, v_cache, pos)
+
+
+@needs_kernels
+@ids(PER_ROW_CASES)
+def test_per_row_positions(name, monkeypatch):
+    kernel, B, H, Hkv, k, D, T, positions, dense = PER_ROW_CASES[name]
+    monkeypatch.setattr(probs, "CLUSTER_SCORES_SPLIT", 16)
+    gen = torch.Generator().manual_seed(5)
+    h2c, slot_of_rep, n_slots = random_membership(gen, B, H, Hkv, k, dense)
+    members, start = cluster_lists(h2c, k)
+    idx = [t.to(DEVICE).contiguous() for t in (h2c, slot_of_rep, members, start)]
+    if dense:
+        idx[2] = idx[3] = None
+    n_q = H if kernel == "rope_cache" else k
+    q, k_new, v_new = randn(gen, B, n_q, D), randn(gen, B, n_slots, D), randn(gen, B, Hkv, D)
+    k_cache, v_cache = randn(gen, B, n_slots, T, D), randn(gen, B, Hkv, T, D)
+    pos = torch.tensor(positions, device=DEVICE)[:, None]  # [B, 1]
+    cfg = LlamaConfig(vocab_size=8, hidden_size=D, intermediate_size=8, n_layers=1, n_heads=1, n_kv_heads=1,
+                      head_dim=D)
+    from chai_models.models.llama import rope_cos_sin, rope_inv_freq
+    cos, sin = (t.reshape(B, D) for t in rope_cos_sin(rope_inv_freq(cfg).to(DEVICE), pos, torch.float32))
+    kc, vc = k_cache.clone(), v_cache.clone()
+    out = run_kernel(kernel, q, k_new, v_new, cos, sin, kc, vc, pos, D ** -0.5, *idx)
+    for b in range(B):
+        r = slice(b, b + 1)
+        kb, vb = k_cache[r].clone(), v_cache[r].clone()
+        one = run_kernel(kernel, q[r], k_new[r], v_new[r], cos[r], sin[r], kb, vb, pos[b], D ** -0.5,
+                         *(None if t is None else t[r] for t in idx))
+        assert rel_err(out[r], one) < TOL, b
+        assert torch.equal(kc[r], kb) and torch.equal(vc[r], vb), b
+
+
+# ----------------------------------------------------------------------------------------------------
 # silu_mul.py
 
 SILU_CASES = {  # name: (shape, extra)
@@ -527,6 +579,12 @@ MODEL_CASES = {
     "llama_chai_mha_b1_long": ("llama", 4, "4,1,3", 64, 1, dict(long=True)),
     "opt_chai_b1": ("opt", None, "4,1,3", 64, 1, {}),
     "opt_chai_b1_gemv": ("opt", None, "4,1,3", 64, 1, dict(gemv=True)),  # LayerNorm and ReLU in the GEMV
+    # per_row: row 1's prompt length (row 0's is n0; generation.prefill's calls), then each row decodes at its own
+    # position; 2 < W: row 1 finishes its window while decoding (those steps eager, through the window kernel)
+    "llama_dense_per_row": ("llama", 2, "dense", 128, 2, dict(per_row=3)),
+    "llama_chai_gqa_per_row": ("llama", 2, "4,1,3", 128, 2, dict(per_row=5)),
+    "opt_chai_per_row_long": ("opt", None, "4,1,3", 64, 2, dict(per_row=5, long=True)),
+    "llama_chai_per_row_in_window": ("llama", 2, "4,1,3", 64, 2, dict(per_row=2)),
 }
 # FastChaiAttention.attend_unrotated takes a batch-1 decode token's q and k as projected by the representatives' rows
 # whenever the layer has rows, but FastOPTAttention.forward projects every head (it never asks qk_weights): wrong
@@ -559,7 +617,8 @@ def test_model_backends_agree(name, monkeypatch):
         monkeypatch.setattr(fast_attention, "CLUSTERED_DECODE_MAX_POSITIONS", 0)
         monkeypatch.setattr(fast_attention, "DENSE_DECODE_MAX_POSITIONS", 0)
     n0 = 4 if spec == "dense" else model.chai_config.window + 1
-    tokens = torch.randint(0, 96, (batch, n0 + 2), generator=torch.Generator().manual_seed(1)).to(DEVICE)  # 2 steps
+    n_steps = 4 if extra.get("per_row", n0) < n0 - 1 else 2  # a row inside its window: on past it
+    tokens = torch.randint(0, 96, (batch, n0 + n_steps), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     if extra.get("gemv"):  # wider row blocks than gemv_config's: fewer interpreted programs (test_gemv checks those)
         config = gemv.gemv_config
         monkeypatch.setattr(gemv, "gemv_config", lambda *a: {**config(*a), "BLOCK_N": 32})
@@ -587,11 +646,21 @@ def test_model_backends_agree(name, monkeypatch):
         chai.reset(model)
         compiling["on"] = backend == "triton" and extra.get("gemv", False)
         try:
-            out = [model(tokens[:, :n0], torch.arange(n0, device=DEVICE))]
-            out += [model(tokens[:, p:p + 1], torch.tensor([p], device=DEVICE)) for p in range(n0, tokens.shape[1])]
+            if extra.get("per_row"):  # generation.prefill's calls for lengths n0 and n1, then [B, 1] positions
+                n1 = extra["per_row"]
+                ends = torch.tensor([n0, n1], device=DEVICE)  # each row's length
+                out = [model(tokens[:, :n1], torch.arange(n1, device=DEVICE)).flatten(),
+                       model(tokens[:1, n1:n0], torch.arange(n1, n0, device=DEVICE)).flatten()]
+                chai.open_windows(model, ends.tolist())
+                out += [model(tokens[:, p:p + 1], (ends + p - n0)[:, None]).flatten()
+                        for p in range(n0, tokens.shape[1])]
+            else:
+                out = [model(tokens[:, :n0], torch.arange(n0, device=DEVICE))]
+                out += [model(tokens[:, p:p + 1], torch.tensor([p], device=DEVICE))
+                        for p in range(n0, tokens.shape[1])]
         finally:
             compiling["on"] = False
-        return torch.cat(out, 1)
+        return torch.cat(out, 1) if out[0].dim() > 1 else torch.cat(out)
 
     with torch.no_grad():
         ref = logits("torch")
@@ -600,7 +669,10 @@ def test_model_backends_agree(name, monkeypatch):
     # the kernels that must have served this case
     n_chai = 0 if spec == "dense" else sum(c < model.config.n_heads for c in model.chai_config.clusters)
     n_dense = 3 - n_chai
-    steps = tokens.shape[1] - n0
+    if extra.get("per_row", n0) < n0 - 1:  # row 1 inside its window: those steps are eager (counts not checked)
+        assert rel_err(fast, ref) < TOL
+        return
+    steps = tokens.shape[1] - n0 + bool(extra.get("per_row"))  # per_row: the long row's last prompt token is one too
     long = extra.get("long", False)
     want = {"new_token_decode": 0 if long else 3 * steps, "clustered_probs": n_chai * steps if long else 0,
             "rope_and_cache": n_dense * steps if long else 0, "window_attention": n_chai,

@@ -17,7 +17,10 @@ Per request (per sequence), the first W tokens decide the membership:
      index), and keeps only the slots' K of the window.
   3. Every later position uses clustered attention with that membership, fixed for the rest of the request.
 Window rows are the same whether a prompt arrives in one chunk or token by token, so a sequence shorter than W is
-dense until it reaches W tokens, and batching never changes a sequence's result.
+dense until it reaches W tokens, and batching never changes a sequence's result. Rows of a batch decode at their own
+positions ([B, 1]): a row still inside its window (a prompt shorter than W) finishes it while decoding, and decides
+its own membership at position W-1; a row whose cache slot held another sequence before redoes every window row it
+reaches, so nothing of the previous one is used.
 
 GQA (G = H / Hkv query heads share a KV head): query heads are clustered. With C < Hkv the layer keeps C K slots,
 slot c holding representative c's KV head (two representatives of one KV head each hold a copy: the allocation stays
@@ -112,6 +115,9 @@ class ChaiAttention:
     [B, Hkv, S, D] with RoPE already applied.
     """
 
+    # per-sequence buffers besides the KV cache, batch first (shared.move_rows moves a sequence with them)
+    sequence_state = ("rep_idx", "head_to_cluster", "kv_of_slot", "slot_of_rep", "k_win", "p_win")
+
     def init_chai(self, n_clusters: int, cfg: ChaiConfig, static: list[int] | None = None,
                   group_counts: list[int] | None = None):
         # group_counts: the clusters of each contiguous group of heads, clustered apart (ChaiConfig.groups)
@@ -121,7 +127,7 @@ class ChaiAttention:
         self.n_k_slots = n_k_slots(n_clusters, self.n_heads, self.n_kv_heads)
         # CHAI-static: a fixed head -> cluster list from calibration instead of the request's window
         self.static = None if static is None else torch.tensor(static, dtype=torch.long)
-        self.ready = False  # host flag: the sequences in the cache have their membership
+        self.ready = False  # host flag: every sequence in the cache is past its window (decode reads no positions)
 
     # -- the cache: K of n_k_slots heads, plus the window state and the membership of each sequence
 
@@ -142,7 +148,7 @@ class ChaiAttention:
 
     def release_cache(self):
         self.kv_cache = None
-        for name in ("rep_idx", "head_to_cluster", "kv_of_slot", "slot_of_rep", "k_win", "p_win"):
+        for name in ChaiAttention.sequence_state:
             self._buffers.pop(name, None)
         self.ready = False
 
@@ -160,6 +166,8 @@ class ChaiAttention:
         S = q.shape[2]
         if self.ready and S == 1:  # decode: no host read
             return self.attend_clustered(q, k, v, input_pos, mask)
+        if input_pos.dim() == 2:  # one token per row, each at its own position, some maybe inside their window
+            return self.attend_rows(q, k, v, input_pos, mask)
         # a prefill chunk spans keys 0..start+S-1 (its mask's width); a single token inside the window is read from
         # the device (only until the window is full)
         start = mask.shape[-1] - S if S > 1 else int(input_pos[0])
@@ -174,7 +182,8 @@ class ChaiAttention:
         y_w = self.attend_window(q[:, :, :n_w], k[:, :, :n_w], v[:, :, :n_w], start)  # [B, H, n_w, D]
         if start + n_w < self.window:
             return y_w  # still inside the window: dense
-        self.decide_membership(q.shape[0])
+        self.decide_membership(slice(0, q.shape[0]))
+        self.ready = True
         if S == n_w:
             return y_w
         # the rows after the window: the whole chunk goes through the clustered pass and its window rows are dropped,
@@ -183,15 +192,32 @@ class ChaiAttention:
         y_r = self.attend_clustered(q, k, v, input_pos, mask)[:, :, n_w:]
         return torch.cat([y_w, y_r], dim=2)
 
-    def attend_window(self, q, k, v, p0: int):
-        """Window rows p0..p0+n-1: q [B, H, n, D], k/v [B, Hkv, n, D] -> their dense output [B, H, n, D]; k into the
-        window's K, v into the cache, their probabilities over the window into p_win (the features)."""
-        B, n = q.shape[0], q.shape[2]
-        self.k_win[:B, :, p0:p0 + n] = k
-        self.kv_cache.v[:B, :, p0:p0 + n] = v
-        probs = window_probs(q, self.k_win[:B], p0, self.scale)  # [B, H, n, W]
-        self.p_win[:B, :, p0:p0 + n] = probs
-        v_win = repeat_kv(self.kv_cache.v[:B, :, :self.window], self.n_heads)  # [B, H, W, D]
+    def attend_rows(self, q, k, v, input_pos, mask):
+        """One token per row at its own position (input_pos [B, 1], read on the host): every row through the clustered
+        pass, then each row still inside its window redone densely (its clustered output and its K written at a window
+        position are replaced: the window's K goes into the compact cache when the row decides at position W-1)."""
+        y = self.attend_clustered(q, k, v, input_pos, mask)  # [B, H, 1, D]
+        pos = input_pos[:, 0].tolist()
+        for b, p in enumerate(pos):
+            if p < self.window:
+                rows = slice(b, b + 1)
+                y[rows] = self.attend_window(q[rows], k[rows], v[rows], p, rows)
+                if p == self.window - 1:
+                    self.decide_membership(rows)
+        self.ready = min(pos) >= self.window - 1
+        return y
+
+    def attend_window(self, q, k, v, p0: int, rows: slice | None = None):
+        """Window rows p0..p0+n-1 of the cache rows `rows` (default the first B): q [B, H, n, D], k/v [B, Hkv, n, D]
+        -> their dense output [B, H, n, D]; k into the window's K, v into the cache, their probabilities over the
+        window into p_win (the features)."""
+        n = q.shape[2]
+        rows = slice(0, q.shape[0]) if rows is None else rows
+        self.k_win[rows, :, p0:p0 + n] = k
+        self.kv_cache.v[rows, :, p0:p0 + n] = v
+        probs = window_probs(q, self.k_win[rows], p0, self.scale)  # [B, H, n, W]
+        self.p_win[rows, :, p0:p0 + n] = probs
+        v_win = repeat_kv(self.kv_cache.v[rows, :, :self.window], self.n_heads)  # [B, H, W, D]
         return torch.matmul(probs.to(v.dtype), v_win)
 
     def membership(self, probs):
@@ -212,17 +238,16 @@ class ChaiAttention:
             kv_of_slot, slot_of_rep = torch.arange(self.n_kv_heads, device=probs.device).expand(B, -1), rep_kv
         return rep_idx, head_to_cluster, kv_of_slot, slot_of_rep
 
-    def decide_membership(self, B: int):
-        """Clusters the first B sequences on their window features and keeps only their slots' window K."""
-        self.store_membership(B)
-        self.kv_cache.k[:B, :, :self.window] = batched_index(self.k_win[:B], self.kv_of_slot[:B])
-        self.ready = True
+    def decide_membership(self, rows: slice):
+        """Clusters the cache rows `rows` on their window features and keeps only their slots' window K."""
+        self.store_membership(rows)
+        self.kv_cache.k[rows, :, :self.window] = batched_index(self.k_win[rows], self.kv_of_slot[rows])
 
-    def store_membership(self, B: int):
-        # the first B sequences' membership into the buffers that later steps read
+    def store_membership(self, rows: slice):
+        # the rows' membership into the buffers that later steps read
         for dst, src in zip((self.rep_idx, self.head_to_cluster, self.kv_of_slot, self.slot_of_rep),
-                            self.membership(self.p_win[:B])):
-            dst[:B].copy_(src)
+                            self.membership(self.p_win[rows])):
+            dst[rows].copy_(src)
 
     def attend_clustered(self, q, k, v, input_pos, mask):
         """Rows past the window: the representatives' q, the slots' K into the compact cache, V into the cache."""
@@ -323,9 +348,20 @@ def chai_layers(model) -> list[ChaiAttention]:
 
 
 def reset(model) -> None:
-    """Forgets every sequence's membership (a new request starts)."""
+    """Makes the next call read positions on the host (a new request starts, or a row is inside its window): each
+    row then follows its own position, and a row that reaches position W-1 decides its membership."""
     for attn in chai_layers(model):
         attn.ready = False
+
+
+def open_windows(model, next_positions) -> None:
+    """Tells the CHAI layers the next position of each row of the cache (host ints): if any is inside a layer's
+    window, that layer's next decode call reads positions on the host and routes each row (ChaiAttention.attend_rows).
+    A serving loop calls it after every prefill, whose rows may be shorter than the window."""
+    low = min(next_positions, default=None)
+    for attn in chai_layers(model):
+        if low is not None and low < attn.window:
+            attn.ready = False
 
 
 def ready(model) -> bool:

@@ -32,8 +32,9 @@ def rotate(q, k, rope):
 
 
 def rope_row(rope):
-    # a decode token's RoPE (cos, sin) [1, D] -> the [D] rows the kernels take, or (None, None)
-    return (None, None) if rope is None else (rope[0][0], rope[1][0])
+    # a decode token's RoPE (cos, sin) [1, D] (every row at one position) or [B, 1, 1, D] (per row) -> the [1, D] or
+    # [B, D] rows the kernels take, or (None, None)
+    return (None, None) if rope is None else tuple(t.reshape(-1, t.shape[-1]) for t in rope)
 
 
 def is_decode(q, input_pos) -> bool:
@@ -89,6 +90,8 @@ class FastChaiAttention(ChaiAttention):
     decode token in one launch (or two and cuBLAS for long caches), and at batch 1 a decode token projects only its
     representatives' Q and K rows (qk_weights)."""
 
+    sequence_state = ChaiAttention.sequence_state + ("members", "cluster_start")
+
     def setup_cache(self, max_batch_size, max_seq_len, dtype, device):
         super().setup_cache(max_batch_size, max_seq_len, dtype, device)
         B, H, C = max_batch_size, self.n_heads, self.n_clusters
@@ -104,36 +107,38 @@ class FastChaiAttention(ChaiAttention):
 
     def release_cache(self):
         super().release_cache()
-        for name in ("members", "cluster_start"):
+        for name in ("members", "cluster_start"):  # its own sequence_state entries
             self._buffers.pop(name, None)
         self.rows = None
 
-    def attend_window(self, q, k, v, p0: int):
+    def attend_window(self, q, k, v, p0: int, rows: slice | None = None):
         if not (available(q) and self.p_win.dtype == torch.float32):
-            return super().attend_window(q, k, v, p0)
-        B, n = q.shape[0], q.shape[2]
-        self.kv_cache.v[:B, :, p0:p0 + n] = v
+            return super().attend_window(q, k, v, p0, rows)
+        n = q.shape[2]
+        rows = slice(0, q.shape[0]) if rows is None else rows
+        self.kv_cache.v[rows, :, p0:p0 + n] = v
         # q and k arrive rotated: the kernel runs without RoPE
-        return window_attention(q, k, None, None, self.k_win[:B], self.p_win[:B], self.kv_cache.v[:B], p0,
+        return window_attention(q, k, None, None, self.k_win[rows], self.p_win[rows], self.kv_cache.v[rows], p0,
                                 self.scale)
 
-    def store_membership(self, B: int):
+    def store_membership(self, rows: slice):
         # also the decode kernel's lists (members, cluster_start); on the device, all of it in one launch
-        features = self.p_win[:B].reshape(B, self.n_heads, -1)  # [B, H, W*W]
+        p_win = self.p_win[rows]
+        features = p_win.reshape(p_win.shape[0], self.n_heads, -1)  # [B, H, W*W]
         if (self.static is None and self.algorithm == "agglomerative" and len(self.group_counts) == 1
                 and available(features)):
-            out = (self.rep_idx[:B], self.head_to_cluster[:B], self.kv_of_slot[:B], self.slot_of_rep[:B],
-                   self.members[:B], self.cluster_start[:B])
+            out = (self.rep_idx[rows], self.head_to_cluster[rows], self.kv_of_slot[rows], self.slot_of_rep[rows],
+                   self.members[rows], self.cluster_start[rows])
             membership_kernel(features, self.n_clusters, self.representative == "medoid",
                               self.n_heads // self.n_kv_heads, self.n_k_slots, out)
             return
-        super().store_membership(B)
-        for dst, src in zip((self.members, self.cluster_start), cluster_lists(self.head_to_cluster[:B],
+        super().store_membership(rows)
+        for dst, src in zip((self.members, self.cluster_start), cluster_lists(self.head_to_cluster[rows],
                                                                              self.n_clusters)):
-            dst[:B].copy_(src)
+            dst[rows].copy_(src)
 
-    def decide_membership(self, B: int):
-        super().decide_membership(B)
+    def decide_membership(self, rows: slice):
+        super().decide_membership(rows)
         if self.rows is not None:  # the new representatives' Q rows and slots' K rows, into the static buffers
             for (w, b), lin, idx in zip(self.rows, (self.wq, self.wk), (self.rep_idx, self.kv_of_slot)):
                 gather_rows(lin.weight, lin.bias, idx[0], self.head_dim, out=(w, b))

@@ -12,10 +12,11 @@ from .kernels import register_inductor_fallbacks, triton
 
 
 def decode_step(model, compile: bool = False):
-    """The one-token decode step: tokens [B, 1], position [1] -> next-token logits [B, vocab].
+    """The one-token decode step: tokens [B, 1], positions [B, 1] (each row its own; or [1], every row at one)
+    -> next-token logits [B, vocab]. Positions are data, not shapes: any mix of them replays the same graph.
 
     compile=True: torch.compile(fullgraph) with CUDA graphs on GPU. While a CHAI layer's window is still filling
-    (a prompt shorter than the window) the step runs eagerly, since that phase reads positions on the host.
+    (a row shorter than the window) the step runs eagerly, since that phase reads positions on the host.
     """
     if not compile:
         return lambda tok, pos: model(tok, pos)[:, -1]

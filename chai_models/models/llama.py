@@ -77,8 +77,11 @@ def rope_inv_freq(cfg: LlamaConfig, device=None) -> torch.Tensor:
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, pos: torch.Tensor, dtype: torch.dtype):
-    freqs = pos.float()[:, None] * inv_freq[None, :]  # [S, D/2], fp32
-    emb = torch.cat((freqs, freqs), dim=-1)  # [S, D]
+    # pos [S] -> cos, sin [S, D]; per-row pos [B, S] -> [B, 1, S, D] (broadcast over heads)
+    freqs = pos.float()[..., None] * inv_freq  # [..., S, D/2], fp32
+    emb = torch.cat((freqs, freqs), dim=-1)  # [..., S, D]
+    if pos.dim() == 2:
+        emb = emb[:, None]
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
@@ -129,7 +132,7 @@ class Attention(nn.Module):
         return shared.cached_attention(self.kv_cache, q, k, v, input_pos, mask, self.scale)
 
     def forward(self, x, rope, input_pos=None, mask=None):
-        # x [B, S, hidden] (normalised); input_pos [S] or None; mask [S, n_keys] bool or None
+        # x [B, S, hidden] (normalised); input_pos [S], [B, 1] or None; mask (shared.positions_and_mask) or None
         B, S, _ = x.shape
         q, k, v = self.project(x, rope)
         y = self.attend(q, k, v, input_pos, mask)  # [B, H, S, D]
@@ -215,12 +218,12 @@ class Llama(nn.Module):
         that only samples the next token skips the output projection of the other S - 1 rows).
 
         Without input_pos: scores the whole sequence at positions 0..S-1 and touches no cache.
-        With input_pos [S] (positions of these tokens, the same for every row): reads and writes the KV cache
-        set up by setup_caches; serves prefill (S > 1) and one-token decode (S == 1).
+        With input_pos [S] (positions of these tokens, the same for every row) or [B, 1] (one token per row, each at
+        its own position): reads and writes the KV cache set up by setup_caches; serves prefill (S > 1) and decode.
         """
-        pos, mask = shared.positions_and_mask(self, tokens, input_pos)  # pos [S]; mask [S, n_keys] or None (causal)
+        pos, mask = shared.positions_and_mask(self, tokens, input_pos)  # pos [S] or [B, 1]; mask or None (causal)
         x = self.tok_embeddings(tokens)  # [B, S, hidden]
-        rope = rope_cos_sin(self.inv_freq, pos, x.dtype)  # cos, sin [S, D]
+        rope = rope_cos_sin(self.inv_freq, pos, x.dtype)  # cos, sin [S, D] or [B, 1, 1, D]
         for blk in self.layers:
             x = blk(x, rope, input_pos, mask)
         if last_only:

@@ -124,7 +124,7 @@ class Attention(nn.Module):
         return shared.cached_attention(self.kv_cache, q, k, v, input_pos, mask, self.scale)
 
     def forward(self, x, rope=None, input_pos=None, mask=None):
-        # x [B, S, hidden]; input_pos [S] or None; mask [S, n_keys] bool or None
+        # x [B, S, hidden]; input_pos [S], [B, 1] or None; mask (shared.positions_and_mask) or None
         B, S, _ = x.shape
         q, k, v = self.project(x, rope)
         y = self.attend(q, k, v, input_pos, mask)  # [B, H, S, D]
@@ -223,16 +223,16 @@ class OPT(nn.Module):
         that only samples the next token skips the output projection of the other S - 1 rows).
 
         Without input_pos: scores the whole sequence at positions 0..S-1 and touches no cache.
-        With input_pos [S] (positions of these tokens, the same for every row): reads and writes the KV cache
-        set up by setup_caches; serves prefill (S > 1) and one-token decode (S == 1).
-        Rows are never padded, so positions are 0..S-1, which is what HF derives from an all-ones
+        With input_pos [S] (positions of these tokens, the same for every row) or [B, 1] (one token per row, each at
+        its own position): reads and writes the KV cache set up by setup_caches; serves prefill (S > 1) and decode.
+        Rows are never padded, so a row's positions are 0..n-1, which is what HF derives from an all-ones
         attention mask (its cumsum - 1).
         """
         S = tokens.shape[1]
         if input_pos is None and S > self.config.max_seq_len:
             raise ValueError(f"{S} tokens but OPT has learned positions for {self.config.max_seq_len}; "
                              f"score at most {self.config.max_seq_len} tokens at a time")
-        pos, mask = shared.positions_and_mask(self, tokens, input_pos)  # pos [S]; mask [S, n_keys] or None (causal)
+        pos, mask = shared.positions_and_mask(self, tokens, input_pos)  # pos [S] or [B, 1]; mask or None (causal)
         x = self.tok_embeddings(tokens)  # [B, S, E]
         if self.project_in is not None:
             x = self.project_in(x)  # [B, S, hidden]

@@ -25,8 +25,14 @@ class KVCache(nn.Module):
                                               device=device), persistent=False)
 
     def update(self, pos, k, v):
-        # pos [S]; k [B, n_k, S, D], v [B, n_v, S, D] -> the first B sequences' K [B, n_k, T, D] and V [B, n_v, T, D]
+        # pos [S] (every row) or [B, S] (per row); k [B, n_k, S, D], v [B, n_v, S, D] -> the first B sequences'
+        # K [B, n_k, T, D] and V [B, n_v, T, D]
         B = k.shape[0]
+        if pos.dim() == 2:  # row b's tokens go to its own positions pos[b]
+            rows = torch.arange(B, device=pos.device)[:, None]  # [B, 1]
+            self.k[:B][rows, :, pos] = k.transpose(1, 2)  # indexed [B, S, n_k, D]
+            self.v[:B][rows, :, pos] = v.transpose(1, 2)
+            return self.k[:B], self.v[:B]
         self.k[:B].index_copy_(2, pos, k)
         self.v[:B].index_copy_(2, pos, v)
         return self.k[:B], self.v[:B]
@@ -38,8 +44,8 @@ class KVCache(nn.Module):
 def attention(q, k, v, mask, scale):
     """softmax(q K^T * scale) V.
 
-    q [B, H, S, D], k/v [B, Hkv, n, D] -> [B, H, S, D]. mask [S, n] bool (True: attend), or None: causal with the S
-    queries at the last S of the n positions (a whole sequence, or a prefill chunk over the cache's first n slots).
+    q [B, H, S, D], k/v [B, Hkv, n, D] -> [B, H, S, D]. mask [S, n] or [B, 1, S, n] (per row) bool (True: attend), or
+    None: causal with the S queries at the last S of the n positions (a whole sequence, or a prefill chunk over the cache's first n slots).
     """
     S, n = q.shape[2], k.shape[2]
     gqa = k.shape[1] != q.shape[1]  # SDPA maps query heads to their KV head itself: no copy of K and V
@@ -55,8 +61,8 @@ def attention(q, k, v, mask, scale):
 def cached_attention(cache: KVCache, q, k, v, input_pos, mask, scale):
     """Writes the new tokens' k, v into the cache at input_pos and attends over it.
 
-    q [B, H, S, D], k/v [B, Hkv, S, D]; input_pos [S] or None (an uncached call: attend causally over k, v alone);
-    mask [S, n_keys] from positions_and_mask -> [B, H, S, D].
+    q [B, H, S, D], k/v [B, Hkv, S, D]; input_pos [S], [B, 1] (one token per row at its own position), or None (an
+    uncached call: attend causally over k, v alone); mask from positions_and_mask -> [B, H, S, D].
     """
     if input_pos is None:
         return attention(q, k, v, None, scale)
@@ -76,8 +82,9 @@ def repeat_kv(t: torch.Tensor, n_heads: int) -> torch.Tensor:
 def check_cache_call(model, B: int, S: int, input_pos: torch.Tensor) -> int | None:
     """Checks a cached forward's arguments; returns where a prefill chunk (S > 1) starts, None for one token.
 
-    A chunk's positions must be consecutive (its attention is causal over cache slots 0..start+S-1): they are read
-    on the host once per prefill call. A one-token call never reads the device, so it can be captured in a graph.
+    input_pos is [S] (every row at the same positions) or, for one token per row, [B, 1] (each row at its own
+    position). A chunk's positions must be consecutive (its attention is causal over cache slots 0..start+S-1): they are
+    read on the host once per prefill call. A one-token call never reads the device, so it can be captured in a graph.
     """
     if not model.max_batch_size:
         raise RuntimeError("forward with input_pos needs a KV cache: call model.setup_caches(max_batch_size, "
@@ -88,9 +95,15 @@ def check_cache_call(model, B: int, S: int, input_pos: torch.Tensor) -> int | No
     if S > model.max_seq_len:
         raise ValueError(f"{S} tokens in one call but the cache holds {model.max_seq_len} positions; call "
                          f"setup_caches with a larger max_seq_len (at most the model's {model.config.max_seq_len})")
+    if input_pos.dim() == 2:
+        if S != 1 or input_pos.shape != (B, 1):
+            raise ValueError(f"per-row input_pos [B, 1] serves one token per row; got shape {tuple(input_pos.shape)} "
+                             f"for tokens [{B}, {S}]. A prefill of rows of different lengths runs one call per length "
+                             f"with shared positions [S] (generation.prefill)")
+        return None
     if input_pos.dim() != 1 or input_pos.shape[0] != S:
-        raise ValueError(f"input_pos must be a 1-D tensor of the {S} positions of the tokens, got shape "
-                         f"{tuple(input_pos.shape)}")
+        raise ValueError(f"input_pos must be a 1-D tensor of the {S} positions of the tokens (or [B, 1] for one token "
+                         f"per row), got shape {tuple(input_pos.shape)}")
     if S == 1:
         return None
     host = input_pos.tolist()
@@ -105,18 +118,43 @@ def check_cache_call(model, B: int, S: int, input_pos: torch.Tensor) -> int | No
 
 
 def positions_and_mask(model, tokens: torch.Tensor, input_pos: torch.Tensor | None):
-    """tokens [B, S] -> (positions [S], mask) of a forward call.
+    """tokens [B, S] -> (positions, mask) of a forward call.
 
-    Uncached: positions 0..S-1 and mask None (causal). Cached: the checked input_pos and the keys each new token sees,
-    [S, n_keys] bool (position p sees cache slots 0..p). One token masks the whole cache (its position stays on the
-    device); a prefill chunk starting at `start` spans slots 0..start+S-1 only, which is all its attention reads.
+    Uncached: positions 0..S-1 and mask None (causal). Cached: the checked input_pos and the keys each new token sees
+    (position p sees cache slots 0..p): [S, n_keys] bool, or [B, 1, 1, T] for per-row positions [B, 1]. One token
+    masks the whole cache (its position stays on the device); a prefill chunk starting at `start` spans slots
+    0..start+S-1 only, which is all its attention reads.
+
+    Rows of different lengths (generation.prefill): rows sorted longest first, one call per distinct length, each over
+    the rows whose prompts reach it (the first rows: a call writes rows 0..B-1), so no token is padding; decoding then
+    gives each row its own position ([B, 1]). Every token sits at the position it has alone (RoPE and learned positions
+    unchanged, the fused causal kernel for a prompt, no key mask), and a one-token call masks each row past its own
+    position: cache slots a row has not reached hold nothing it can see.
     """
     B, S = tokens.shape
     if input_pos is None:
         return torch.arange(S, device=tokens.device), None
     start = check_cache_call(model, B, S, input_pos)
     n_keys = model.max_seq_len if start is None else start + S
-    return input_pos, torch.arange(n_keys, device=input_pos.device)[None, :] <= input_pos[:, None]
+    keys = torch.arange(n_keys, device=input_pos.device)
+    if input_pos.dim() == 2:
+        return input_pos, (keys <= input_pos[:, :, None])[:, None]  # [B, 1, 1, T]
+    return input_pos, keys[None, :] <= input_pos[:, None]
+
+
+def move_rows(model, src: list[int], dst: list[int]) -> None:
+    """Copies the cache rows src to rows dst in every attention layer: K, V and the per-sequence state a layer names in
+    `sequence_state` (CHAI's membership and window), so a sequence moves whole. A serving engine uses it to free the
+    first rows for a prefill (which writes rows 0..B-1)."""
+    if len(src) != len(dst):
+        raise ValueError(f"move_rows: {len(src)} source rows but {len(dst)} destinations")
+    if not src:
+        return
+    device = model.tok_embeddings.weight.device
+    s, d = torch.tensor(src, device=device), torch.tensor(dst, device=device)
+    for attn in model.attention_layers:
+        for buf in (attn.kv_cache.k, attn.kv_cache.v, *(getattr(attn, n) for n in getattr(attn, "sequence_state", ()))):
+            buf[d] = buf[s]
 
 
 def setup_caches(model, max_batch_size: int, max_seq_len: int | None):

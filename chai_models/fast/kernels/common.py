@@ -37,6 +37,14 @@ def _rope_args(cos, sin, placeholder: torch.Tensor) -> tuple:
     return (cos.contiguous(), sin.contiguous()) if cos is not None else (placeholder, placeholder)
 
 
+def _row_strides(pos: torch.Tensor, cos) -> tuple:
+    """How a decode kernel finds row b's position and RoPE row: pos [1] or [B] / [B, 1] (per row), cos [D], [1, D]
+    or [B, D] -> (pos as a flat tensor, its row stride, the RoPE row stride): stride 0 when every row shares one."""
+    pos = pos.reshape(-1)
+    s_rope = cos.shape[-1] if cos is not None and cos.dim() == 2 and cos.shape[0] > 1 else 0
+    return pos, int(pos.numel() > 1), s_rope
+
+
 @functools.lru_cache(maxsize=None)
 def _pdl_capable(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9 and not interpreted()

@@ -8,7 +8,7 @@ import threading
 
 import torch
 
-from .common import _pdl_kwargs, _rope_args, _unit_stride, triton
+from .common import _pdl_kwargs, _rope_args, _row_strides, _unit_stride, triton
 
 if triton is not None:
     import triton.language as tl
@@ -97,7 +97,7 @@ if triton is not None:
                              members_ptr, start_ptr, slot_ptr, pos_ptr,
                              acc_ptr, m_ptr, l_ptr, count_ptr, out_ptr,
                              sq_b, sq_c, sk_b, sk_s, sk_t, sv_b, sv_h, sv_t, skn_b, skn_s, svn_b, svn_h, so_b, so_h,
-                             qk_scale, SPLIT, N_SPLITS, N_CHUNKS,
+                             qk_scale, SPLIT, N_SPLITS, N_CHUNKS, s_pos, s_rope,
                              H: tl.constexpr, K: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
                              N_SLOTS: tl.constexpr, HKV: tl.constexpr,
                              HPB: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -105,7 +105,9 @@ if triton is not None:
                              STAGES: tl.constexpr, DENSE: tl.constexpr, ROPE: tl.constexpr,
                              FUSED_COMBINE: tl.constexpr, PDL: tl.constexpr):
         j, s, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)  # int64: cache offsets
-        pos = tl.load(pos_ptr)  # written before the graph (or launch) began: safe to read before the wait
+        pos = tl.load(pos_ptr + b * s_pos)  # written before the graph (or launch) began: safe to read before the wait
+        cos_ptr += b * s_rope  # row b's RoPE (s_rope 0: every row at one position)
+        sin_ptr += b * s_rope
         t_lo = s * SPLIT
         if t_lo > pos:  # the whole split is past the current position
             return
@@ -188,11 +190,11 @@ if triton is not None:
                             tl.store(out_ptr + b * so_b + h * so_h + d, o.to(out_ptr.dtype.element_ty), mask=d_ok)
 
     @triton.jit
-    def _decode_combine_kernel(acc_ptr, m_ptr, l_ptr, pos_ptr, out_ptr, so_b, so_h, SPLIT, N_SPLITS,
+    def _decode_combine_kernel(acc_ptr, m_ptr, l_ptr, pos_ptr, out_ptr, so_b, so_h, SPLIT, N_SPLITS, s_pos,
                                H: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
                                PDL: tl.constexpr):
         h, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
-        n_valid = tl.minimum(tl.load(pos_ptr) // SPLIT + 1, N_SPLITS)  # splits holding positions <= pos
+        n_valid = tl.minimum(tl.load(pos_ptr + b * s_pos) // SPLIT + 1, N_SPLITS)  # splits holding positions <= pos
         if PDL:
             tl.extra.cuda.gdc_wait()
         d = tl.arange(0, BLOCK_D)
@@ -245,6 +247,7 @@ def decode_launch(q, k_cache, v_cache, k_new, v_new, cos, sin, members, cluster_
     n_chunks = decode_chunks(H, k, hpb)
     rope = cos is not None
     q, k_cache, v_cache, k_new, v_new = _unit_stride(q, k_cache, v_cache, k_new, v_new)
+    pos, s_pos, s_rope = _row_strides(pos, cos)
     cos, sin = _rope_args(cos, sin, q)
     if dense:
         members = cluster_start = slot_of_rep = pos  # unused pointers
@@ -269,11 +272,11 @@ def decode_launch(q, k_cache, v_cache, k_new, v_new, cos, sin, members, cluster_
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), k_new.stride(0), k_new.stride(1), v_new.stride(0),
         v_new.stride(1), out.stride(0), out.stride(1), scale * math.log2(math.e), split, n_splits, n_chunks,
-        H=H, K=k, G=H // Hkv, D=D, N_SLOTS=k_cache.shape[1], HKV=Hkv, HPB=hpb, BLOCK_T=block_t, BLOCK_D=block_d,
+        s_pos, s_rope, H=H, K=k, G=H // Hkv, D=D, N_SLOTS=k_cache.shape[1], HKV=Hkv, HPB=hpb, BLOCK_T=block_t, BLOCK_D=block_d,
         BLOCK_K=triton.next_power_of_2(k), BLOCK_S=block_s, ONE_SPLIT=n_splits == 1, STAGES=num_stages, DENSE=dense,
         ROPE=rope, FUSED_COMBINE=counts is not None, num_warps=num_warps, **pdl)
     if n_splits > 1 and counts is None:
-        _decode_combine_kernel[(H, B)](acc, m, l, pos, out, out.stride(0), out.stride(1), split, n_splits,
+        _decode_combine_kernel[(H, B)](acc, m, l, pos, out, out.stride(0), out.stride(1), split, n_splits, s_pos,
                                        H=H, D=D, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=4, **pdl)
     return out
 
@@ -320,9 +323,9 @@ def new_token_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
     """One decode token's RoPE, its cache write and its attention, in one launch -> out [B, H, D] (v's dtype).
 
     q [B, C, D], k [B, n_slots, D], v [B, Hkv, D]: the token's projections (q of the representatives, k of the K
-    slots), without RoPE; cos, sin [D]: RoPE at pos (rotate-half, HF layout), or None; k_cache [B_max, n_slots, T, D],
-    v_cache [B_max, Hkv, T, D] with B <= B_max: RoPE(k) and v are written at pos [1] (on the device), rows 0..pos are
-    attended. members [B, H] (query heads sorted by cluster), cluster_start [B, C+1] (fast.attention.cluster_lists),
+    slots), without RoPE; cos, sin [D] or [1, D], or [B, D] per row: RoPE at pos (rotate-half, HF layout), or None;
+    k_cache [B_max, n_slots, T, D], v_cache [B_max, Hkv, T, D] with B <= B_max: RoPE(k) and v are written at pos [1]
+    (every row) or [B, 1] (each row its own; on the device), rows 0..pos are attended. members [B, H] (query heads sorted by cluster), cluster_start [B, C+1] (fast.attention.cluster_lists),
     slot_of_rep [B, C]; or all None: dense attention (C == H, head h reads KV head h // G).
     out[b, h] = softmax(q_rep(c) . K_slot(c)[:pos+1]^T * scale) @ V[h // G, :pos+1] for h's cluster c, sums in fp32.
     An opaque op, so torch.compile keeps it one node and CUDA graphs capture its launches.

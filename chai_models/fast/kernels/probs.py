@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from .common import _pdl_kwargs, _rope_args, _unit_stride, triton
+from .common import _pdl_kwargs, _rope_args, _row_strides, _unit_stride, triton
 
 if triton is not None:
     import triton.language as tl
@@ -35,13 +35,15 @@ if triton is not None:
     def _cluster_scores_kernel(q_ptr, k_ptr, v_ptr, kn_ptr, vn_ptr, cos_ptr, sin_ptr, slot_ptr, pos_ptr,
                                s_ptr, m_ptr, l_ptr,
                                sq_b, sq_c, sk_b, sk_s, sk_t, sv_b, sv_h, sv_t, skn_b, skn_s, svn_b, svn_h,
-                               qk_scale, T, SPLIT, N_SPLITS,
+                               qk_scale, T, SPLIT, N_SPLITS, s_pos, s_rope,
                                K: tl.constexpr, D: tl.constexpr, N_SLOTS: tl.constexpr, HKV: tl.constexpr,
                                BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
                                ROPE: tl.constexpr, PDL: tl.constexpr):
         # one program per (cluster c, split s of the positions, sequence b)
         c, s, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-        pos = tl.load(pos_ptr)  # written before the graph (or launch) began
+        pos = tl.load(pos_ptr + b * s_pos)  # written before the graph (or launch) began
+        cos_ptr += b * s_rope  # row b's RoPE (s_rope 0: every row at one position)
+        sin_ptr += b * s_rope
         t_lo = s * SPLIT
         if t_lo > pos:
             return
@@ -82,12 +84,12 @@ if triton is not None:
         tl.store(l_ptr + (b * K + c) * N_SPLITS + s, l)
 
     @triton.jit
-    def _cluster_probs_kernel(s_ptr, m_ptr, l_ptr, h2c_ptr, pos_ptr, p_ptr, T, SPLIT, N_SPLITS,
+    def _cluster_probs_kernel(s_ptr, m_ptr, l_ptr, h2c_ptr, pos_ptr, p_ptr, T, SPLIT, N_SPLITS, s_pos,
                               H: tl.constexpr, K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr,
                               PDL: tl.constexpr):
         # one program per (query head h, sequence b): its cluster's probabilities as one row of p [B, H, T]
         h, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
-        pos = tl.load(pos_ptr)
+        pos = tl.load(pos_ptr + b * s_pos)
         c = tl.load(h2c_ptr + b * H + h)
         n_valid = tl.minimum(pos // SPLIT + 1, N_SPLITS)  # splits holding positions <= pos
         if PDL:
@@ -135,6 +137,7 @@ def clustered_probs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torc
     n_splits = triton.cdiv(T, split)
     rope = cos is not None
     q, k, v = _unit_stride(q, k, v)
+    pos, s_pos, s_rope = _row_strides(pos, cos)
     cos, sin = _rope_args(cos, sin, q)
     scores = torch.empty(B, k_, T, dtype=torch.float32, device=q.device)  # log2 units; rows past pos unwritten
     m = torch.empty(B, k_, n_splits, dtype=torch.float32, device=q.device)
@@ -145,12 +148,12 @@ def clustered_probs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torc
         q, k_cache, v_cache, k, v, cos, sin, slot_of_rep.contiguous(), pos, scores, m, l,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        scale * math.log2(math.e), T, split, n_splits,
+        scale * math.log2(math.e), T, split, n_splits, s_pos, s_rope,
         K=k_, D=D, N_SLOTS=k_cache.shape[1], HKV=Hkv, BLOCK_T=min(CLUSTER_SCORES_BLOCK_T, split),
         BLOCK_D=triton.next_power_of_2(D), STAGES=2,
         ROPE=rope, num_warps=4, **pdl)
     _cluster_probs_kernel[(H, B)](scores, m, l, head_to_cluster.contiguous(), pos, probs, T, split, n_splits,
-                                  H=H, K=k_, BLOCK_T=min(1024, triton.next_power_of_2(T)),
+                                  s_pos, H=H, K=k_, BLOCK_T=min(1024, triton.next_power_of_2(T)),
                                   BLOCK_S=min(32, triton.next_power_of_2(n_splits)), num_warps=4, **pdl)
     return probs
 
