@@ -24,6 +24,7 @@ import torch
 
 from . import set_backend, set_chai
 from .chai import ChaiConfig, reset
+from .errors import UserError, run_main
 from .fast.compile import decode_step
 from .models import Llama, LlamaConfig
 
@@ -42,12 +43,22 @@ SHAPES = {
 }
 
 
+def known_shapes() -> list[str]:
+    from .models.opt import OPT_PRESETS
+
+    return sorted(SHAPES) + list(OPT_PRESETS)
+
+
 def meta_model(shape: str) -> torch.nn.Module:
     """A model of a real shape on the meta device (shapes only)."""
     if shape.startswith("opt-"):
-        from .models.opt import OPT, opt_config
+        from .models.opt import OPT, OPT_PRESETS, opt_config
 
+        if shape not in OPT_PRESETS:
+            raise UserError(f"unknown shape {shape!r}; known: {', '.join(known_shapes())}")
         cfg, cls = opt_config(shape[4:]), OPT
+    elif shape not in SHAPES:
+        raise UserError(f"unknown shape {shape!r}; known: {', '.join(known_shapes())}")
     else:
         fields = {k: v for k, v in SHAPES[shape].items() if k != "family"}
         cfg, cls = LlamaConfig(**fields), Llama
@@ -400,8 +411,13 @@ def _print_hf(a, device, dtype) -> None:
 
 
 def main(argv=None) -> int:
+    """tools/bench.py: a UserError (an unknown shape, a bad spec) ends in one `error:` line and exit status 2."""
+    return run_main(_main, argv)
+
+
+def _main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shape", default="tiny", help=f"one of {sorted(SHAPES)} or opt-<size>")
+    p.add_argument("--shape", default="tiny", help=f"one of {', '.join(known_shapes())}")
     p.add_argument("--chai", nargs="+", default=["dense"], help="'dense' and/or CHAI specs (preset, 'k', 'N:k')")
     p.add_argument("--batch", nargs="+", type=int, default=[1])
     p.add_argument("--context", nargs="+", type=int, default=[512])
@@ -435,6 +451,8 @@ def main(argv=None) -> int:
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: the parent's dense timings (json)
     argv = sys.argv[1:] if argv is None else list(argv)
     a = p.parse_args(argv)
+    if a.shape not in known_shapes():
+        raise UserError(f"unknown shape {a.shape!r}; known: {', '.join(known_shapes())}")
     a.chai.sort(key=lambda s: s != "dense")  # dense first: the others are timed against it (same backend)
     from .checkpoint import dtype_from_name
     from .parallel import init_from_env

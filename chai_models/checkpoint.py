@@ -9,12 +9,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
 import torch
+
+from .errors import UserError
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
@@ -25,18 +29,18 @@ DEFAULT_SHARD_BYTES = 2 * 1024**3
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that is missing, corrupt or contradicts its config. The message says how to fix it."""
 
 
 def dtype_from_name(name: str | torch.dtype) -> torch.dtype:
     if isinstance(name, torch.dtype):
         if name not in DTYPES.values():
-            raise ValueError(f"unsupported dtype {name}; use one of {sorted(DTYPES)}")
+            raise UserError(f"unsupported dtype {name}; use one of {sorted(DTYPES)}")
         return name
     key = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}.get(name, name)
     if key not in DTYPES:
-        raise ValueError(f"unsupported dtype {name!r}; use one of {sorted(DTYPES)} (or fp32/fp16/bf16)")
+        raise UserError(f"unsupported dtype {name!r}; use one of {sorted(DTYPES)} (or fp32/fp16/bf16)")
     return DTYPES[key]
 
 
@@ -75,8 +79,11 @@ def read_config(path: str | os.PathLike) -> dict:
 
 
 def config_from_dict(cls, d: dict, where: str = "config.json"):
-    """Builds a config dataclass from a dict; unknown or missing fields are errors, not guesses."""
+    """Builds a config dataclass from a dict; unknown or missing fields, values of the wrong type and values the
+    config rejects (a size < 1, n_heads not a multiple of n_kv_heads, ...) are CheckpointErrors naming the file
+    and the field, not guesses or tracebacks."""
     import dataclasses
+    import typing
 
     fields = {f.name: f for f in dataclasses.fields(cls)}
     d = {k: v for k, v in d.items() if k not in ("family", "format_version", "torch_dtype")}
@@ -87,29 +94,153 @@ def config_from_dict(cls, d: dict, where: str = "config.json"):
                and f.default_factory is dataclasses.MISSING]
     if missing:
         raise CheckpointError(f"{where}: missing required field(s) {missing} for {cls.__name__}")
-    return cls(**d)
+    hints = typing.get_type_hints(cls)
+    fix = "; correct it in the file, or re-convert the source with --force"
+    for name, value in d.items():
+        if not _has_type(value, hints[name]):
+            raise CheckpointError(f"{where}: {name} = {json.dumps(value)} is {_json_kind(value)}; it must be "
+                                  f"{_type_words(hints[name])}{fix}")
+    try:
+        return cls(**d)
+    except ValueError as e:
+        raise CheckpointError(f"{where}: {e}{fix}") from e
+
+
+def _has_type(value, hint) -> bool:
+    """Whether a JSON value fits a config field's annotation (int, float, bool, str, dict, list[X], X | None)."""
+    import types
+    import typing
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is float:  # JSON writes 10000.0 as 10000
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is list:  # a single item stands for a list of one (eos_token_ids: 2)
+        return isinstance(value, list) and all(_has_type(v, args[0]) for v in value) or _has_type(value, args[0])
+    if origin is dict:
+        return isinstance(value, dict)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def _type_words(hint) -> str:
+    import types
+    import typing
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_words(a) for a in args)
+    if origin is list:
+        return "a list of " + _type_words(args[0]).removeprefix("an ").removeprefix("a ") + "s"
+    words = {type(None): "null", int: "an integer", float: "a number", bool: "true or false", str: "a string",
+             dict: "an object"}
+    return words.get(origin or hint, getattr(hint, "__name__", str(hint)))
+
+
+def _json_kind(value) -> str:
+    if value is None:
+        return "null"
+    return {bool: "a boolean", int: "an integer", float: "a float", str: "a string", list: "a list",
+            dict: "an object"}.get(type(value), type(value).__name__)
 
 
 # ----------------------------------------------------------------------------------------------------
 # writing
 
 
+# A conversion's temporary folder is named .NAME.tmp-PID@HOST-RANDOM (and a replaced checkpoint is moved aside to
+# .NAME.old-PID@HOST for a moment; HOST: a hash of the machine's name); a process killed with SIGKILL or SIGTERM
+# leaves it behind. The next conversion into the same parent removes those whose process on this machine is gone,
+# and those it cannot check (another machine's, a name without a pid) once nothing has touched them for
+# STALE_AFTER_S.
+_LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?:tmp|old)-(?:(?P<pid>\d+)@(?P<host>[0-9a-f]{8})(?:-\w+)?|\w+)")
+STALE_AFTER_S = 6 * 3600
+
+
+def _host_tag() -> str:
+    import hashlib
+    import socket
+
+    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _owner() -> str:
+    return f"{os.getpid()}@{_host_tag()}"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_leftovers(parent: str | os.PathLike, log=None) -> list[Path]:
+    """Removes the temporary folders that killed conversions left in parent (see _LEFTOVER); returns them.
+    log(line) is told each one and why (default: printed to stderr)."""
+    import time
+
+    log = log or (lambda line: print(line, file=sys.stderr))
+    removed = []
+    for path in sorted(Path(parent).iterdir()) if Path(parent).is_dir() else []:
+        m = _LEFTOVER.fullmatch(path.name)
+        if m is None or not path.is_dir():
+            continue
+        pid = int(m["pid"]) if m["pid"] and m["host"] == _host_tag() else None
+        try:
+            age = time.time() - path.stat().st_mtime
+        except FileNotFoundError:  # its own process finished with it just now
+            continue
+        if pid is not None and pid != os.getpid() and not _process_alive(pid):
+            why = f"its conversion, process {pid}, is gone"
+        elif age > STALE_AFTER_S:
+            why = f"untouched for {age / 3600:.1f} hours"
+        else:
+            continue  # a conversion still running, perhaps in another process
+        shutil.rmtree(path, ignore_errors=True)
+        log(f"removed {path}, the temporary folder of an interrupted conversion ({why})")
+        removed.append(path)
+    return removed
+
+
+def _follow_umask(folder: Path) -> None:
+    """mkdtemp makes 0700 folders and safetensors writes 0600 files; outputs get the modes the umask gives."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for root, dirs, files in os.walk(folder):
+        os.chmod(root, 0o777 & ~umask)
+        for f in files:
+            os.chmod(os.path.join(root, f), 0o666 & ~umask)
+
+
 @contextlib.contextmanager
 def atomic_output_dir(dst: str | os.PathLike, force: bool = False) -> Iterator[Path]:
-    """Yields a temporary folder beside dst; on success it replaces dst, on failure it is removed."""
+    """Yields a temporary folder beside dst; on success it replaces dst, on failure it is removed.
+
+    Leftovers of killed conversions in dst's parent are removed first (remove_stale_leftovers); the output's
+    folder and files get the modes that the umask gives."""
     dst = Path(dst)
     if dst.exists() and not force:
         raise FileExistsError(f"{dst} already exists; pass --force (force=True) to overwrite it")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    remove_stale_leftovers(dst.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-{_owner()}-", dir=dst.parent))
     try:
         yield tmp
+        _follow_umask(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     old = None
     if dst.exists():  # force: move the old one aside first so that a crash never leaves neither
-        old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+        old = dst.parent / f".{dst.name}.old-{_owner()}"
         os.replace(dst, old)
     os.replace(tmp, dst)
     if old is not None:
@@ -279,7 +410,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
     config = config_from_dict(cls.config_class, cfg, f"{path}/{CONFIG_NAME}")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' asked for but CUDA is not available here; use device='cpu'")
+        raise UserError("device 'cuda' asked for but CUDA is not available here; use device='cpu'")
     dtype = dtype_from_name(dtype if dtype is not None else cfg.get("torch_dtype", "float32"))
     with torch.device("meta"):
         model = cls(config)

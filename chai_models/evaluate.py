@@ -43,10 +43,11 @@ import torch.nn.functional as F
 
 from . import set_chai
 from .chai import ChaiConfig, n_k_slots, resolve
+from .errors import UserError
 from .progress import progress
 
 
-class EvaluationError(ValueError):
+class EvaluationError(UserError):
     """Bad evaluation input (a file, a task layout, an option); the message says what is wrong and the fix."""
 
 

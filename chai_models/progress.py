@@ -11,7 +11,8 @@ def progress(iterable=None, total=None, desc=None, unit="it", disable=None):
         from tqdm.auto import tqdm
     except ImportError:
         return _Plain(iterable)
-    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable, leave=False)
+    # leave=True: a finished bar stays on screen as the record of what ran and how long it took
+    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable, leave=True)
 
 
 class _Plain:

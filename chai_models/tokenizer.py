@@ -25,6 +25,8 @@ from pathlib import Path
 # the standard `re` module has no \p{...}.
 import regex
 
+from .errors import UserError
+
 # GPT-2's byte-level split, shared by GPT-2, OPT, SmolLM2 and most byte-level BPE models
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 # LLaMA-3's split: case-insensitive contractions, letters with one leading non-letter, numbers in groups of up to
@@ -47,7 +49,7 @@ LLAMA3_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError):
     """A tokenizer folder we cannot read, or text/template we cannot handle; the message says what to do."""
 
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import UserError
 from ..progress import progress
 from .attention import ChaiAttention, n_k_slots, swap_class, window_probs
 from .clustering import cluster_heads
@@ -45,7 +46,7 @@ RULE = ("k = smallest k with r(k) = (e_k - e_H) / (e_1 - e_H) <= tolerance; the 
         "(permutation null: no group structure); a flat curve (e_1 - e_H ~ 0: identical heads) gives k = 1")
 
 
-class CalibrationError(ValueError):
+class CalibrationError(UserError):
     """Bad calibration input (data, counts, options). The message says what is wrong and how to fix it."""
 
 

@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import UserError
 from .clustering import ALGORITHMS, REPRESENTATIVES
 
 # Published per-layer cluster counts of the CHAI reference code (LLaMA, MHA). See shared/CHAI.md.
@@ -14,6 +15,10 @@ PRESETS = {
     "llama-7b-aggressive": dict(n_heads=32, clusters=[28] * 3 + [18] * 11 + [8] * 2 + [4] * 16),
     "llama-33b": dict(n_heads=52, clusters=[48] * 18 + [36] * 8 + [24] * 6 + [8] * 2 + [6] * 26),
 }
+
+
+class ChaiConfigError(UserError):
+    """A CHAI spec, preset or chai.json that does not fit the model; the message names the source and the fix."""
 
 
 @dataclass
@@ -37,38 +42,38 @@ class ChaiConfig:
 
     def validate(self, n_layers: int, n_heads: int) -> "ChaiConfig":
         if len(self.clusters) != n_layers:
-            raise ValueError(f"ChaiConfig has {len(self.clusters)} cluster counts but the model has {n_layers} "
-                             f"layers; give one count per layer ({n_heads} keeps a layer dense)")
+            raise ChaiConfigError(f"ChaiConfig has {len(self.clusters)} cluster counts but the model has {n_layers} "
+                                  f"layers; give one count per layer ({n_heads} keeps a layer dense)")
         for i, n in enumerate(self.clusters):
             if not isinstance(n, int) or not 1 <= n <= n_heads:
-                raise ValueError(f"ChaiConfig.clusters[{i}] = {n!r}: a layer's cluster count must be an int in "
-                                 f"1..{n_heads} (n_heads; {n_heads} means dense)")
+                raise ChaiConfigError(f"ChaiConfig.clusters[{i}] = {n!r}: a layer's cluster count must be an int in "
+                                      f"1..{n_heads} (n_heads; {n_heads} means dense)")
         if not isinstance(self.window, int) or self.window < 1:
-            raise ValueError(f"ChaiConfig.window = {self.window!r}: the clustering window must be an int >= 1")
+            raise ChaiConfigError(f"ChaiConfig.window = {self.window!r}: the clustering window must be an int >= 1")
         if self.representative not in REPRESENTATIVES:
-            raise ValueError(f"ChaiConfig.representative = {self.representative!r}; use one of {REPRESENTATIVES}")
+            raise ChaiConfigError(f"ChaiConfig.representative = {self.representative!r}; use one of {REPRESENTATIVES}")
         if self.algorithm not in ALGORITHMS:
-            raise ValueError(f"ChaiConfig.algorithm = {self.algorithm!r}; use one of {ALGORITHMS}")
+            raise ChaiConfigError(f"ChaiConfig.algorithm = {self.algorithm!r}; use one of {ALGORITHMS}")
         if not isinstance(self.groups, int) or self.groups < 1 or n_heads % self.groups:
-            raise ValueError(f"ChaiConfig.groups = {self.groups!r}: the clustering groups must be an int >= 1 that "
-                             f"divides n_heads ({n_heads})")
+            raise ChaiConfigError(f"ChaiConfig.groups = {self.groups!r}: the clustering groups must be an int >= 1 "
+                                  f"that divides n_heads ({n_heads})")
         for i, n in enumerate(self.clusters):
             if n < n_heads and n < self.groups:
-                raise ValueError(f"ChaiConfig.clusters[{i}] = {n} but the heads are clustered in {self.groups} "
-                                 f"groups (each needs a cluster); use counts >= {self.groups} or fewer groups")
+                raise ChaiConfigError(f"ChaiConfig.clusters[{i}] = {n} but the heads are clustered in {self.groups} "
+                                      f"groups (each needs a cluster); use counts >= {self.groups} or fewer groups")
         if self.static_membership is not None:
             if self.groups > 1:
-                raise ValueError("ChaiConfig.static_membership (CHAI-static) lists one membership for all heads; it "
-                                 "cannot be combined with clustering groups > 1 (or tensor parallelism)")
+                raise ChaiConfigError("ChaiConfig.static_membership (CHAI-static) lists one membership for all "
+                                      "heads; it cannot be combined with clustering groups > 1 (or tensor parallelism)")
             if len(self.static_membership) != n_layers:
-                raise ValueError(f"ChaiConfig.static_membership has {len(self.static_membership)} entries for "
-                                 f"{n_layers} layers")
+                raise ChaiConfigError(f"ChaiConfig.static_membership has {len(self.static_membership)} entries for "
+                                      f"{n_layers} layers")
             for i, (n, m) in enumerate(zip(self.clusters, self.static_membership)):
                 if n == n_heads:
                     continue
                 if m is None or len(m) != n_heads or sorted(set(m)) != list(range(n)):
-                    raise ValueError(f"ChaiConfig.static_membership[{i}] must list a cluster id in 0..{n - 1} "
-                                     f"for each of the {n_heads} heads, every id used; got {m}")
+                    raise ChaiConfigError(f"ChaiConfig.static_membership[{i}] must list a cluster id in 0..{n - 1} "
+                                          f"for each of the {n_heads} heads, every id used; got {m}")
         return self
 
     @classmethod
@@ -79,8 +84,8 @@ class ChaiConfig:
         if spec in PRESETS:
             p = PRESETS[spec]
             if p["n_heads"] != n_heads or len(p["clusters"]) != n_layers:
-                raise ValueError(f"preset {spec!r} is for {len(p['clusters'])} layers of {p['n_heads']} heads; "
-                                 f"this model has {n_layers} layers of {n_heads} heads")
+                raise ChaiConfigError(f"preset {spec!r} is for {len(p['clusters'])} layers of {p['n_heads']} heads; "
+                                      f"this model has {n_layers} layers of {n_heads} heads")
             return cls(clusters=list(p["clusters"]), **kw).validate(n_layers, n_heads)
         try:
             if "," in spec:
@@ -91,8 +96,11 @@ class ChaiConfig:
             else:
                 counts = [int(spec)] * n_layers
         except ValueError:
-            raise ValueError(f"CHAI spec {spec!r} not understood: use a preset ({', '.join(PRESETS)}), 'k', "
-                             "'N:k' or a comma list of per-layer counts") from None
+            raise ChaiConfigError(f"CHAI spec {spec!r} not understood: use a preset ({', '.join(PRESETS)}), 'k', "
+                                  "'N:k' or a comma list of per-layer counts") from None
+        if ":" in spec and "," not in spec and not 0 <= n_dense <= n_layers:
+            raise ChaiConfigError(f"CHAI spec {spec!r}: {n_dense} is the number of leading dense layers (N in N:k) but "
+                                  f"the model has {n_layers} layers; use N in 0..{n_layers}")
         return cls(clusters=counts, **kw).validate(n_layers, n_heads)
 
     def group_counts(self, layer: int, n_heads: int, groups: int | None = None) -> list[int]:
@@ -107,12 +115,15 @@ class ChaiConfig:
 
     @classmethod
     def from_json(cls, d: dict, where: str = "chai.json") -> "ChaiConfig":
+        if not isinstance(d, dict):
+            raise ChaiConfigError(f"{where}: expected a JSON object with 'clusters' (one count per layer), got "
+                                  f"{type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"{where}: unknown field(s) {unknown}; known: {sorted(known)}")
+            raise ChaiConfigError(f"{where}: unknown field(s) {unknown}; known: {sorted(known)}")
         if "clusters" not in d:
-            raise ValueError(f"{where}: missing 'clusters' (one cluster count per layer)")
+            raise ChaiConfigError(f"{where}: missing 'clusters' (one cluster count per layer)")
         return cls(**d)
 
     def save(self, path) -> None:
@@ -124,7 +135,7 @@ class ChaiConfig:
         try:
             return cls.from_json(json.loads(path.read_text()), str(path))
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON ({e}); re-run calibration") from e
+            raise ChaiConfigError(f"{path} is not valid JSON ({e}); re-run calibration") from e
 
 
 def resolve(chai, model, path=None, required: bool = False) -> ChaiConfig | None:
@@ -143,16 +154,29 @@ def resolve(chai, model, path=None, required: bool = False) -> ChaiConfig | None
                         f"got {type(chai).__name__}")
     if chai == "auto":
         if path is None:
-            raise ValueError("chai='auto' needs the checkpoint folder (chai.json beside config.json)")
+            raise ChaiConfigError("chai='auto' needs the checkpoint folder (chai.json beside config.json)")
         f = Path(path) / "chai.json"
         if not f.is_file():
             if required:
-                raise ValueError(f"{f} does not exist; calibrate first (python tools/calibrate.py {path}) or give "
-                                 "a spec such as 15:4")
+                raise ChaiConfigError(f"{f} does not exist; calibrate first (python tools/calibrate.py {path}) or give "
+                                      "a spec such as 15:4")
             return None
-        return ChaiConfig.load(f).validate(cfg.n_layers, cfg.n_heads)
+        return _load_file(f, cfg)
     if chai.endswith(".json"):
         if not Path(chai).is_file():
-            raise ValueError(f"CHAI config {chai} does not exist")
-        return ChaiConfig.load(chai).validate(cfg.n_layers, cfg.n_heads)
+            raise ChaiConfigError(f"CHAI config {chai} does not exist")
+        return _load_file(chai, cfg)
     return ChaiConfig.from_spec(chai, cfg.n_layers, cfg.n_heads)
+
+
+def _load_file(path, cfg) -> ChaiConfig:
+    """A chai.json, validated against the model; every error names the file."""
+    try:
+        return ChaiConfig.load(path).validate(cfg.n_layers, cfg.n_heads)
+    except ChaiConfigError as e:
+        if str(path) in str(e):
+            raise
+        raise ChaiConfigError(f"{path}: {e}; fix the file or calibrate again (python tools/calibrate.py "
+                              "MODEL_DIR --force)") from None
+    except TypeError as e:  # a field of the wrong type reached ChaiConfig(...)
+        raise ChaiConfigError(f"{path}: {e}; fix the file or calibrate again") from None

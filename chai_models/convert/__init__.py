@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import DEFAULT_SHARD_BYTES, CheckpointError, dtype_from_name
+from ..errors import run_main
 from . import gguf, hf, meta
 from .write import expected_shapes, write_checkpoint, write_source
 
@@ -41,6 +42,11 @@ def convert(src, dst, dtype: str | torch.dtype | None = None, force: bool = Fals
 
 
 def main(argv=None) -> int:
+    """tools/convert_weights.py: a UserError ends in one `error:` line and exit status 2, Ctrl-C in 130."""
+    return run_main(_main, argv)
+
+
+def _main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="convert_weights", description=__doc__.splitlines()[0])
     p.add_argument("src", help="Hugging Face folder, Meta consolidated folder or .gguf file")
     p.add_argument("dst", help="output folder (our format)")

@@ -53,7 +53,7 @@ class OPTConfig:
         for name in ("vocab_size", "hidden_size", "ffn_dim", "n_layers", "n_heads", "max_seq_len",
                      "word_embed_proj_dim"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"OPTConfig.{name} = {v!r}; it must be a positive int")
         if self.hidden_size % self.n_heads:
             raise ValueError(f"hidden_size ({self.hidden_size}) must be a multiple of n_heads ({self.n_heads})")
