@@ -32,6 +32,9 @@ SHAPES = {
     # LLaMA-1 7B and LLaMA-2 7B share this shape; the published CHAI counts (preset llama-7b) fit it
     "llama-2-7b": dict(family="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008, n_layers=32,
                        n_heads=32, n_kv_heads=32, head_dim=128, max_seq_len=16384, norm_eps=1e-5),
+    # LLaMA-1 33B (the paper's 33B; preset llama-33b fits it)
+    "llama-33b": dict(family="llama", vocab_size=32000, hidden_size=6656, intermediate_size=17920, n_layers=60,
+                      n_heads=52, n_kv_heads=52, head_dim=128, max_seq_len=2048, norm_eps=1e-6),
     "smollm2-135m": dict(family="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, n_layers=30,
                          n_heads=9, n_kv_heads=3, head_dim=64, max_seq_len=8192, norm_eps=1e-5,
                          tie_word_embeddings=True),
@@ -46,8 +49,8 @@ def known_shapes() -> list[str]:
     return sorted(SHAPES) + list(OPT_PRESETS)
 
 
-def random_model(shape: str, device, dtype) -> torch.nn.Module:
-    """A model of a real shape with random weights, built without a CPU copy."""
+def meta_model(shape: str) -> torch.nn.Module:
+    """A model of a real shape on the meta device (shapes only)."""
     if shape.startswith("opt-"):
         from .models.opt import OPT, OPT_PRESETS, opt_config
 
@@ -60,9 +63,19 @@ def random_model(shape: str, device, dtype) -> torch.nn.Module:
         fields = {k: v for k, v in SHAPES[shape].items() if k != "family"}
         cfg, cls = LlamaConfig(**fields), Llama
     with torch.device("meta"):
-        model = cls(cfg)
+        return cls(cfg)
+
+
+def random_model(shape: str, device, dtype, tp=None) -> torch.nn.Module:
+    """A model of a real shape with random weights, built without a CPU copy; tp (parallel.TensorParallel): only this
+    rank's shard is allocated (its random values are its own, not a slice of one-process weights)."""
+    model = meta_model(shape)
+    if tp is not None:
+        from .parallel import shard
+
+        shard(model, tp.group)
     model = model.to_empty(device=device).to(dtype)
-    gen = torch.Generator(device=device).manual_seed(0)
+    gen = torch.Generator(device=device).manual_seed(0 if tp is None else tp.rank)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 1 and "bias" not in name:  # norm weights
@@ -169,6 +182,39 @@ def bench_decode(model, B: int, T: int, compiled: bool, steps: int = 32, repeats
 
 
 @torch.no_grad()
+def bench_allreduce(model, B: int, compiled: bool, steps: int = 32, repeats: int = 5) -> float:
+    """Seconds per decode step spent in all-reduces alone (tensor parallelism): the step's 2 x n_layers all-reduces
+    of [B, 1, hidden], each waiting for the one before as in the model, timed apart from the model, eager or
+    compiled with CUDA graphs like the compiled step."""
+    from torch.distributed import _functional_collectives as funcol
+
+    tp = model.tensor_parallel
+    device = next(model.parameters()).device
+    timer = _time_cuda if device.type == "cuda" else _time_cpu
+    n = 2 * len(model.layers)
+
+    def reduces(x):
+        for _ in range(n):
+            x = funcol.all_reduce(x, "sum", tp.group) / tp.world  # every rank holds the same x: no growth
+        return x
+
+    fn = reduces
+    if compiled:
+        fn = torch.compile(reduces, fullgraph=True, options={"triton.cudagraphs": device.type == "cuda"})
+    x = torch.ones(B, 1, model.config.hidden_size, dtype=model.tok_embeddings.weight.dtype, device=device)
+
+    def run():
+        for _ in range(steps):
+            if compiled:
+                torch.compiler.cudagraph_mark_step_begin()
+            fn(x)
+
+    for _ in range(3):
+        run()
+    return _median([timer(run) for _ in range(repeats)]) / steps
+
+
+@torch.no_grad()
 def bench_prefill(model, S: int, repeats: int = 5) -> float:
     """Time to first token for one prompt of S tokens (CHAI clustering included), eager."""
     device = next(model.parameters()).device
@@ -261,6 +307,64 @@ def time_calibration(model, n: int, length: int, device) -> int:
     return 0
 
 
+@torch.no_grad()
+def load_memory(path, device, tp) -> list[dict]:
+    """Loads a checkpoint (this rank's slices under torchrun, else checkpoint.load: the whole model, mmap-ed) and
+    measures this process: bytes read through read calls, resident memory before, after loading and after a forward
+    pass (which touches every weight, mmap-ed pages included) and at its peak. Returns every rank's row."""
+    from .checkpoint import load
+    from .parallel import host_memory
+    from .parallel import load as load_rank
+
+    before = host_memory()
+    model = (load if tp is None else load_rank)(path, device=device, backend="torch")
+    loaded = host_memory()
+    model(torch.zeros(1, 8, dtype=torch.long, device=device))
+    after = host_memory()
+    row = {"rank": 0 if tp is None else tp.rank, "read": loaded["rchar"] - before["rchar"], "rss_before": before["rss"],
+           "rss_loaded": loaded["rss"], "rss_forward": after["rss"], "peak": after["peak_rss"],
+           "weights": sum(t.numel() * t.element_size() for t in model.state_dict().values())}
+    if tp is None:
+        return [row]
+    rows = [None] * tp.world
+    torch.distributed.all_gather_object(rows, row)
+    return rows
+
+
+def tp_step_model(shape: str, world: int, B: int, T: int, dtype: torch.dtype, bandwidth: float,
+                  allreduce_s: float) -> str:
+    """What one decode step of a shape costs each rank of a tensor-parallel group, from the shapes alone (a meta
+    model, nothing allocated): weight and KV bytes read per rank, the all-reduces, and the floor
+    bytes / bandwidth + n_allreduce x allreduce_s (allreduce_s: one small all-reduce's latency, measured by bench
+    under torchrun: AR ms / (2 n_layers))."""
+    from .parallel import plan
+
+    model = meta_model(shape)
+    es = torch.empty((), dtype=dtype).element_size()
+    slices = plan(model, 0, world)
+    tied = getattr(model.config, "tie_word_embeddings", True)
+    read = 0
+    for name, t in model.state_dict().items():
+        n = t.numel() if name not in slices else t.numel() // t.shape[slices[name][0]] * slices[name][2]
+        if name.endswith("embeddings.weight") and not (tied and name.startswith("tok_")):
+            continue  # a lookup reads B rows only
+        read += n * es
+    cfg = model.config
+    n_kv = slices["layers.0.attention.wk.weight"][2] // cfg.head_dim
+    kv = 2 * cfg.n_layers * B * n_kv * T * cfg.head_dim * es
+    n_ar = 2 * cfg.n_layers if world > 1 else 0
+    ar_bytes = B * cfg.hidden_size * es
+    floor, t_ar = (read + kv) / bandwidth, n_ar * allreduce_s
+    sent = 2 * (world - 1) / world * ar_bytes * n_ar  # a ring all-reduce sends 2 (tp - 1) / tp of the tensor
+    lines = [f"# {shape} at tp={world}, B={B}, T={T}, {str(dtype).split('.')[-1]}, per rank:",
+             f"weights read {read / 1e9:.2f} GB (replicated output projection included), KV read {kv / 1e9:.2f} GB",
+             f"all-reduces {n_ar} of {ar_bytes / 1e3:.1f} kB (ring: {sent / 1e6:.2f} MB sent per rank per step)",
+             f"floor {floor * 1e3:.2f} ms at {bandwidth / 1e12:.2f} TB/s + all-reduces {t_ar * 1e3:.2f} ms at "
+             f"{allreduce_s * 1e6:.1f} us each = {(floor + t_ar) * 1e3:.2f} ms/step, {B / (floor + t_ar):.1f} tok/s; "
+             f"all-reduce share {100 * t_ar / (floor + t_ar):.0f}%"]
+    return "\n".join(lines)
+
+
 RESULT = "# dense timings: "
 
 
@@ -335,6 +439,15 @@ def _main(argv=None) -> int:
                    help="time each configuration (dense, a CHAI spec) in its own process (per-config; auto: on CUDA) "
                         "or all in this one (in one process a second compiled configuration can measure slower, "
                         "whichever it is: docs/performance.md)")
+    p.add_argument("--tp-model", type=int, default=0, metavar="N",
+                   help="instead: print the per-rank bytes and all-reduces of a decode step at tensor parallelism N "
+                        "(from the shape alone; --copy-bw and --allreduce-us set the floor's constants)")
+    p.add_argument("--copy-bw", type=float, default=4.2, help="TB/s for --tp-model (default 4.2: one H200, measured)")
+    p.add_argument("--allreduce-us", type=float, default=10.0,
+                   help="one all-reduce's latency in us for --tp-model (bench under torchrun measures it)")
+    p.add_argument("--load-memory", default=None, metavar="CHECKPOINT",
+                   help="instead: load this checkpoint (under torchrun: each rank its slices) and print each rank's "
+                        "bytes read and resident memory")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: the parent's dense timings (json)
     argv = sys.argv[1:] if argv is None else list(argv)
     a = p.parse_args(argv)
@@ -342,23 +455,52 @@ def _main(argv=None) -> int:
         raise UserError(f"unknown shape {a.shape!r}; known: {', '.join(known_shapes())}")
     a.chai.sort(key=lambda s: s != "dense")  # dense first: the others are timed against it (same backend)
     from .checkpoint import dtype_from_name
+    from .parallel import init_from_env
+
+    if a.tp_model:
+        for B in a.batch:
+            for T in a.context:
+                print(tp_step_model(a.shape, a.tp_model, B, T, dtype_from_name(a.dtype), a.copy_bw * 1e12,
+                                    a.allreduce_us * 1e-6))
+        return 0
 
     import torch._dynamo as dynamo
 
     dynamo.config.cache_size_limit = 64  # one graph per (batch, cache length, CHAI layout)
+    # under torchrun: one rank of a tensor-parallel group; every rank runs the same configurations, rank 0 prints
+    tp, a.device = init_from_env(a.device)
+    if tp is not None and (a.calibrate or a.hf or a.capacity_gb):
+        p.error("under torchrun, bench times decode and prefill only (no --calibrate, --hf, --capacity-gb)")
+    if tp is not None and tp.rank != 0:
+        sys.stdout = open(os.devnull, "w")
     device, dtype = torch.device(a.device), dtype_from_name(a.dtype)
-    per_config = a.processes == "per-config" or (a.processes == "auto" and device.type == "cuda")
+    if a.load_memory:
+        print(f"# loading {a.load_memory} on {a.device}, {1 if tp is None else tp.world} process(es); MB")
+        print(f"{'rank':>4}{'weights':>9}{'read':>9}{'RSS before':>12}{'loaded':>9}{'forward':>9}{'peak':>9}")
+        for r in load_memory(a.load_memory, device, tp):
+            print(f"{r['rank']:>4}" + "".join(f"{r[k] / 1e6:>{w}.0f}" for k, w in (
+                ("weights", 9), ("read", 9), ("rss_before", 12), ("rss_loaded", 9), ("rss_forward", 9), ("peak", 9))))
+        if tp is not None:
+            torch.distributed.destroy_process_group()
+        return 0
+    per_config = a.processes == "per-config" or (a.processes == "auto" and device.type == "cuda" and tp is None)
+    if per_config and tp is not None:
+        p.error("--processes per-config cannot run under torchrun (each configuration runs in the ranks' processes)")
     if per_config and len(a.chai) * len(a.backend) > 1 and a.child is None and not a.calibrate:
         return _process_per_config(argv, a, device, dtype)
-    model = random_model(a.shape, device, dtype)
+    model = random_model(a.shape, device, dtype, tp)
     bw = copy_bandwidth(device)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"# {a.shape} {a.dtype} on {card}, torch {torch.__version__}, copy bandwidth {bw / 1e12:.2f} TB/s, "
-          f"weights {weight_bytes(model) / 1e9:.2f} GB")
+          f"weights {weight_bytes(model) / 1e9:.2f} GB" + ("" if tp is None else " per rank"))
+    if tp is not None:
+        print(f"# tensor parallel over {tp.world} ranks ({torch.distributed.get_backend()}): bytes, GB/s and %bw per "
+              "rank; AR: the step's 2 x n_layers all-reduces timed alone, and their share of the step")
     if a.calibrate:
         return time_calibration(model, a.calibrate, a.calibrate_len, device)
     hdr = (f"{'config':<22}{'B':>4}{'T':>7}{'mode':>10}{'tok/s':>10}{'ms/tok':>9}{'GB/s':>8}{'%bw':>6}"
            f"{'KV MB':>9}{'peak MB':>9}{'vs dense':>9}{'ideal':>7}")
+    hdr += "" if tp is None else f"{'AR ms':>8}{'AR %':>6}"
     print(hdr)
     dense_ref = {} if a.child is None else {tuple(json.loads(k)): r for k, r in json.loads(a.child).items()}
     for backend, spec in ((b, s) for b in a.backend for s in a.chai):
@@ -391,6 +533,9 @@ def _main(argv=None) -> int:
                     line = (f"{name:<22}{B:>4}{T:>7}{mode:>10}{B / t:>10.1f}{t * 1000:>9.3f}{gbs:>8.0f}"
                             f"{100 * gbs * 1e9 / bw:>6.1f}{r['kv_bytes'] / 1e6:>9.1f}{_mb(r['peak_bytes']):>9}"
                             f"{speed}{ideal}")
+                    if tp is not None:
+                        t_ar = bench_allreduce(model, B, mode == "compiled", steps=a.steps)
+                        line += f"{t_ar * 1000:>8.3f}{100 * t_ar / t:>6.1f}"
                     print(line + (f"   (first call {r['first_call_s']:.1f} s)" if mode == "compiled" else ""),
                           flush=True)
         if a.ttft:
@@ -409,6 +554,8 @@ def _main(argv=None) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         _print_hf(a, device, dtype)
+    if tp is not None:
+        torch.distributed.destroy_process_group()
     return 0
 
 

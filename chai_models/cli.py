@@ -3,6 +3,7 @@ batching) and `... convert SRC DST`."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -41,7 +42,7 @@ def _set_threads(a, device: str) -> None:
 
 
 def cmd_generate(a) -> int:
-    from . import chai
+    from . import chai, parallel, set_chai
     from .checkpoint import load
     from .generation import generate
     from .tokenizer import load_tokenizer
@@ -53,25 +54,35 @@ def cmd_generate(a) -> int:
         model_dir = ensure_default_model()
     else:
         model_dir = a.model
-    device = a.device or _default_device()
+    # under torchrun: one rank of a tensor-parallel group, which loads its slices only; rank 0 alone prints
+    tp, device = parallel.init_from_env(a.device)
+    show = tp is None or tp.rank == 0
     dtype = a.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     _set_threads(a, device)
     try:
-        model = load(model_dir, device=device, dtype=dtype, chai=a.chai)
+        model = (load if tp is None else parallel.load)(model_dir, device=device, dtype=dtype, chai=a.chai)
+        if a.chai_groups > 1 and model.chai_config is not None:
+            set_chai(model, dataclasses.replace(model.chai_config, groups=a.chai_groups))
         tok = load_tokenizer(model_dir)
     except (FileNotFoundError, ValueError) as e:  # load's argument checks (device, dtype, CHAI spec)
         raise UserError(str(e)) from e
     if a.chai is not None and model.chai_config is None:
         raise UserError("--chai auto but the checkpoint has no chai.json; calibrate it first "
                         f"(python tools/calibrate.py {model_dir}) or give counts, e.g. --chai 4")
+    seed = a.seed
+    if tp is not None and seed is None:  # every rank must sample the same token: one seed, rank 0's
+        seed = [torch.seed() if show else 0]
+        torch.distributed.broadcast_object_list(seed, src=0)
+        seed = seed[0]
     chat = not a.raw and tok.chat_template is not None
 
     def stream(row, piece):
-        print(piece, end="", flush=True)
+        if show:
+            print(piece, end="", flush=True)
 
     try:
         out = generate(model, tok, [a.prompt], max_new_tokens=a.max_new_tokens, temperature=a.temperature,
-                       top_k=a.top_k, top_p=a.top_p, seed=a.seed, stop=a.stop, chat=chat, callback=stream)
+                       top_k=a.top_k, top_p=a.top_p, seed=seed, stop=a.stop, chat=chat, callback=stream)
     except ValueError as e:  # generate's argument checks (empty prompt, prompt longer than the context)
         raise UserError(str(e)) from e
     except KeyboardInterrupt:
@@ -79,11 +90,16 @@ def cmd_generate(a) -> int:
         print(flush=True)
         print("[interrupted (Ctrl-C); the text above is everything generated so far]", file=sys.stderr)
         return 130
+    if tp is not None:
+        torch.distributed.destroy_process_group()
+    if not show:
+        return 0
     s = out.stats
     print(flush=True)
     print(f"[{s['prompt_tokens']} prompt tokens, {s['generated_tokens']} generated, "
           f"{s['tokens_per_s']:.1f} tok/s, prefill {out.prefill_s * 1000:.0f} ms, KV cache "
-          f"{s['kv_cache_bytes'] / 2**20:.2f} MiB, {device} {dtype}]", file=sys.stderr)
+          f"{s['kv_cache_bytes'] / 2**20:.2f} MiB, {device} {dtype}"
+          f"{'' if tp is None else f'; rank 0 of {tp.world}, KV and weights per rank'}]", file=sys.stderr)
     if model.chai_config is not None:
         print(f"[{chai.summary(model)}]", file=sys.stderr)
     return 0
@@ -152,6 +168,9 @@ def _main(argv=None) -> int:
     g.add_argument("--chai", default=None, metavar="SPEC",
                    help="CHAI on: 'auto' (chai.json beside the checkpoint), a preset name, 'k' (all layers), "
                         "'N:k' (first N layers dense), or a comma list of per-layer counts")
+    g.add_argument("--chai-groups", type=int, default=1, metavar="G",
+                   help="cluster each layer's heads in G equal groups apart (what G tensor-parallel ranks do; one "
+                        "process with G reproduces torchrun --nproc-per-node G)")
     v = sub.add_parser("serve", help="serve JSON-line requests from stdin with continuous batching (results to "
                                      "stdout; see chai_models/serve.py for the format)")
     v.add_argument("--model", default=None, help="converted checkpoint folder (default: the default model)")

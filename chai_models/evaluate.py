@@ -108,10 +108,11 @@ def _chai_source(spec: str, model, model_dir) -> ChaiConfig:
 
 
 def build_methods(model, model_dir=None, chai=("auto",), static: str | bool | None = None, n_random: int = 0,
-                  seed: int = 0, random_of: list[str] | None = None) -> list[Method]:
-    """dense, then one CHAI method per entry of chai ('[name=]auto|path.json|spec'), then CHAI-static (static:
-    True for chai_static.json beside the model, or a path), then n_random random groupings per CHAI method (or per
-    method named in random_of)."""
+                  seed: int = 0, random_of: list[str] | None = None, groups=()) -> list[Method]:
+    """dense, then one CHAI method per entry of chai ('[name=]auto|path.json|spec'), each also with its heads
+    clustered in g groups apart for g in groups (named NAME/g<g>: what g tensor-parallel ranks do), then CHAI-static
+    (static: True for chai_static.json beside the model, or a path), then n_random random groupings per CHAI method
+    (or per method named in random_of)."""
     methods = [Method("dense", None, "dense")]
     H = model.config.n_heads
     chai_methods = []
@@ -120,6 +121,12 @@ def build_methods(model, model_dir=None, chai=("auto",), static: str | bool | No
         cfg = _chai_source(spec, model, model_dir)
         name = name or ("chai" if spec == "auto" else f"chai[{spec}]")
         chai_methods.append(Method(name, cfg, "chai"))
+        for g in groups:
+            try:
+                grouped = dataclasses.replace(cfg, groups=g).validate(model.config.n_layers, H)
+            except ValueError as e:
+                raise EvaluationError(f"{name} in {g} groups: {e}") from e
+            chai_methods.append(Method(f"{name}/g{g}", grouped, "chai"))
     methods += chai_methods
     if static:
         path = Path(model_dir) / "chai_static.json" if static is True else Path(static)
@@ -133,7 +140,7 @@ def build_methods(model, model_dir=None, chai=("auto",), static: str | bool | No
     if random_of and set(random_of) - {m.name for m in chai_methods}:
         raise EvaluationError(f"--random-of {sorted(set(random_of) - {m.name for m in chai_methods})}: no such CHAI "
                               f"method; named ones: {[m.name for m in chai_methods]}")
-    for m in chai_methods:
+    for m in (m for m in chai_methods if m.chai.groups == 1):
         if random_of and m.name not in random_of:
             continue
         for r in range(n_random):
@@ -702,6 +709,9 @@ def main(argv=None) -> int:
                    help="[NAME=]auto|FILE.json|SPEC (repeatable; default: auto, i.e. chai.json beside the model)")
     p.add_argument("--static", nargs="?", const=True, default=None,
                    help="add CHAI-static (chai_static.json beside the model, or the given file)")
+    p.add_argument("--groups", type=int, action="append", default=[], metavar="G",
+                   help="also run each CHAI method with each layer's heads clustered in G equal groups apart, its "
+                        "counts shared out among them (what G tensor-parallel ranks do; repeatable)")
     p.add_argument("--random", type=int, default=0, metavar="N",
                    help="add N random groupings (seeds seed..seed+N-1) with each CHAI method's counts")
     p.add_argument("--random-of", action="append", default=None, metavar="NAME",
@@ -730,7 +740,8 @@ def main(argv=None) -> int:
             load_task(spec, a.task_limit)
         model = load(a.model_dir, device=a.device, dtype=a.dtype)
         tok = load_tokenizer(a.model_dir)
-        methods = build_methods(model, a.model_dir, a.chai or ["auto"], a.static, a.random, a.seed, a.random_of)
+        methods = build_methods(model, a.model_dir, a.chai or ["auto"], a.static, a.random, a.seed, a.random_of,
+                                a.groups)
         report = evaluate(model, tok, methods, a.text, a.task, a.window_len, a.max_tokens, a.batch_size,
                           a.task_batch_size, a.task_limit, prompt_len=a.prompt_len)
         print(report.table())

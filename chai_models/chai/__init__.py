@@ -3,11 +3,12 @@ its compact K cache (attention.py: start there), offline calibration of the clus
 from .attention import (ChaiAttention, batched_index, chai_layers, clustered_attention, install, n_k_slots,
                         open_windows, prompt_probs, ready, reset, scoring_prompt, summary, swap_class,
                         window_probs)
-from .clustering import (ALGORITHMS, REPRESENTATIVES, agglomerative_average, canonical_labels, cluster_heads,
-                         cosine_distance, kmeans, representatives)
+from .clustering import (ALGORITHMS, REPRESENTATIVES, agglomerative_average, canonical_labels, cluster_groups,
+                         cluster_heads, cosine_distance, kmeans, representatives)
 from .config import MEMBERSHIPS, PRESETS, ChaiConfig, resolve
 
-__all__ = ["ALGORITHMS", "PRESETS", "REPRESENTATIVES", "ChaiAttention", "ChaiConfig", "agglomerative_average",
-           "batched_index", "canonical_labels", "chai_layers", "cluster_heads", "clustered_attention",
-           "cosine_distance", "install", "kmeans", "n_k_slots", "open_windows", "ready", "representatives", "reset",
-           "resolve", "summary", "swap_class", "window_probs", "MEMBERSHIPS", "prompt_probs", "scoring_prompt"]
+__all__ = ["ALGORITHMS", "MEMBERSHIPS", "PRESETS", "REPRESENTATIVES", "ChaiAttention", "ChaiConfig",
+           "agglomerative_average", "batched_index", "canonical_labels", "chai_layers", "cluster_groups",
+           "cluster_heads", "clustered_attention", "cosine_distance", "install", "kmeans", "n_k_slots", "open_windows",
+           "prompt_probs", "ready", "representatives", "reset", "resolve", "scoring_prompt", "summary", "swap_class",
+           "window_probs"]

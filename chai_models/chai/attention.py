@@ -46,11 +46,12 @@ Shapes: B batch, S new tokens, T cache length, H query heads, Hkv KV heads, C cl
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import torch
 
 from ..models.shared import KVCache, attention, repeat_kv
-from .clustering import canonical_labels, cluster_heads, cosine_distance, representatives
+from .clustering import canonical_labels, cluster_groups, cosine_distance, representatives
 from .config import ChaiConfig
 
 # ----------------------------------------------------------------------------------------------------
@@ -132,8 +133,11 @@ class ChaiAttention:
     # per-sequence buffers besides the KV cache, batch first (shared.move_rows moves a sequence with them)
     sequence_state = ("rep_idx", "head_to_cluster", "kv_of_slot", "slot_of_rep", "k_win", "p_win")
 
-    def init_chai(self, n_clusters: int, cfg: ChaiConfig, static: list[int] | None = None):
+    def init_chai(self, n_clusters: int, cfg: ChaiConfig, static: list[int] | None = None,
+                  group_counts: list[int] | None = None):
+        # group_counts: the clusters of each contiguous group of heads, clustered apart (ChaiConfig.groups)
         self.n_clusters, self.window = n_clusters, cfg.window
+        self.group_counts = group_counts or [n_clusters]
         self.algorithm, self.representative = cfg.algorithm, cfg.representative
         self.decides_on, self.prompt_rows = cfg.membership, cfg.prompt_rows  # "window" | "prompt"
         self.prompt_len = None  # uncached forwards: tokens scored as the prompt (scoring_prompt); None: all
@@ -276,7 +280,7 @@ class ChaiAttention:
             head_to_cluster = canonical_labels(self.static.to(dev).expand(B, H), C)
             rep_idx = representatives(cosine_distance(features), head_to_cluster, C, self.representative)
         else:
-            rep_idx, head_to_cluster = cluster_heads(features, C, self.algorithm, self.representative)
+            rep_idx, head_to_cluster = cluster_groups(features, self.group_counts, self.algorithm, self.representative)
         rep_kv = rep_idx // (H // self.n_kv_heads)  # [B, C]: each representative's KV head
         if self.slots_are_reps:  # slot c holds representative c's KV head
             kv_of_slot, slot_of_rep = rep_kv, torch.arange(C, device=dev).expand(B, C)
@@ -367,10 +371,24 @@ def install(model, cfg: ChaiConfig | None, cluster_dense_layers: bool = False) -
     cluster_dense_layers: layers whose count equals n_heads run the clustered code too (each head its own cluster;
     the same logits as dense attention, which is how the tests check the clustered path); else they stay dense.
     Caches are re-allocated if the model has them. chai_models.set_chai also re-applies the model's backend.
+    A tensor-parallel model (chai_models.parallel) holds n_heads / tp heads per rank: each rank clusters its own heads
+    (groups = tp, or cfg.groups when it is a multiple of tp) and takes its groups' share of the counts.
     """
     mc = model.config
+    tp = getattr(model, "tensor_parallel", None)
+    rank, world = (tp.rank, tp.world) if tp is not None else (0, 1)
     if cfg is not None:
         cfg.validate(mc.n_layers, mc.n_heads)
+        groups = cfg.groups if cfg.groups > 1 else world
+        if groups % world:
+            raise ValueError(f"ChaiConfig.groups = {cfg.groups} under tensor parallelism over {world} ranks: each "
+                             f"rank clusters its own heads, so groups must be a multiple of {world} (or 1)")
+        if groups != cfg.groups:  # the same checks as one process with these groups
+            try:
+                dataclasses.replace(cfg, groups=groups).validate(mc.n_layers, mc.n_heads)
+            except ValueError as e:
+                raise ValueError(f"tensor parallelism over {world} ranks: each rank clusters its own heads, "
+                                 f"so {e}") from e
     for i, attn in enumerate(model.attention_layers):
         n_clusters = mc.n_heads if cfg is None else cfg.clusters[i]
         if cfg is None or (n_clusters == mc.n_heads and not cluster_dense_layers):
@@ -379,8 +397,10 @@ def install(model, cfg: ChaiConfig | None, cluster_dense_layers: bool = False) -
             swap_class(attn)
             continue
         static = None if cfg.static_membership is None else cfg.static_membership[i]
+        per_rank = groups // world
+        counts = cfg.group_counts(i, mc.n_heads, groups)[rank * per_rank:(rank + 1) * per_rank]  # this rank's groups
         swap_class(attn, ChaiAttention)
-        attn.init_chai(n_clusters, cfg, static)
+        attn.init_chai(sum(counts), cfg, static, counts)
     model.chai_config = cfg
     if model.max_batch_size:
         model.setup_caches(model.max_batch_size, model.max_seq_len)

@@ -132,3 +132,19 @@ def cluster_heads(features: torch.Tensor, n_clusters: int, algorithm: str = "agg
         raise ValueError(f"unknown clustering algorithm {algorithm!r}; use one of {ALGORITHMS}")
     head_to_cluster = canonical_labels(labels, n_clusters)
     return representatives(dist, head_to_cluster, n_clusters, rule), head_to_cluster
+
+
+def cluster_groups(features: torch.Tensor, counts: list[int], algorithm: str = "agglomerative", rule: str = "medoid"):
+    """The heads split into len(counts) equal contiguous groups, group g clustered among itself into counts[g]
+    clusters (what each rank does under tensor parallelism). features [B, H, F] -> (rep_idx [B, sum(counts)],
+    head_to_cluster [B, H]): head and cluster ids global, clusters still ordered by lowest member."""
+    if len(counts) == 1:
+        return cluster_heads(features, counts[0], algorithm, rule)
+    h = features.shape[1] // len(counts)
+    reps, labels, c0 = [], [], 0
+    for g, k in enumerate(counts):
+        rep_idx, head_to_cluster = cluster_heads(features[:, g * h:(g + 1) * h], k, algorithm, rule)
+        reps.append(rep_idx + g * h)
+        labels.append(head_to_cluster + c0)
+        c0 += k
+    return torch.cat(reps, dim=1), torch.cat(labels, dim=1)

@@ -34,6 +34,9 @@ class ChaiConfig:
     (the medoid on the request's window features, or the lowest index).
     membership: "window" (the paper: the first `window` tokens decide) or "prompt" (the prompt's last
     `prompt_rows` rows over all of its keys decide, once, after a dense prefill).
+    groups: the heads of a layer are split into this many equal, contiguous groups, each clustered among itself
+    into its share of the layer's count (group_counts). It is what tensor parallelism does (each rank clusters
+    its own heads, chai_models.parallel), so one process with groups = tp reproduces a tp-rank run exactly.
     """
 
     clusters: list[int]
@@ -44,6 +47,7 @@ class ChaiConfig:
     membership: str = "window"
     prompt_rows: int = 16
     calibration: dict | None = None  # how the counts were obtained (written by calibrate)
+    groups: int = 1
 
     def validate(self, n_layers: int, n_heads: int) -> "ChaiConfig":
         if len(self.clusters) != n_layers:
@@ -67,7 +71,17 @@ class ChaiConfig:
                                   "nothing to decide; use membership='window' with a static config")
         if self.algorithm not in ALGORITHMS:
             raise ChaiConfigError(f"ChaiConfig.algorithm = {self.algorithm!r}; use one of {ALGORITHMS}")
+        if not isinstance(self.groups, int) or self.groups < 1 or n_heads % self.groups:
+            raise ChaiConfigError(f"ChaiConfig.groups = {self.groups!r}: the clustering groups must be an int >= 1 "
+                                  f"that divides n_heads ({n_heads})")
+        for i, n in enumerate(self.clusters):
+            if n < n_heads and n < self.groups:
+                raise ChaiConfigError(f"ChaiConfig.clusters[{i}] = {n} but the heads are clustered in {self.groups} "
+                                      f"groups (each needs a cluster); use counts >= {self.groups} or fewer groups")
         if self.static_membership is not None:
+            if self.groups > 1:
+                raise ChaiConfigError("ChaiConfig.static_membership (CHAI-static) lists one membership for all "
+                                      "heads; it cannot be combined with clustering groups > 1 (or tensor parallelism)")
             if len(self.static_membership) != n_layers:
                 raise ChaiConfigError(f"ChaiConfig.static_membership has {len(self.static_membership)} entries for "
                                       f"{n_layers} layers")
@@ -105,6 +119,13 @@ class ChaiConfig:
             raise ChaiConfigError(f"CHAI spec {spec!r}: {n_dense} is the number of leading dense layers (N in N:k) but "
                                   f"the model has {n_layers} layers; use N in 0..{n_layers}")
         return cls(clusters=counts, **kw).validate(n_layers, n_heads)
+
+    def group_counts(self, layer: int, n_heads: int, groups: int | None = None) -> list[int]:
+        """The cluster counts of a layer's head groups (groups: default self.groups), as even as possible, the first
+        groups taking one more: 7 clusters in 3 groups -> [3, 2, 2]."""
+        g = self.groups if groups is None else groups
+        n = self.clusters[layer]
+        return [n // g + (i < n % g) for i in range(g)]
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)

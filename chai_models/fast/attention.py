@@ -124,7 +124,8 @@ class FastChaiAttention(ChaiAttention):
     def store_membership(self, rows: slice, features):
         # also the decode kernel's lists (members, cluster_start); on the device, all of it in one launch.
         # features [B, H, F]: the window's or the prompt's rows
-        if self.static is None and self.algorithm == "agglomerative" and available(features):
+        if (self.static is None and self.algorithm == "agglomerative" and len(self.group_counts) == 1
+                and available(features)):
             out = (self.rep_idx[rows], self.head_to_cluster[rows], self.kv_of_slot[rows], self.slot_of_rep[rows],
                    self.members[rows], self.cluster_start[rows])
             membership_kernel(features, self.n_clusters, self.representative == "medoid",

@@ -84,10 +84,10 @@ class FastLlamaBlock:
         q, k, v = linear(x, (wq, wk, attn.wv), norm=self.attention_norm, packed=qkv)  # [B, S, n*D] each
         q, k, v = (t.view(B, S, -1, attn.head_dim).transpose(1, 2) for t in (q, k, v))  # [B, n, S, D]
         y = attn.attend_unrotated(q, k, v, rope, input_pos, mask)  # [B, H, S, D]
-        x = linear(y.transpose(1, 2).reshape(B, S, -1), (attn.wo,), residual=x)  # x + wo(y)
+        x = add_linear(x, attn.wo, y.transpose(1, 2).reshape(B, S, -1))  # x + wo(y)
         h = linear(x, (mlp.w1, mlp.w3), norm=self.ffn_norm, swiglu=True,
                    packed=group_weights(self, "gate_up"))  # silu(w1 norm(x)) * w3 norm(x)
-        return linear(h, (mlp.w2,), residual=x)
+        return add_linear(x, mlp.w2, h)
 
 
 class FastOPTAttention:
@@ -117,6 +117,14 @@ class FastOPTBlock:
         q = q * attn.q_scale
         q, k, v = (t.view(B, S, -1, attn.head_dim).transpose(1, 2) for t in (q, k, v))  # [B, n, S, D]
         y = attn.attend_unrotated(q, k, v, None, input_pos, mask)  # [B, H, S, D]
-        x = linear(y.transpose(1, 2).reshape(B, S, -1), (attn.wo,), residual=x)  # x + wo(y)
+        x = add_linear(x, attn.wo, y.transpose(1, 2).reshape(B, S, -1))  # x + wo(y)
         h = linear(x, (mlp.fc1,), norm=self.ffn_norm, relu=True)  # relu(fc1 norm(x))
-        return linear(h, (mlp.fc2,), residual=x)
+        return add_linear(x, mlp.fc2, h)
+
+
+def add_linear(residual, lin, x):
+    """residual + lin(x); a tensor-parallel lin (chai_models.parallel.RowParallelLinear) sums the ranks' partial
+    products first, so the residual add (and its bias) come after the all-reduce, outside the kernel."""
+    if not hasattr(lin, "reduce"):
+        return linear(x, (lin,), residual=residual)
+    return residual + lin.reduce(linear(x, (lin.weight,)))
