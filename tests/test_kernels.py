@@ -503,8 +503,9 @@ def test_membership(name):
     feats = (torch.rand(B, H, F, generator=gen) ** 3).to(DEVICE)  # skewed, like attention probabilities
     if extra.get("duplicates"):  # heads with the same features: equal distances must break to the lowest pair
         feats[:, 1::3] = feats[:, 0::3][:, : feats[:, 1::3].shape[1]]
+    n_slots = chai.n_k_slots(k, H, Hkv)
     layer = SimpleNamespace(n_clusters=k, group_counts=[k], static=None, algorithm="agglomerative",
-                            representative=rule, n_kv_heads=Hkv, n_k_slots=chai.n_k_slots(k, H, Hkv))
+                            representative=rule, n_kv_heads=Hkv, n_k_slots=n_slots, slots_are_reps=n_slots < Hkv)
     ref = ChaiAttention.membership(layer, feats.view(B, H, 5, 5) if F == 25 else feats)
     ref = (*ref, *cluster_lists(ref[1], k))
     bufs = tuple(torch.full_like(t.contiguous(), -7) for t in ref) if out else None
