@@ -460,3 +460,5 @@ def test_no_k_dropped_costs_only_small_state_and_says_so():
     set_chai(model, ChaiConfig(clusters=[8, 1, 1, 8]))
     model.setup_caches(2, 32)
     assert model.kv_cache_bytes()["saved"] > 0 and "saved" in chai.summary(model)
+    model.setup_caches(2, 8)  # K dropped, but at 8 positions the state outweighs it: the line says so
+    assert model.kv_cache_bytes()["saved"] < 0 and "outweighs the K it drops" in chai.summary(model)

@@ -552,6 +552,7 @@ def test_window(name):
         q_rot, k_rot = q, k
     ref = SimpleNamespace(k_win=k_win.clone(), p_win=p_win.clone(), kv_cache=SimpleNamespace(v=v_cache.clone()),
                           window=W, n_heads=H, scale=scale)
+    ref.window_k = lambda rows: ref.k_win[rows]  # ChaiAttention.window_k of a layer that keeps a window K buffer
     y_ref = ChaiAttention.attend_window(ref, q_rot, k_rot, v, p0)
     v_cache[:B, :, p0:p0 + n] = v  # FastChaiAttention.attend_window's order: V into the cache, then the kernel
     y = window.window_attention(q, k, cos, sin, k_win[:B], p_win[:B], v_cache[:B], p0, scale)

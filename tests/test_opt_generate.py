@@ -100,7 +100,7 @@ def test_greedy_generation_with_chai_runs(opt):
 def cli(dst, *extra):
     cmd = [sys.executable, "-m", "chai_models", "generate", "hello", "--model", str(dst), "--raw",
            "--max-new-tokens", "8", "--device", "cpu", *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120)
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=900)  # a hang guard
 
 
 def test_cli_generate_on_opt(opt):
@@ -112,4 +112,5 @@ def test_cli_generate_on_opt(opt):
     assert load(dst).config.n_heads > 2
     run = cli(dst, "--chai", "2")
     assert run.returncode == 0, run.stderr
-    assert "prompt tokens" in run.stderr and "CHAI clusters per layer: 2x2 (of 4 heads)" in run.stderr, run.stderr
+    assert "prompt tokens" in run.stderr and "CHAI clusters per layer: 2x2 (of 4 heads;" in run.stderr, run.stderr
+    assert "no K dropped" not in run.stderr, run.stderr  # 2 clusters of 4 KV heads drop K

@@ -471,6 +471,10 @@ def summary(model) -> str:
             line += (f"; K+V cache {b['total'] / 2**20:.2f} MiB vs dense {b['dense_total'] / 2**20:.2f} MiB: saved "
                      f"{b['saved'] / 2**20:.2f} MiB ({100 * b['saved'] / b['dense_total']:.1f}%, CHAI's state of "
                      f"{b['chai_state'] / 2**10:.1f} KiB counted)")
+        elif any(n_k_slots(c, mc.n_heads, mc.n_kv_heads) < mc.n_kv_heads for c in cfg.clusters):
+            line += (f"; K+V cache {b['total'] / 2**20:.2f} MiB vs dense {b['dense_total'] / 2**20:.2f} MiB: at "
+                     f"{model.max_seq_len} positions CHAI's state of {b['chai_state'] / 2**10:.1f} KiB outweighs the "
+                     f"K it drops, so no cache saved")
         else:
             line += (f"; no K dropped (every count >= the {mc.n_kv_heads} KV heads), so no cache saved: CHAI's state "
                      f"adds {b['chai_state'] / 2**10:.1f} KiB to the dense {b['dense_total'] / 2**20:.2f} MiB")
