@@ -162,7 +162,7 @@ def test_cli_generate_with_shipped_chai(smol_dir):
            "--model", str(smol_dir), "--device", "cpu"]
     run = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=900)  # a hang guard
     assert run.returncode == 0, run.stderr
-    # measured: "The capital of France is Paris is the capital of France." (calibrated counts)
+    # the shipped counts keep the answer: Paris
     assert "Paris" in run.stdout, run.stdout
     assert "CHAI clusters per layer:" in run.stderr and "(of 9 heads; membership from the" in run.stderr, run.stderr
     assert "decode attention scores skipped" in run.stderr, run.stderr
