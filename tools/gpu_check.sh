@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check: the GPU tests and the benchmark grid behind docs/performance.md, on one CUDA machine.
 #   bash tools/gpu_check.sh [STEP...]      STEP: tests bench opt ttft (default: all four, in that order)
-#   tests  pytest -m gpu tests/test_gpu.py                         (TESTS_LIMIT, default 590 s: ~96 tests, many
+#   tests  pytest -m gpu tests/test_gpu.py                         (TESTS_LIMIT, default 590 s: 95 tests, many
 #          compiled with tuning; the 2-GPU tests are in tests/test_parallel.py, run on a 2-GPU kind)
 #   bench  LLaMA-2-7B shape: the README's speed table (triton: dense and CHAI llama-7b at B=1 T=512/8192 and
 #          B=8 T=2048; torch: dense B=1 T=512), three runs of STEP_LIMIT each
