@@ -399,6 +399,12 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
     a preset name or spec string, a chai.json path, or a ChaiConfig. backend: "auto" (the Triton kernels on CUDA
     when triton is installed), "torch" (the plain modules) or "triton" (chai_models.fast).
     """
+    return load_with(load_weights, path, device, dtype, chai, backend)
+
+
+def load_with(read_weights, path, device="cpu", dtype=None, chai=None, backend: str = "auto"):
+    """load, with the weights read by read_weights(model, path, device, dtype) into the model built on the meta
+    device (load_weights; a tensor-parallel rank reads its slices: chai_models.parallel.load)."""
     from .chai import install, resolve
     from .fast import apply
     from .models import FAMILIES
@@ -414,7 +420,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
     dtype = dtype_from_name(dtype if dtype is not None else cfg.get("torch_dtype", "float32"))
     with torch.device("meta"):
         model = cls(config)
-    load_weights(model, path, device, dtype)
+    read_weights(model, path, device, dtype)
     model.init_buffers(device)
     model.eval()
     model.checkpoint_path = str(path)

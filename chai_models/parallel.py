@@ -259,34 +259,18 @@ def load_slices(model, folder, slices: dict, full_shapes: dict, device, dtype) -
 def load(path, device="cpu", dtype=None, chai=None, backend: str = "auto", group=None):
     """checkpoint.load for this rank of a tensor-parallel group (default: the default process group, which must be
     initialised: torchrun + init_from_env). Same arguments; model.bytes_read says how much of the files it read."""
-    from .chai import install, resolve
-    from .checkpoint import CONFIG_NAME, CheckpointError, config_from_dict, dtype_from_name, read_config
-    from .fast import apply
-    from .models import FAMILIES
+    from .checkpoint import load_with
 
     if not dist.is_initialized():
         raise RuntimeError("parallel.load needs a process group: run under torchrun and call "
                            "chai_models.parallel.init_from_env() first")
-    cfg = read_config(path)
-    if cfg["family"] not in FAMILIES:
-        raise CheckpointError(f"{path}/config.json: unknown family {cfg['family']!r}; known: {sorted(FAMILIES)}")
-    cls = FAMILIES[cfg["family"]]
-    config = config_from_dict(cls.config_class, cfg, f"{path}/{CONFIG_NAME}")
-    device = torch.device(device)
-    dtype = dtype_from_name(dtype if dtype is not None else cfg.get("torch_dtype", "float32"))
-    with torch.device("meta"):
-        model = cls(config)
-    full_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    slices = shard(model, group)
-    model.bytes_read = load_slices(model, path, slices, full_shapes, device, dtype)
-    model.init_buffers(device)
-    model.eval()
-    model.checkpoint_path = str(path)
-    chai_cfg = resolve(chai, model, path)
-    if chai_cfg is not None:
-        install(model, chai_cfg)
-    apply(model, backend)
-    return model
+
+    def read_slices(model, path, device, dtype):
+        full_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        slices = shard(model, group)
+        model.bytes_read = load_slices(model, path, slices, full_shapes, device, dtype)
+
+    return load_with(read_slices, path, device, dtype, chai, backend)
 
 
 def host_memory() -> dict:
