@@ -14,10 +14,12 @@ A prefill writes cache rows 0..n-1 (the model's cached forward fills the first r
 moves the sequences living in those rows to free rows (shared.move_rows: K, V and CHAI's per-sequence state, one copy
 of each row). The slot a sequence lives in is therefore not fixed; nothing outside the engine sees it.
 
-Free slots still take part in the decode step (its shape is fixed, so the compiled graph never changes) at the last
-cache position with a dummy token: each row attends only to positions it has written itself (a one-token call masks
-past its own position), and a new occupant rewrites CHAI's window from position 0 and decides its own membership at
-position W-1, so nothing of a previous occupant leaks.
+Free slots still take part in the decode step (its shape is fixed, so the compiled graph never changes) with a
+dummy token at position W, the first past every CHAI window (0 without CHAI): early, because the decode kernel reads a
+row only up to its position, and past the window, so that a free row never holds the step on the host-read path of
+rows inside their window. Each row attends only to positions it has written itself (a one-token call masks past its
+own position), and a new occupant rewrites CHAI's window from position 0 and decides its own membership at position
+W-1, so nothing of a previous occupant leaks.
 
 Memory: with `memory_gb` the slots are as many as the KV budget holds at max_seq_len positions each, measured on the
 model's own cache (kv_cache_bytes of one slot), so CHAI's smaller K cache gives more slots in the same memory.
@@ -32,7 +34,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from .chai import open_windows
+from .chai import chai_layers, open_windows
 from .chai import reset as reset_chai
 from .fast.compile import decode_step
 from .generation import _first_stop, _RowText, prefill
@@ -118,12 +120,16 @@ class Engine:
         reset_chai(model)
         self.device = model.tok_embeddings.weight.device
         self.step_fn = decode_step(model, compile)
+        # where free slots decode their dummy token (see the module docstring)
+        self.idle_pos = min(max_seq_len - 1, max((a.window for a in chai_layers(model)), default=0))
         self.slots: list[Request | None] = [None] * max_batch_size
         self.waiting: deque[Request] = deque()
         self.finished: deque[Request] = deque()  # finished, not yet handed out by step()
         self._ids = itertools.count()
+        # prefill_s / decode_s: host wall time of each phase (each ends in a host read of the logits, so it
+        # includes the device's work)
         self.stats = {"prefill_groups": 0, "prefill_tokens": 0, "decode_steps": 0, "generated_tokens": 0,
-                      "row_moves": 0}
+                      "row_moves": 0, "prefill_s": 0.0, "decode_s": 0.0}
 
     # -- requests in
 
@@ -230,6 +236,7 @@ class Engine:
         open_windows(self.model, [r.pos for r in self.slots if r is not None])
 
     def _prefill(self, group: list[Request]):
+        t0 = time.perf_counter()
         n = len(group)
         # free rows 0..n-1: their sequences move to free rows past n
         busy = [b for b in range(n) if self.slots[b] is not None]
@@ -245,11 +252,13 @@ class Engine:
             r.pos = len(r.prompt_ids)
             self.stats["prefill_tokens"] += r.pos
         self._take_tokens(logits, list(range(n)))
+        self.stats["prefill_s"] += time.perf_counter() - t0
 
     def _decode(self):
-        B, T = self.max_batch_size, self.max_seq_len
+        t0 = time.perf_counter()
+        B = self.max_batch_size
         tok = [0] * B
-        pos = [T - 1] * B  # free slots: a dummy token at the last position (see the module docstring)
+        pos = [self.idle_pos] * B  # free slots: a dummy token (see the module docstring)
         for b, r in enumerate(self.slots):
             if r is not None:
                 tok[b], pos[b] = r.last_token, r.pos
@@ -263,6 +272,7 @@ class Engine:
                 r.pos += 1
                 rows.append(b)
         self._take_tokens(logits, rows)
+        self.stats["decode_s"] += time.perf_counter() - t0
 
     def _take_tokens(self, logits: torch.Tensor, rows: list[int]):
         """Samples each listed row's next token (greedy rows in one argmax) and hands it to its request."""

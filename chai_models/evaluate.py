@@ -673,14 +673,16 @@ def plot_report(report: Report, path, title: str | None = None) -> Path:
     markers = {"dense": "s", "chai": "o", "static": "^", "random": "x"}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
     for ax, key, label in ((axes[0], "kv", "K+V cache saved"), (axes[1], "scores", "decode attention scores skipped")):
+        seen = {}  # methods at one point get their labels stacked, not drawn over each other
         for m in report.methods:
             increase = 100 * (report.pooled[m.name].perplexity / dense - 1)
             x = 100 * report.savings[m.name][key]
+            at = seen[(round(x, 3), round(increase, 3))] = seen.get((round(x, 3), round(increase, 3)), -1) + 1
             prompt = m.chai is not None and m.chai.membership == "prompt"
             c = colours[m.kind]
             ax.plot(x, max(increase, 1e-2), markers[m.kind], ms=7, color=c,
                     markerfacecolor="none" if prompt else c)
-            ax.annotate(m.name, (x, max(increase, 1e-2)), fontsize=7, xytext=(4, 3), textcoords="offset points")
+            ax.annotate(m.name, (x, max(increase, 1e-2)), fontsize=7, xytext=(4, 3 - 8 * at), textcoords="offset points")
         ax.set_xlabel(f"{label} (%)")
         ax.set_yscale("log")
         ax.grid(alpha=0.3, which="both")

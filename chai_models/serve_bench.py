@@ -89,7 +89,8 @@ def serve_stream(model, tok, requests, slots: int, max_seq_len: int, static: boo
     return {"slots": slots, "requests": len(reqs), "generated": n_tok, "wall_s": wall, "req_per_s": len(reqs) / wall,
             "tok_per_s": n_tok / wall, "decode_steps": st["decode_steps"],
             "mean_batch": n_tok / max(st["decode_steps"], 1), "prefill_groups": st["prefill_groups"],
-            "kv_gib": kv / 2**30}
+            "kv_gib": kv / 2**30, "prefill_s": st["prefill_s"], "decode_s": st["decode_s"],
+            "step_ms": 1e3 * st["decode_s"] / max(st["decode_steps"], 1)}
 
 
 def run(model, requests, modes, memory_gb: float, max_seq_len: int, chai_cfg, single_requests: int,
@@ -115,15 +116,17 @@ def run(model, requests, modes, memory_gb: float, max_seq_len: int, chai_cfg, si
 
 def print_table(res: dict, head: str):
     print(head)
-    cols = ("mode", "slots", "KV GiB", "requests", "generated", "wall s", "req/s", "tok/s", "x one", "mean batch",
-            "steps", "prefill groups")
+    cols = ("mode", "slots", "KV GiB", "requests", "generated", "wall s", "prefill s", "decode s", "req/s", "tok/s",
+            "x one", "mean batch", "steps", "ms/step", "prefill groups")
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     one = res.get("one", {}).get("tok_per_s")
     for mode, r in res.items():
         x_one = f"{r['tok_per_s'] / one:.2f}" if one else "-"
         print(f"| {mode} | {r['slots']} | {r['kv_gib']:.2f} | {r['requests']} | {r['generated']} | {r['wall_s']:.1f} | "
+              f"{r['prefill_s']:.1f} | {r['decode_s']:.1f} | "
               f"{r['req_per_s']:.2f} | {r['tok_per_s']:.1f} | {x_one} | {r['mean_batch']:.1f} | {r['decode_steps']} | "
+              f"{r['step_ms']:.2f} | "
               f"{r['prefill_groups']} |")
     if "chai" in res and "continuous" in res:
         print(f"CHAI over dense continuous: {res['chai']['tok_per_s'] / res['continuous']['tok_per_s']:.2f}x tok/s "

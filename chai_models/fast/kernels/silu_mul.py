@@ -55,9 +55,11 @@ def _(gate, up):
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up: the Triton op on CUDA for fp16/bf16/fp32 inference, torch elsewhere (and wherever a
-    gradient is needed: the op has no backward)."""
-    if (available(gate) and gate.shape == up.shape and gate.dtype == up.dtype
+    """silu(gate) * up: inside torch.compile on CUDA (fp16/bf16/fp32 inference) the Triton op, one kernel that
+    inductor keeps whole; in eager the torch ops, whose two launches cost less host time than one custom-op dispatch
+    (~140 us per call on the H200 host, 4.5 ms of a 7B prefill's ~20 ms of launches), and wherever a gradient is
+    needed (the op has no backward)."""
+    if (torch.compiler.is_compiling() and available(gate) and gate.shape == up.shape and gate.dtype == up.dtype
             and not (torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad))):
         return silu_mul_op(gate, up)
     return torch.nn.functional.silu(gate) * up
