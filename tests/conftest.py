@@ -36,7 +36,23 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     _fix_interpreter_range()
 
 
+def pytest_addoption(parser):
+    parser.addoption("--shard", default=None, metavar="I/N",
+                     help="run the I-th of N interleaved parts of the selected tests (1-based), e.g. the GPU tests "
+                          "over several device calls: pytest -m gpu tests/test_gpu.py --shard 1/3")
+
+
 def pytest_collection_modifyitems(config, items):
+    shard = config.getoption("--shard")
+    if shard:
+        try:
+            i, n = (int(x) for x in shard.split("/"))
+            assert 1 <= i <= n
+        except (ValueError, AssertionError):
+            raise pytest.UsageError(f"--shard {shard!r}: give I/N with 1 <= I <= N, e.g. 1/3") from None
+        keep = [it for k, it in enumerate(items) if k % n == i - 1]
+        config.hook.pytest_deselected(items=[it for it in items if it not in keep])
+        items[:] = keep
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA")

@@ -2,7 +2,8 @@
 # The GPU check: the GPU tests and the benchmark grid behind docs/performance.md, on one CUDA machine.
 #   bash tools/gpu_check.sh [STEP...]      STEP: tests bench opt ttft (default: all four, in that order)
 #   tests  pytest -m gpu tests/test_gpu.py                         (TESTS_LIMIT, default 590 s: 95 tests, many
-#          compiled with tuning; the 2-GPU tests are in tests/test_parallel.py, run on a 2-GPU kind)
+#          compiled with tuning, ~20 s each, so more than one device call: TESTS_SHARD=I/N runs the I-th of N parts;
+#          the 2-GPU tests are in tests/test_parallel.py, run on a 2-GPU kind)
 #   bench  LLaMA-2-7B shape: the README's speed table (triton: dense and CHAI llama-7b at B=1 T=512/8192 and
 #          B=8 T=2048; torch: dense B=1 T=512), three runs of STEP_LIMIT each
 #   opt    OPT-6.7B shape, dense, B=1 T=512                        (STEP_LIMIT, default 300 s)
@@ -28,7 +29,8 @@ failed=0
 for step in "${steps[@]}"; do
   echo "=== $step $(date +%T)"
   case $step in
-    tests) run "${TESTS_LIMIT:-590}" python -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider ;;
+    tests) run "${TESTS_LIMIT:-590}" python -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider \
+             ${TESTS_SHARD:+--shard "$TESTS_SHARD"} ;;
     bench) B="python tools/bench.py --shape llama-2-7b --steps 64 --mode compiled"
            run "$LIMIT" $B --chai dense llama-7b --batch 1 --context 512 8192 --backend triton
            run "$LIMIT" $B --chai dense llama-7b --batch 8 --context 2048 --backend triton
