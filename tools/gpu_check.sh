@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check: the GPU tests and the benchmark grid behind docs/performance.md, on one CUDA machine.
-#   bash tools/gpu_check.sh [STEP...]      STEP: tests bench opt ttft (default: all four, in that order)
+#   bash tools/gpu_check.sh [STEP...]      STEP: tests bench opt ttft grid (default: the first four, in that order)
 #   tests  pytest -m gpu tests/test_gpu.py                         (TESTS_LIMIT, default 590 s: 95 tests, many
 #          compiled with tuning, ~20 s each, so more than one device call: TESTS_SHARD=I/N runs the I-th of N parts;
 #          the 2-GPU tests are in tests/test_parallel.py, run on a 2-GPU kind)
@@ -8,6 +8,10 @@
 #          B=8 T=2048; torch: dense B=1 T=512), three runs of STEP_LIMIT each
 #   opt    OPT-6.7B shape, dense, B=1 T=512                        (STEP_LIMIT, default 300 s)
 #   ttft   time to first token, 2048 tokens, dense vs CHAI         (STEP_LIMIT)
+#   grid   the speed grid at one batch size, GRID_BATCH (default 1): dense and CHAI llama-7b at T = 512, 2048, 8192
+#          (B=32 T=8192 does not fit one H200: 128 GiB of cache), and gpt-fast beside them when PEERS names a folder
+#          holding ../shared/peers/gptfast_decode.py and gpt-fast's model.py as gf_model.py (never committed here);
+#          ~1 min per configuration, so one batch size per device call
 # Each step runs under its own timeout, so a slow one cannot eat the others' time (on a device whose calls end
 # after 10 minutes, run one step per call). Logs go to ${OUT:-/tmp/chai-gpu}/<step>.log line by line as they
 # come (no buffering filter in the pipe), so a step cut short still leaves what it printed. Exit status: the
@@ -19,7 +23,7 @@ OUT=${OUT:-/tmp/chai-gpu}; mkdir -p "$OUT"
 LIMIT=${STEP_LIMIT:-300}
 steps=("$@"); [ $# -gt 0 ] || steps=(tests bench opt ttft)
 for step in "${steps[@]}"; do
-  case $step in tests|bench|opt|ttft) ;; *) echo "unknown step '$step' (steps: tests bench opt ttft)"; exit 2 ;; esac
+  case $step in tests|bench|opt|ttft|grid) ;; *) echo "unknown step '$step' (steps: tests bench opt ttft grid)"; exit 2 ;; esac
 done
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
@@ -37,6 +41,14 @@ for step in "${steps[@]}"; do
            run "$LIMIT" $B --chai dense --batch 1 --context 512 --backend torch ;;
     opt) run "$LIMIT" python tools/bench.py --shape opt-6.7b --chai dense --batch 1 --context 512 --mode compiled ;;
     ttft) run "$LIMIT" python tools/profile_prefill.py --shape llama-2-7b --chai llama-7b --tokens 2048 ;;
+    grid) b=${GRID_BATCH:-1}; contexts="512 2048 8192"; [ "$b" -ge 32 ] && contexts="512 2048"
+          for t in $contexts; do
+            run "$LIMIT" python tools/bench.py --shape llama-2-7b --steps 64 --mode compiled --chai dense llama-7b \
+              --batch "$b" --context "$t" --backend triton
+            if [ -n "${PEERS:-}" ]; then
+              (cd "$PEERS" && run "$LIMIT" python gptfast_decode.py --batch "$b" --context "$t")
+            fi
+          done ;;
   esac 2>&1 | tee "$OUT/$step.log"
   rc=${PIPESTATUS[0]}
   [ "$rc" -eq 0 ] || { echo "=== $step failed (rc $rc)" | tee -a "$OUT/$step.log"; failed=$((failed + 1)); }
