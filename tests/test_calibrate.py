@@ -322,3 +322,21 @@ def test_random_shape_timing_run(capsys):
     out = capsys.readouterr().out
     assert "budget rule" in out and "measured runs" in out
     assert calibrate_main(["--random-shape", "nope"]) == 2
+
+
+def test_shipped_chai_json_is_reusable():
+    """The README's `calibrate.py COPY --budget 0.05 --reuse weights/smollm2-135m-instruct/chai.json` reuses the
+    shipped file's single-layer runs: it must record the settings --reuse compares, at calibrate's defaults."""
+    import inspect
+    from pathlib import Path
+
+    import chai_models
+    from chai_models.calibration import calibrate_budget_folder
+
+    shipped = Path(chai_models.__file__).parent / "data" / "smollm2-135m-instruct.chai.json"
+    rec = ChaiConfig.load(shipped).calibration
+    defaults = inspect.signature(calibrate_budget_folder).parameters
+    want = {"rule": "budget", "data": read_texts(None)[1],
+            **{k: defaults[k].default for k in ("seq_len", "n_search", "prompt_len", "seed", "window", "prompt_rows")}}
+    assert {k: rec.get(k) for k in want} == want
+    assert set(rec["sensitivity"]) == {"window", "prompt"}  # both memberships' single-layer runs, for any budget
