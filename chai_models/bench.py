@@ -21,13 +21,12 @@ import time
 from pathlib import Path
 
 import torch
-from torch.nn.attention import sdpa_kernel
 
 from . import set_backend, set_chai
 from .chai import ChaiConfig, reset
 from .errors import UserError, run_main
 from .fast.compile import decode_step
-from .generation import PREFILL_SDPA
+from .generation import prefill
 from .models import Llama, LlamaConfig
 
 SHAPES = {
@@ -218,15 +217,13 @@ def bench_allreduce(model, B: int, compiled: bool, steps: int = 32, repeats: int
 
 @torch.no_grad()
 def bench_prefill(model, S: int, repeats: int = 5) -> float:
-    """Time to first token for one prompt of S tokens (CHAI clustering included), eager."""
+    """Time to first token for one prompt of S tokens (CHAI clustering included), eager: generate's prefill."""
     device = next(model.parameters()).device
     timer = _time_cuda if device.type == "cuda" else _time_cpu
     model.setup_caches(1, S + 1)
-    prompt = torch.randint(0, model.config.vocab_size, (1, S), device=device)
-    pos = torch.arange(S, device=device)
-    with sdpa_kernel(PREFILL_SDPA):  # the attention backends generate's prefill uses
-        model(prompt, pos)
-        return _median([timer(lambda: model(prompt, pos, last_only=True)[:, -1].argmax(-1)) for _ in range(repeats)])
+    prompt = torch.randint(0, model.config.vocab_size, (S,)).tolist()
+    prefill(model, [prompt])
+    return _median([timer(lambda: prefill(model, [prompt]).argmax(-1)) for _ in range(repeats)])
 
 
 @torch.no_grad()

@@ -41,6 +41,15 @@ def _set_threads(a, device: str) -> None:
         torch.set_num_threads(a.threads or default_threads())
 
 
+def _model_dir(a):
+    """--model, or the default model (fetched and converted on first use)."""
+    if a.model is not None:
+        return a.model
+    from .default_model import ensure_default_model
+
+    return ensure_default_model()
+
+
 def cmd_generate(a) -> int:
     from . import chai, parallel, set_chai
     from .checkpoint import load
@@ -48,12 +57,7 @@ def cmd_generate(a) -> int:
     from .tokenizer import load_tokenizer
 
     _check_threads(a)
-    if a.model is None:
-        from .default_model import ensure_default_model
-
-        model_dir = ensure_default_model()
-    else:
-        model_dir = a.model
+    model_dir = _model_dir(a)
     # under torchrun: one rank of a tensor-parallel group, which loads its slices only; rank 0 alone prints
     tp, device = parallel.init_from_env(a.device)
     show = tp is None or tp.rank == 0
@@ -113,12 +117,7 @@ def cmd_serve(a) -> int:
     from .tokenizer import load_tokenizer
 
     _check_threads(a)
-    if a.model is None:
-        from .default_model import ensure_default_model
-
-        model_dir = ensure_default_model()
-    else:
-        model_dir = a.model
+    model_dir = _model_dir(a)
     device = a.device or _default_device()
     dtype = a.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     _set_threads(a, device)

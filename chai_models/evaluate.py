@@ -677,7 +677,8 @@ def plot_report(report: Report, path, title: str | None = None) -> Path:
         for m in report.methods:
             increase = 100 * (report.pooled[m.name].perplexity / dense - 1)
             x = 100 * report.savings[m.name][key]
-            at = seen[(round(x, 3), round(increase, 3))] = seen.get((round(x, 3), round(increase, 3)), -1) + 1
+            point = (round(x, 3), round(increase, 3))
+            at = seen[point] = seen.get(point, -1) + 1
             prompt = m.chai is not None and m.chai.membership == "prompt"
             c = colours[m.kind]
             ax.plot(x, max(increase, 1e-2), markers[m.kind], ms=7, color=c,

@@ -9,12 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ByteTokenizer
+from conftest import ByteTokenizer, tiny_byte_llama
 
 from chai_models import ChaiConfig, generate, load, load_tokenizer, set_chai
 from chai_models.chai import chai_layers
 from chai_models.engine import Engine, slots_for_memory
-from chai_models.models.llama import Llama, LlamaConfig
 from chai_models.models.opt import OPT, opt_config
 
 TOK = ByteTokenizer(eos_ids=())
@@ -23,16 +22,6 @@ REPO = Path(__file__).resolve().parent.parent
 PROMPTS = ["Hi", "Hello there", "abc", "A much longer prompt than the others, by far the longest",
            "xy", "The quick brown fox jumps", "0123", "short again"]
 N_NEW = [6, 3, 9, 4, 7, 2, 8, 5]
-
-
-def tiny_llama():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=96, n_layers=2, n_heads=4, n_kv_heads=2,
-                      head_dim=16, max_seq_len=96)
-    m = Llama(cfg).eval()
-    with torch.no_grad():
-        m.output.weight.mul_(8)  # peaked distributions: a wrong position or mask changes the greedy tokens
-    return m
 
 
 def tiny_opt():
@@ -44,7 +33,7 @@ def tiny_opt():
     return m
 
 
-MODELS = {"llama": tiny_llama, "opt": tiny_opt}
+MODELS = {"llama": tiny_byte_llama, "opt": tiny_opt}
 # layer 0: 3 clusters (K kept whole, 3 >= the KV heads); layer 1: one cluster (one K slot)
 CHAI = {"llama": ChaiConfig(clusters=[3, 1]), "opt": ChaiConfig(clusters=[3, 1])}
 
@@ -92,7 +81,7 @@ def test_generate_batch_of_mixed_lengths_prefills_no_padding(family):
 def test_slot_reuse_leaks_nothing():
     """A slot's next occupant gets the same tokens whatever lived there before: a long CHAI request, then a short
     one (inside its window) in the same single slot, equals the short one in a fresh engine."""
-    model = tiny_llama()
+    model = tiny_byte_llama()
     set_chai(model, CHAI["llama"])
     engine = Engine(model, TOK, max_batch_size=1, max_seq_len=64)
     engine.submit(PROMPTS[3], max_new_tokens=10)
@@ -108,7 +97,7 @@ def test_slot_reuse_leaks_nothing():
 
 
 def test_too_long_request_fails_alone_and_cancel_frees_its_slot():
-    model = tiny_llama()
+    model = tiny_byte_llama()
     ref = alone(model, ["abc", "Hello"], [5, 5])
     engine = Engine(model, TOK, max_batch_size=2, max_seq_len=32)
     long = engine.submit("x" * 30, max_new_tokens=5)
@@ -128,7 +117,7 @@ def test_too_long_request_fails_alone_and_cancel_frees_its_slot():
 
 
 def test_sampling_stop_and_streaming_per_request():
-    model = tiny_llama()
+    model = tiny_byte_llama()
     greedy = generate(model, TOK, ["hello"], max_new_tokens=20, eos_ids=[]).texts[0]
     stop = greedy[5:7]
     kw = dict(max_new_tokens=12, temperature=1.0, top_k=20, seed=7)
@@ -146,7 +135,7 @@ def test_sampling_stop_and_streaming_per_request():
 
 
 def test_chai_memory_budget_gives_more_slots():
-    model = tiny_llama()
+    model = tiny_byte_llama()
     dense = slots_for_memory(model, 64, 0.001)
     set_chai(model, ChaiConfig(clusters=[1, 1]))
     chai = slots_for_memory(model, 64, 0.001)
@@ -157,7 +146,7 @@ def test_chai_memory_budget_gives_more_slots():
 
 
 def test_per_row_positions_checked():
-    model = tiny_llama()
+    model = tiny_byte_llama()
     model.setup_caches(2, 16)
     with pytest.raises(ValueError, match=r"per-row input_pos \[B, 1\] serves one token"):
         model(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long))
@@ -190,14 +179,14 @@ def test_serve_cli_json_lines():
     stdin = "\n".join(json.dumps(x) if isinstance(x, dict) else x for x in lines) + "\n"
     from chai_models.serve import serve_lines
 
-    model = tiny_llama()
+    model = tiny_byte_llama()
     out = []
     serve_lines(Engine(model, TOK, max_batch_size=2, max_seq_len=96), iter(stdin.splitlines()), out.append)
     res = {r.get("id"): r for r in map(json.loads, out)}
     assert len(res["a"]["tokens"]) == 3 and res["a"]["finish_reason"] == "length"
     assert res["b"]["finish_reason"] == "error" and "empty" in res["b"]["error"]
     assert res[None]["finish_reason"] == "error" and "JSON" in res[None]["error"]
-    assert res["c"]["tokens"] == alone(tiny_llama(), [[72, 105]], [2])[0]
+    assert res["c"]["tokens"] == alone(tiny_byte_llama(), [[72, 105]], [2])[0]
     assert res["d"]["finish_reason"] == "cancelled" and len(res["d"]["tokens"]) < 80
 
 

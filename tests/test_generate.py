@@ -1,22 +1,15 @@
 """The generation loop and sampling, on a tiny random model with a byte-level stand-in tokenizer."""
 import pytest
 import torch
-from conftest import ByteTokenizer
+from conftest import ByteTokenizer, tiny_byte_llama
 
 from chai_models import ChaiConfig, generate, set_chai
-from chai_models.models.llama import Llama, LlamaConfig
 from chai_models.sampling import filter_logits, sample
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=96, n_layers=2, n_heads=4, n_kv_heads=2,
-                      head_dim=16, max_seq_len=96)
-    m = Llama(cfg).eval()
-    with torch.no_grad():
-        m.output.weight.mul_(8)  # peaked distributions, so greedy and sampling are meaningfully different
-    return m
+    return tiny_byte_llama()
 
 
 TOK = ByteTokenizer()
@@ -109,12 +102,7 @@ def test_compiled_decode_on_cpu(chai):
     import torch._dynamo as dynamo
     import torch._inductor.config as inductor
 
-    torch.manual_seed(1)
-    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=96, n_layers=2, n_heads=4, n_kv_heads=2,
-                      head_dim=16, max_seq_len=96)
-    m = Llama(cfg).eval()
-    with torch.no_grad():
-        m.output.weight.mul_(8)
+    m = tiny_byte_llama(seed=1)
     if chai:
         set_chai(m, ChaiConfig.from_spec(chai, 2, 4))
     before = inductor.coordinate_descent_tuning

@@ -13,12 +13,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from torch.nn.attention import sdpa_kernel  # noqa: E402
 
 from chai_models.bench import random_model  # noqa: E402
 from chai_models import set_backend, set_chai  # noqa: E402
 from chai_models.chai import ChaiConfig  # noqa: E402
-from chai_models.generation import PREFILL_SDPA  # noqa: E402
+from chai_models.generation import prefill as generation_prefill  # noqa: E402
 
 
 def main():
@@ -33,12 +32,10 @@ def main():
     print("backend", set_backend(model, a.backend))
     cfg = model.config
     specs = {"dense": None, a.chai: ChaiConfig.from_spec(a.chai, cfg.n_layers, cfg.n_heads)}
-    prompt = torch.randint(0, cfg.vocab_size, (1, a.tokens), device="cuda")
-    pos = torch.arange(a.tokens, device="cuda")
+    prompt = torch.randint(0, cfg.vocab_size, (a.tokens,)).tolist()
 
-    def prefill():
-        with sdpa_kernel(PREFILL_SDPA):  # the attention backends generate's prefill uses
-            model(prompt, pos, last_only=True)[:, -1].argmax(-1)
+    def prefill():  # generate's prefill (its attention backends included), then the first token
+        generation_prefill(model, [prompt]).argmax(-1)
         torch.cuda.synchronize()
 
     walls = {s: [] for s in specs}
