@@ -112,14 +112,20 @@ if triton is not None:
         tl.store(out_ptr + out0 + rows, y.to(odt), mask=r_ok)
 
 
-def gemv_config(n_rows: int, K: int, swiglu: bool) -> dict:
+def gemv_config(n_rows: int, K: int, swiglu: bool, layer_norm: bool = False) -> dict:
     """BLOCK_N, BLOCK_K, num_warps of _gemv_kernel for weights of n_rows (all segments) x K.
 
-    The winners of a launch-config sweep over the LLaMA-2-7B projections (docs/performance.md, "dense decode"):
-    fused Q/K/V and the output head, wo, gate+up, down each get their own.
+    The winners of launch-config sweeps over the projections of LLaMA-2-7B (docs/performance.md, "dense decode")
+    and of OPT-6.7B ("OPT decode"): LLaMA's fused Q/K/V and output head, wo, gate+up and down each get their own;
+    OPT's LayerNorm prologue (Q/K/V, fc1) wants more rows per program and shorter tiles, and its 16384-wide fc2 two
+    rows and long tiles.
     """
     if swiglu:
         bn, bk, warps = 4, 1024, 4
+    elif layer_norm:
+        bn, bk, warps = 16, 512, 4
+    elif K >= 16384:
+        bn, bk, warps = 2, 2048, 4
     elif K >= 8192:
         bn, bk, warps = 16, 512, 8
     elif n_rows <= 4096:
@@ -141,7 +147,7 @@ def gemv_launch(x, weights, biases, norm_weight, norm_bias, eps, residual, swigl
     ws = list(weights) + [weights[0]] * (3 - len(weights))
     bs = list(biases) + [ws[0]] * (3 - len(biases))  # unused pointers where there is no bias
     ns = ns + [0] * (3 - len(ns))
-    cfg = gemv_config(n_out, K, swiglu)
+    cfg = gemv_config(n_out, K, swiglu, norm_bias is not None)
     grid = (sum(triton.cdiv(n, cfg["BLOCK_N"]) for n in ns),)
     _gemv_kernel[grid](x, norm_weight if norm_weight is not None else x, norm_bias if norm_bias is not None else x,
                        *ws, *bs, residual.contiguous() if residual is not None else x, out, ns[0], ns[1], ns[2], eps,
