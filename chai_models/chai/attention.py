@@ -223,11 +223,12 @@ class ChaiAttention:
         self.ready = True
         if S == n_w:
             return y_w
-        # the rows after the window: the whole chunk goes through the clustered pass and its window rows are dropped,
-        # so that its attention is one square causal kernel from position 0 (the K it writes at window positions is
-        # the K just kept)
-        y_r = self.attend_clustered(q, k, v, input_pos, mask)[:, :, n_w:]
-        return torch.cat([y_w, y_r], dim=2)
+        # the rows after the window: the whole chunk goes through the clustered pass, so that its attention is one
+        # square causal kernel from position 0 (the K it writes at window positions is the K just kept); its window
+        # rows are then overwritten with the dense ones (a copy of n_w rows, not a concatenation of all S)
+        y = self.attend_clustered(q, k, v, input_pos, mask)  # [B, H, S, D]
+        y[:, :, :n_w] = y_w
+        return y
 
     def attend_rows(self, q, k, v, input_pos, mask):
         """One token per row at its own position (input_pos [B, 1], read on the host): every row through the clustered
