@@ -137,7 +137,8 @@ def print_table(res: dict, head: str):
 
 def pair(model_dir, short: int, long: int, max_new: int, repeats: int) -> None:
     """A short and a long prompt in one generate() call vs the long one alone: medians of `repeats` runs of the
-    prefill, the decode and the whole call."""
+    prefill, the decode and the whole call. Then the same two prompts prefilled as one right-padded call (prefill
+    only): the single call that generate does not make, and why."""
     from . import generate, load, load_tokenizer
 
     model = load(model_dir, dtype="float32")
@@ -156,6 +157,17 @@ def pair(model_dir, short: int, long: int, max_new: int, repeats: int) -> None:
             runs.append((out.prefill_s, out.decode_s, time.perf_counter() - t0))
         med = [sorted(r[i] for r in runs)[len(runs) // 2] for i in range(3)]
         print(f"| {name} | {med[0]:.3f} | {med[1]:.3f} | {med[2]:.3f} |")
+    # one call over [2, long]: the short prompt right-padded (its padding sits after its tokens, which causal
+    # attention keeps from them), every token through every layer
+    tokens = torch.tensor([text, text[:short] + [0] * (long - short)])  # [2, long]
+    runs = []
+    with torch.no_grad():
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            model(tokens, torch.arange(long), last_only=True)
+            runs.append(time.perf_counter() - t0)
+    print(f"| {short} + {long} as one right-padded call ({2 * long} tokens) | {sorted(runs)[len(runs) // 2]:.3f} | "
+          f"| |")
 
 
 def main(argv=None) -> int:
