@@ -14,6 +14,7 @@ from chai_models.chai import (ChaiAttention, batched_index, canonical_labels, cl
                               n_k_slots, ready, reset, swap_class)
 from chai_models.fast import attention as fast_attention
 from chai_models.fast.attention import FastChaiAttention, cluster_lists
+from chai_models.fast.compile import OPTIONS as compile_options
 from chai_models.fast.compile import decode_step
 from chai_models.fast.kernels.decode import new_token_decode
 from chai_models.fast.kernels.gemv import gemv_applies, linear
@@ -26,6 +27,14 @@ from chai_models.models.opt import OPT, OPTConfig
 pytestmark = pytest.mark.gpu
 
 ALWAYS = 10**9  # a size rule's threshold that no cache reaches: that path always
+
+
+@pytest.fixture(autouse=True)
+def untuned_compile(request, monkeypatch):
+    """Compiled graphs without coordinate-descent tuning (it benchmarks every reduction's launch configs, most of a
+    small model's compile time), except in the tests named `tuned`, which check the graph as benchmarked."""
+    if "tuned" not in request.node.name:
+        monkeypatch.setitem(compile_options, "coordinate_descent_tuning", False)
 
 
 def cuda_model(n_kv_heads=4, dtype=torch.float32, backend="triton"):

@@ -11,6 +11,13 @@ from ..chai.attention import ready
 from .kernels import register_inductor_fallbacks, triton
 
 
+# mode="reduce-overhead" spelled as its inductor option (CUDA graphs), so the other options apply to this graph only:
+# coordinate-descent tuning (decode is a chain of matrix-vector products, and tuned reductions read the weights faster
+# than the library GEMV), and, added where the inductor has it, programmatic dependent launch (each kernel starts
+# while the one before drains; docs/performance.md, "dense decode"). The GPU tests compile most graphs untuned.
+OPTIONS = {"triton.cudagraphs": True, "coordinate_descent_tuning": True}
+
+
 def decode_step(model, compile: bool = False):
     """The one-token decode step: tokens [B, 1], positions [B, 1] (each row its own; or [1], every row at one)
     -> next-token logits [B, vocab]. Positions are data, not shapes: any mix of them replays the same graph.
@@ -27,11 +34,7 @@ def decode_step(model, compile: bool = False):
 
         # one graph per (batch size, cache length, CHAI layout) and per model instance: allow many
         dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 64)
-        # mode="reduce-overhead" spelled as its inductor option (CUDA graphs), so the other options apply to this graph
-        # only: coordinate-descent tuning (decode is a chain of matrix-vector products, and tuned reductions read
-        # the weights faster than the library GEMV), and programmatic dependent launch where the inductor has it
-        # (each kernel starts while the one before drains; docs/performance.md, "dense decode")
-        options = {"triton.cudagraphs": True, "coordinate_descent_tuning": True}
+        options = dict(OPTIONS)
         if hasattr(inductor.triton, "enable_pdl"):
             options["triton.enable_pdl"] = True
         if triton is not None:
