@@ -220,3 +220,17 @@ def test_serve_bench_tiny(capsys):
     assert res["chai"]["slots"] > res["continuous"]["slots"] == res["static"]["slots"] > 1
     print_table(res, "tiny")
     assert "CHAI over dense continuous" in capsys.readouterr().out
+
+
+def test_serve_bench_pair_runs(capsys):
+    """`serve_bench --pair` on the bundled SmolLM2 folder: the long prompt alone, the pair in one generate call, and the
+    pair as one right-padded prefill call, one table row each."""
+    smol = REPO / "weights" / "smollm2-135m-instruct"
+    if not (smol / "config.json").exists():
+        pytest.skip("weights/smollm2-135m-instruct is not converted here")
+    from chai_models.serve_bench import main
+
+    assert main(["--pair", "--model", str(smol), "--pair-len", "3", "24", "--pair-new", "2", "--repeats", "1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
+    names = [r.split(" | ")[0] for r in rows[1:]]
+    assert names == ["| 24 alone", "| 3 + 24", "| 3 + 24 as one right-padded call (48 tokens)"]
