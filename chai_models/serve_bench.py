@@ -157,8 +157,9 @@ def pair(model_dir, short: int, long: int, max_new: int, repeats: int) -> None:
             runs.append((out.prefill_s, out.decode_s, time.perf_counter() - t0))
         med = [sorted(r[i] for r in runs)[len(runs) // 2] for i in range(3)]
         print(f"| {name} | {med[0]:.3f} | {med[1]:.3f} | {med[2]:.3f} |")
-    # one call over [2, long]: the short prompt right-padded (its padding sits after its tokens, which causal
-    # attention keeps from them), every token through every layer
+    # one call over [2, long] into the cache the generate calls set up (2 rows, long + max_new positions): the short
+    # prompt right-padded (its padding sits after its tokens, which causal attention keeps from them), every token
+    # through every layer
     tokens = torch.tensor([text, text[:short] + [0] * (long - short)])  # [2, long]
     runs = []
     with torch.no_grad():

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check: the GPU tests and the benchmark grid behind docs/performance.md, on one CUDA machine.
 #   bash tools/gpu_check.sh [STEP...]      STEP: tests bench opt ttft grid (default: the first four, in that order)
-#   tests  pytest -m gpu tests/test_gpu.py                         (TESTS_LIMIT, default 590 s: 95 tests; with every
-#          graph tuned they took ~20 s each, more than one device call: TESTS_SHARD=I/N runs the I-th of N parts;
+#   tests  pytest -m gpu tests/test_gpu.py                         (TESTS_LIMIT, default 590 s: 95 tests, compiled
+#          untuned but for the `tuned` ones; tuned everywhere they take ~20 s each, more than one device call, so
+#          TESTS_SHARD=I/N runs the I-th of N parts;
 #          the 2-GPU tests are in tests/test_parallel.py, run on a 2-GPU kind)
 #   bench  LLaMA-2-7B shape: the README's speed table (triton: dense and CHAI llama-7b at B=1 T=512/8192 and
 #          B=8 T=2048; torch: dense B=1 T=512), three runs of STEP_LIMIT each

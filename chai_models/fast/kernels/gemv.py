@@ -118,7 +118,8 @@ def gemv_config(n_rows: int, K: int, swiglu: bool, layer_norm: bool = False) -> 
     The winners of launch-config sweeps over the projections of LLaMA-2-7B (docs/performance.md, "dense decode")
     and of OPT-6.7B ("OPT decode"): LLaMA's fused Q/K/V and output head, wo, gate+up and down each get their own;
     OPT's LayerNorm prologue (Q/K/V, fc1) wants more rows per program and shorter tiles, and its 16384-wide fc2 two
-    rows and long tiles.
+    rows and long tiles. The K rules reach shapes neither sweep timed: K >= 16384 also takes the down projections of
+    LLaMA-33B and larger (intermediate sizes 17920-28672), 8192 <= K < 16384 those of LLaMA-13B (13824).
     """
     if swiglu:
         bn, bk, warps = 4, 1024, 4
