@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch._dynamo.utils import counters
 
 from . import set_backend, set_chai
 from .chai import ChaiConfig, reset
@@ -75,7 +76,7 @@ def random_model(shape: str, device, dtype, tp=None) -> torch.nn.Module:
         from .parallel import shard
 
         shard(model, tp.group)
-    model = model.to_empty(device=device).to(dtype)
+    model = model.to(dtype).to_empty(device=device)  # meta -> dtype first: no float32 copy is ever allocated
     gen = torch.Generator(device=device).manual_seed(0 if tp is None else tp.rank)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -163,11 +164,13 @@ def bench_decode(model, B: int, T: int, compiled: bool, steps: int = 32, repeats
     step = decode_step(model, compiled)
     tok = torch.randint(0, model.config.vocab_size, (B, 1), device=device)
     pos = torch.tensor([T - steps - 1], device=device)
+    hits = counters["inductor"]["fxgraph_cache_hit"]
     t0 = time.perf_counter()
     step(tok, pos)  # warm-up; compiles on the first compiled call
     if device.type == "cuda":
         torch.cuda.synchronize()
     first = time.perf_counter() - t0
+    cached = counters["inductor"]["fxgraph_cache_hit"] > hits  # the graph came from the compile cache on disk
     for _ in range(3):
         step(tok, pos)
 
@@ -178,7 +181,7 @@ def bench_decode(model, B: int, T: int, compiled: bool, steps: int = 32, repeats
 
     t = _median([timer(run) for _ in range(repeats)]) / steps
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    return {"s_per_step": t, "first_call_s": first, "bytes": step_bytes(model, B),
+    return {"s_per_step": t, "first_call_s": first, "cached": cached, "bytes": step_bytes(model, B),
             "kv_bytes": model.kv_cache_bytes()["total"], "peak_bytes": peak}
 
 
@@ -368,10 +371,66 @@ def tp_step_model(shape: str, world: int, B: int, T: int, dtype: torch.dtype, ba
 RESULT = "# dense timings: "
 
 
+def cell_bytes(shape: str, B: int, T: int, dtype: torch.dtype) -> int:
+    """Device memory a process timing one cell needs, estimated from the shape alone: weights and the dense KV cache
+    (CHAI's is smaller), plus a tenth and 2 GiB for activations, the prefill and the CUDA-graph pool."""
+    model = meta_model(shape)
+    es = torch.empty((), dtype=dtype).element_size()
+    cfg = model.config
+    weights = sum(p.numel() for p in model.parameters()) * es
+    kv = 2 * cfg.n_layers * B * cfg.n_kv_heads * T * cfg.head_dim * es
+    return int(1.1 * (weights + kv)) + 2 * 2**30
+
+
+def _memory_budget(device) -> int:
+    if device.type == "cuda":
+        return int(0.9 * torch.cuda.mem_get_info(device)[0])
+    return int(0.5 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def _warm_up(argv, a, device, dtype, env) -> None:
+    """Compiles every (configuration, cell) in its own process, a.warm_jobs at a time within the device's free
+    memory, before anything is timed: the timing processes then load each graph from the compile caches (FX graph,
+    Triton and autotuning caches on disk) instead of compiling it, ~5 s of first call instead of 20-50 s for the
+    7B step on an H200 (docs/performance.md, "Commands"). The warm-up processes print nothing; one that fails says
+    so. Compiling in parallel lets coordinate-descent tuning time its candidates while another process uses the
+    device; the tuned choices are cached and reused by the timed run."""
+    cells = [(b, s, B, T) for b in a.backend for s in a.chai for B in a.batch for T in a.context]
+    budget = a.warm_gb * 2**30 if a.warm_gb else _memory_budget(device)
+    need = {c: cell_bytes(a.shape, c[2], c[3], dtype) for c in cells}
+    pending = sorted((c for c in cells if need[c] <= budget), key=lambda c: -need[c])
+    for c in cells:
+        if need[c] > budget:
+            print(f"# warm-up skips {c[0]} {c[1]} B={c[2]} T={c[3]}: needs ~{need[c] / 2**30:.0f} GiB of "
+                  f"{budget / 2**30:.0f}", flush=True)
+    running, t0, n = {}, time.perf_counter(), len(pending)
+    while pending or running:
+        for c in list(pending):
+            if len(running) < a.warm_jobs and sum(need[r] for r in running) + need[c] <= budget:
+                cmd = [sys.executable, "-m", "chai_models.bench", *argv, "--backend", c[0], "--chai", c[1],
+                       "--batch", str(c[2]), "--context", str(c[3]), "--mode", "compiled", "--warm-only"]
+                running[c] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                              env=env)
+                pending.remove(c)
+        time.sleep(0.2)
+        for c, proc in list(running.items()):
+            if proc.poll() is not None:
+                err = proc.stderr.read()
+                if proc.returncode != 0:
+                    last = err.strip().splitlines()[-1:] or [""]
+                    print(f"# warm-up of {c[0]} {c[1]} B={c[2]} T={c[3]} failed (exit status {proc.returncode}): "
+                          f"{last[0][:200]}", flush=True)
+                del running[c]
+    print(f"# warm-up: {n} compiled steps in {time.perf_counter() - t0:.0f} s, up to {a.warm_jobs} processes at "
+          "a time; the first calls below load them from the compile caches", flush=True)
+
+
 def _process_per_config(argv, a, device, dtype) -> int:
     """Each configuration (backend, CHAI spec) in its own process (dense first, as main ordered them), one table."""
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    if a.warm_jobs and "compiled" in a.mode:
+        _warm_up(argv, a, device, dtype, env)
     dense_ref, header_done = {}, False
     for backend, spec in ((b, s) for b in a.backend for s in a.chai):
         cmd = [sys.executable, "-m", "chai_models.bench", *argv, "--backend", backend, "--chai", spec, "--child",
@@ -448,6 +507,13 @@ def _main(argv=None) -> int:
     p.add_argument("--load-memory", default=None, metavar="CHECKPOINT",
                    help="instead: load this checkpoint (under torchrun: each rank its slices) and print each rank's "
                         "bytes read and resident memory")
+    p.add_argument("--warm-jobs", type=int, default=0, metavar="N",
+                   help="with one process per configuration: first compile every (configuration, B, T) step in up to "
+                        "N parallel processes within the free device memory (--warm-gb), so the timed processes load "
+                        "their graphs from the compile caches")
+    p.add_argument("--warm-gb", type=float, default=0, help="memory budget of --warm-jobs in GiB (default: 90%% of "
+                                                             "the device's free memory; on CPU half the RAM)")
+    p.add_argument("--warm-only", action="store_true", help=argparse.SUPPRESS)  # internal: compile, time nothing
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: the parent's dense timings (json)
     argv = sys.argv[1:] if argv is None else list(argv)
     a = p.parse_args(argv)
@@ -486,9 +552,23 @@ def _main(argv=None) -> int:
     per_config = a.processes == "per-config" or (a.processes == "auto" and device.type == "cuda" and tp is None)
     if per_config and tp is not None:
         p.error("--processes per-config cannot run under torchrun (each configuration runs in the ranks' processes)")
-    if per_config and len(a.chai) * len(a.backend) > 1 and a.child is None and not a.calibrate:
+    if a.warm_jobs and not per_config:
+        p.error("--warm-jobs compiles in processes of their own: it needs one process per configuration "
+                "(--processes per-config, the default on CUDA)")
+    if (per_config and (len(a.chai) * len(a.backend) > 1 or a.warm_jobs) and a.child is None and not a.calibrate
+            and not a.warm_only):
         return _process_per_config(argv, a, device, dtype)
     model = random_model(a.shape, device, dtype, tp)
+    if a.warm_only:  # a --warm-jobs process: one configuration, one cell; its compiled step stays in the caches
+        spec = a.chai[0]
+        set_backend(model, a.backend[0])
+        set_chai(model, None if spec == "dense" else
+                 ChaiConfig.from_spec(spec, model.config.n_layers, model.config.n_heads))
+        try:
+            bench_decode(model, a.batch[0], a.context[0], compiled=True, steps=2, repeats=1)
+        except torch.OutOfMemoryError:
+            pass  # the timed process reports it
+        return 0
     bw = copy_bandwidth(device)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"# {a.shape} {a.dtype} on {card}, torch {torch.__version__}, copy bandwidth {bw / 1e12:.2f} TB/s, "
@@ -536,8 +616,9 @@ def _main(argv=None) -> int:
                     if tp is not None:
                         t_ar = bench_allreduce(model, B, mode == "compiled", steps=a.steps)
                         line += f"{t_ar * 1000:>8.3f}{100 * t_ar / t:>6.1f}"
-                    print(line + (f"   (first call {r['first_call_s']:.1f} s)" if mode == "compiled" else ""),
-                          flush=True)
+                    if mode == "compiled":
+                        line += f"   (first call {r['first_call_s']:.1f} s{', from the compile cache' * r['cached']})"
+                    print(line, flush=True)
         if a.ttft:
             print(f"{name:<22} time to first token at {a.ttft}: {bench_prefill(model, a.ttft) * 1000:.1f} ms "
                   f"(clustering included)", flush=True)

@@ -1,5 +1,6 @@
 """tools/bench.py on CPU (tiny shape): the table's rows, in one process and one process per configuration.
 Timings are not asserted (benchmarks print tables; they do not pass or fail)."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -30,3 +31,25 @@ def test_bench_table(processes, backends):
         assert lines.index(next(x for x in lines if x.startswith(f"{backend} dense "))) < lines.index(
             next(x for x in lines if x.startswith(f"{backend} 2 ")))
     assert sum("time to first token at 16" in line for line in lines) == 2 * len(backends)
+
+
+def test_bench_warm_up_compiles_first_then_times_from_the_compile_cache(tmp_path):
+    """--warm-jobs: every (configuration, cell) step compiles in a process of its own before anything is timed, and
+    the timed process then loads its graph from the compile cache on disk (a fresh cache here, so the hit is the
+    warm-up's)."""
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    run = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "--shape", "tiny", "--device", "cpu",
+                          "--dtype", "float32", "--chai", "dense", "--steps", "2", "--context", "64", "--mode",
+                          "compiled", "--backend", "torch", "--processes", "per-config", "--warm-jobs", "2"],
+                         capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.splitlines()
+    assert any(line.startswith("# warm-up: 1 compiled steps") for line in lines), lines
+    row = next(line for line in lines if line.startswith("torch dense"))
+    assert row.endswith(", from the compile cache)"), row
+
+
+def test_bench_warm_up_needs_a_process_per_configuration():
+    run = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "--shape", "tiny", "--device", "cpu",
+                          "--processes", "one", "--warm-jobs", "2"], capture_output=True, text=True)
+    assert run.returncode == 2 and "--warm-jobs" in run.stderr and "per-config" in run.stderr, run.stderr
