@@ -408,7 +408,7 @@ def _warm_up(argv, a, device, dtype, env) -> None:
         for c in list(pending):
             if len(running) < a.warm_jobs and sum(need[r] for r in running) + need[c] <= budget:
                 cmd = [sys.executable, "-m", "chai_models.bench", *argv, "--backend", c[0], "--chai", c[1],
-                       "--batch", str(c[2]), "--context", str(c[3]), "--mode", "compiled", "--warm-only"]
+                       "--batch", str(c[2]), "--context", str(c[3]), "--mode", "compiled", "--warm-child"]
                 running[c] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                               env=env)
                 pending.remove(c)
@@ -421,8 +421,10 @@ def _warm_up(argv, a, device, dtype, env) -> None:
                     print(f"# warm-up of {c[0]} {c[1]} B={c[2]} T={c[3]} failed (exit status {proc.returncode}): "
                           f"{last[0][:200]}", flush=True)
                 del running[c]
+    then = ("the same command without --warm-only times them" if a.warm_only else
+            "the first calls below load them from the compile caches")
     print(f"# warm-up: {n} compiled steps in {time.perf_counter() - t0:.0f} s, up to {a.warm_jobs} processes at "
-          "a time; the first calls below load them from the compile caches", flush=True)
+          f"a time; {then}", flush=True)
 
 
 def _process_per_config(argv, a, device, dtype) -> int:
@@ -431,6 +433,8 @@ def _process_per_config(argv, a, device, dtype) -> int:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     if a.warm_jobs and "compiled" in a.mode:
         _warm_up(argv, a, device, dtype, env)
+    if a.warm_only:
+        return 0
     dense_ref, header_done = {}, False
     for backend, spec in ((b, s) for b in a.backend for s in a.chai):
         cmd = [sys.executable, "-m", "chai_models.bench", *argv, "--backend", backend, "--chai", spec, "--child",
@@ -513,7 +517,9 @@ def _main(argv=None) -> int:
                         "their graphs from the compile caches")
     p.add_argument("--warm-gb", type=float, default=0, help="memory budget of --warm-jobs in GiB (default: 90%% of "
                                                              "the device's free memory; on CPU half the RAM)")
-    p.add_argument("--warm-only", action="store_true", help=argparse.SUPPRESS)  # internal: compile, time nothing
+    p.add_argument("--warm-only", action="store_true",
+                   help="with --warm-jobs: compile every step into the caches and time nothing (a later run times them)")
+    p.add_argument("--warm-child", action="store_true", help=argparse.SUPPRESS)  # internal: one step, compiled
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: the parent's dense timings (json)
     argv = sys.argv[1:] if argv is None else list(argv)
     a = p.parse_args(argv)
@@ -555,11 +561,13 @@ def _main(argv=None) -> int:
     if a.warm_jobs and not per_config:
         p.error("--warm-jobs compiles in processes of their own: it needs one process per configuration "
                 "(--processes per-config, the default on CUDA)")
+    if a.warm_only and not (a.warm_jobs and "compiled" in a.mode):
+        p.error("--warm-only goes with --warm-jobs N and --mode compiled (it compiles the steps and times nothing)")
     if (per_config and (len(a.chai) * len(a.backend) > 1 or a.warm_jobs) and a.child is None and not a.calibrate
-            and not a.warm_only):
+            and not a.warm_child):
         return _process_per_config(argv, a, device, dtype)
     model = random_model(a.shape, device, dtype, tp)
-    if a.warm_only:  # a --warm-jobs process: one configuration, one cell; its compiled step stays in the caches
+    if a.warm_child:  # a --warm-jobs process: one configuration, one cell; its compiled step stays in the caches
         spec = a.chai[0]
         set_backend(model, a.backend[0])
         set_chai(model, None if spec == "dense" else

@@ -49,7 +49,24 @@ def test_bench_warm_up_compiles_first_then_times_from_the_compile_cache(tmp_path
     assert row.endswith(", from the compile cache)"), row
 
 
-def test_bench_warm_up_needs_a_process_per_configuration():
+def test_bench_warm_only_compiles_and_times_nothing(tmp_path):
+    """--warm-only: the warm-up alone (one call compiles, a later one times); the next run loads from the cache."""
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    args = [sys.executable, str(ROOT / "tools" / "bench.py"), "--shape", "tiny", "--device", "cpu", "--dtype",
+            "float32", "--chai", "dense", "--steps", "2", "--context", "64", "--mode", "compiled", "--backend", "torch",
+            "--processes", "per-config"]
+    warm = subprocess.run([*args, "--warm-jobs", "1", "--warm-only"], capture_output=True, text=True, env=env)
+    assert warm.returncode == 0, warm.stderr[-2000:]
+    assert warm.stdout.startswith("# warm-up: 1 compiled steps") and "torch dense" not in warm.stdout, warm.stdout
+    timed = subprocess.run(args, capture_output=True, text=True, env=env)
+    assert timed.returncode == 0, timed.stderr[-2000:]
+    row = next(line for line in timed.stdout.splitlines() if line.startswith("torch dense"))
+    assert row.endswith(", from the compile cache)"), row
+
+
+@pytest.mark.parametrize("args,words", [(["--processes", "one", "--warm-jobs", "2"], ["--warm-jobs", "per-config"]),
+                                        (["--processes", "per-config", "--warm-only"], ["--warm-only", "--warm-jobs"])])
+def test_bench_warm_up_flags_need_their_setting(args, words):
     run = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "--shape", "tiny", "--device", "cpu",
-                          "--processes", "one", "--warm-jobs", "2"], capture_output=True, text=True)
-    assert run.returncode == 2 and "--warm-jobs" in run.stderr and "per-config" in run.stderr, run.stderr
+                          *args], capture_output=True, text=True)
+    assert run.returncode == 2 and all(w in run.stderr for w in words), run.stderr

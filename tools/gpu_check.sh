@@ -9,10 +9,16 @@
 #          B=8 T=2048; torch: dense B=1 T=512), three runs of STEP_LIMIT each
 #   opt    OPT-6.7B shape, dense, B=1 T=512                        (STEP_LIMIT, default 300 s)
 #   ttft   time to first token, 2048 tokens, dense vs CHAI         (STEP_LIMIT)
-#   grid   the speed grid at one batch size, GRID_BATCH (default 1): dense and CHAI llama-7b at T = 512, 2048, 8192
-#          (B=32 T=8192 does not fit one H200: 128 GiB of cache), and gpt-fast beside them when PEERS names a folder
-#          holding ../shared/peers/gptfast_decode.py and gpt-fast's model.py as gf_model.py (never committed here);
-#          ~1 min per configuration, so one batch size per device call
+#   grid   the speed grid: dense and CHAI llama-7b at B = 1, 8, 32 and T = 512, 2048, 8192 (B=32 T=8192 does not
+#          fit one H200 dense: 128 GiB of cache), one process per configuration, and gpt-fast beside them when PEERS
+#          names a folder holding ../shared/peers/gptfast_decode.py and gpt-fast's model.py as gf_model.py (never
+#          committed here). Compiling its 24 steps one after another takes ~16 minutes, so the step has two phases:
+#          GRID_PHASE=compile compiles every step into the compile caches and times nothing (ours through
+#          bench --warm-only, GRID_JOBS processes at a time, default 3, within GRID_GB GiB, default 60; gpt-fast's
+#          cells in two streams beside them), GRID_PHASE=time times every cell, its first call loading the step
+#          from the caches; default both; each phase of ours under GRID_LIMIT seconds (default 570). GRID_SHAPE, GRID_CHAI, GRID_BATCH, GRID_CONTEXT and GRID_PEER_STREAMS
+#          change the grid. On a device whose calls end after 10 minutes: compile in one call and
+#          time in the next while the machine is still warm (the caches live on its disk).
 # Each step runs under its own timeout, so a slow one cannot eat the others' time (on a device whose calls end
 # after 10 minutes, run one step per call). Logs go to ${OUT:-/tmp/chai-gpu}/<step>.log line by line as they
 # come (no buffering filter in the pipe), so a step cut short still leaves what it printed. Exit status: the
@@ -42,14 +48,30 @@ for step in "${steps[@]}"; do
            run "$LIMIT" $B --chai dense --batch 1 --context 512 --backend torch ;;
     opt) run "$LIMIT" python tools/bench.py --shape opt-6.7b --chai dense --batch 1 --context 512 --mode compiled ;;
     ttft) run "$LIMIT" python tools/profile_prefill.py --shape llama-2-7b --chai llama-7b --tokens 2048 ;;
-    grid) b=${GRID_BATCH:-1}; contexts="512 2048 8192"; [ "$b" -ge 32 ] && contexts="512 2048"
-          for t in $contexts; do
-            run "$LIMIT" python tools/bench.py --shape llama-2-7b --steps 64 --mode compiled --chai dense llama-7b \
-              --batch "$b" --context "$t" --backend triton
+    grid) G="python tools/bench.py --shape ${GRID_SHAPE:-llama-2-7b} --steps 64 --mode compiled \
+             --chai dense ${GRID_CHAI:-llama-7b} --backend triton --batch ${GRID_BATCH:-1 8 32} \
+             --context ${GRID_CONTEXT:-512 2048 8192} --processes per-config"
+          # gpt-fast's cells, BxT, in streams separated by ';' that compile side by side: two, so that its two
+          # big cells (46 GB each) never overlap
+          IFS=';' read -ra peer_cells <<< "${GRID_PEER_STREAMS:-1x512 1x2048 1x8192 8x512;8x2048 32x512 8x8192 32x2048}"
+          peer() { (cd "$PEERS" && run "$LIMIT" python gptfast_decode.py --batch "${1%x*}" --context "${1#*x}"); }
+          phase=${GRID_PHASE:-both}
+          if [ "$phase" != time ]; then
             if [ -n "${PEERS:-}" ]; then
-              (cd "$PEERS" && run "$LIMIT" python gptfast_decode.py --batch "$b" --context "$t")
+              for stream in "${peer_cells[@]}"; do
+                (for c in $stream; do peer "$c" > /dev/null 2>&1 || echo "=== grid: gpt-fast $c failed (rc $?)"; done) &
+              done
             fi
-          done ;;
+            run "${GRID_LIMIT:-570}" $G --warm-only --warm-jobs "${GRID_JOBS:-3}" --warm-gb "${GRID_GB:-60}" \
+              || echo "=== grid: our compile phase failed or ran out of time (rc $?)"
+            wait
+          fi
+          if [ "$phase" != compile ]; then
+            run "${GRID_LIMIT:-570}" $G || echo "=== grid: our timing phase failed or ran out of time (rc $?)"
+            if [ -n "${PEERS:-}" ]; then
+              for c in ${peer_cells[@]}; do peer "$c" || echo "=== grid: gpt-fast $c failed (rc $?)"; done
+            fi
+          fi ;;
   esac 2>&1 | tee "$OUT/$step.log"
   rc=${PIPESTATUS[0]}
   [ "$rc" -eq 0 ] || { echo "=== $step failed (rc $rc)" | tee -a "$OUT/$step.log"; failed=$((failed + 1)); }
