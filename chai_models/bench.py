@@ -17,6 +17,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -409,13 +410,15 @@ def _warm_up(argv, a, device, dtype, env) -> None:
             if len(running) < a.warm_jobs and sum(need[r] for r in running) + need[c] <= budget:
                 cmd = [sys.executable, "-m", "chai_models.bench", *argv, "--backend", c[0], "--chai", c[1],
                        "--batch", str(c[2]), "--context", str(c[3]), "--mode", "compiled", "--warm-child"]
-                running[c] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                              env=env)
+                log = tempfile.TemporaryFile("w+")  # a file, not a pipe: a chatty compile cannot block on it
+                running[c] = (subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, text=True, env=env), log)
                 pending.remove(c)
         time.sleep(0.2)
-        for c, proc in list(running.items()):
+        for c, (proc, log) in list(running.items()):
             if proc.poll() is not None:
-                err = proc.stderr.read()
+                log.seek(0)
+                err = log.read()
+                log.close()
                 if proc.returncode != 0:
                     last = err.strip().splitlines()[-1:] or [""]
                     print(f"# warm-up of {c[0]} {c[1]} B={c[2]} T={c[3]} failed (exit status {proc.returncode}): "
