@@ -690,9 +690,46 @@ def test_model_backends_agree(name, monkeypatch):
             "window_attention": 0 if extra.get("prompt") else n_chai,
             "membership_kernel": n_chai}
     assert {op: calls.get(op, 0) for op in want} == want
-    if extra.get("gemv"):  # per decode step and layer: Q/K/V, wo, gate/up, down
-        assert len(count_gemv) == 4 * 3 * steps
+    if extra.get("gemv"):  # per decode step and layer: Q/K/V, wo, gate/up, down; and at batch 1 with window
+        # membership, each clustered layer's one prompt row past the window (its representatives' Q/K rows)
+        past_window = n_chai if batch == 1 and spec != "dense" and not extra.get("prompt") else 0
+        assert len(count_gemv) == 4 * 3 * steps + past_window
     assert rel_err(fast, ref) < TOL
+
+
+@needs_kernels
+@pytest.mark.parametrize("family,n_kv_heads", [("llama", 4), ("llama", 2), ("opt", None)])
+def test_chai_prefill_rows_past_the_window(family, n_kv_heads, monkeypatch):
+    """At batch 1 the triton backend projects a prompt's rows past CHAI's window with the representatives' Q rows and
+    the slots' K rows only (FastChaiAttention.attend_projected): the same logits as the plain path, which projects
+    every head, for chunks that end inside the window, cross it, and start past it."""
+    model = tiny_model(family, n_kv_heads, "4,1,3", 64)
+    W = model.chai_config.window
+    bounds = [0, W - 2, W + 3, W + 8]  # inside the window; 2 window rows and 3 past it; 5 rows past it
+    tokens = torch.randint(0, 96, (1, W + 10), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    seen = []
+    real = fast_attention.FastChaiAttention.prefill_window_rows
+
+    def spy(self, *args):
+        seen.append(real(self, *args))
+        return seen[-1]
+
+    monkeypatch.setattr(fast_attention.FastChaiAttention, "prefill_window_rows", spy)
+
+    def logits(backend):
+        set_backend(model, backend)
+        model.setup_caches(1, 64)
+        chai.reset(model)
+        with torch.no_grad():
+            out = [model(tokens[:, a:b], torch.arange(a, b, device=DEVICE)) for a, b in zip(bounds, bounds[1:])]
+            out += [model(tokens[:, p:p + 1], torch.tensor([p], device=DEVICE)) for p in range(bounds[-1], W + 10)]
+        return torch.cat(out, 1)
+
+    ref = logits("torch")
+    fast = logits("triton")
+    assert rel_err(fast, ref) < TOL
+    # the two clustered layers (1 and 3 clusters) in each call: the first chunk and the decode tokens project whole
+    assert seen == [None, None, 2, 2, 0, 0] + [None, None] * 2
 
 
 @needs_kernels

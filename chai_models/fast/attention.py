@@ -2,7 +2,8 @@
 before a model's attention class (fast/__init__.py).
 
 Both mixins add `attend_unrotated(q, k, v, rope, input_pos, mask)`: attention from projections made before RoPE, so
-that a decode token's RoPE, its cache writes and its attention are one launch. Everything that is not a decode token
+that a decode token's RoPE, its cache writes and its attention are one launch; and `attend_projected`, which the
+blocks call with their projection, so that a CHAI layer chooses which Q/K rows each part of a call projects. Everything that is not a decode token
 on a device the kernels serve goes through the plain `attend` (prefill runs SDPA, as the plain path does).
 
 Which kernel serves a decode token, from the measurements in docs/performance.md: with every row at one position
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ..chai.attention import ChaiAttention, batched_index
+from ..chai.attention import ChaiAttention, batched_index, clustered_attention
 from ..models.llama import apply_rope
 from ..models.shared import attention
 from .kernels import available
@@ -31,6 +32,11 @@ CLUSTERED_DECODE_MAX_POSITIONS = 16384  # CHAI layers: the decode kernel up to B
 def rotate(q, k, rope):
     # RoPE on q [B, H, S, D] and k [B, n, S, D]; rope None: the family has none (OPT)
     return (q, k) if rope is None else (apply_rope(q, *rope), apply_rope(k, *rope))
+
+
+def rope_rows(rope, lo: int, hi: int):
+    # the RoPE (cos, sin) [S, D] of a chunk's rows lo..hi-1; None (no RoPE) stays None
+    return None if rope is None else tuple(t[lo:hi] for t in rope)
 
 
 def rope_row(rope):
@@ -70,6 +76,12 @@ class FastAttention:
     def qk_weights(self, n_tokens: int, input_pos):
         return self.wq, self.wk
 
+    def attend_projected(self, project, x, rope, input_pos, mask):
+        """x [B, S, hidden] -> [B, H, S, D]; project(rows, wq, wk) -> the rows' q, k, v before RoPE, projected by wq
+        and wk (the modules, or a CHAI layer's representatives' rows: FastChaiAttention)."""
+        wq, wk = self.qk_weights(x.shape[0] * x.shape[1], input_pos)
+        return self.attend_unrotated(*project(x, wq, wk), rope, input_pos, mask)
+
 
 def cluster_lists(head_to_cluster: torch.Tensor, n_clusters: int):
     """head_to_cluster [B, H] -> (members [B, H], cluster_start [B, C+1]), the decode kernel's layout.
@@ -96,8 +108,8 @@ def gather_rows(weight: torch.Tensor, bias, heads: torch.Tensor, head_dim: int, 
 
 class FastChaiAttention(ChaiAttention):
     """A CHAI layer through the kernels: the window rows and the membership step in one launch each per prefill, a
-    decode token in one launch (or two and cuBLAS for long caches), and at batch 1 a decode token projects only its
-    representatives' Q and K rows (qk_weights)."""
+    decode token in one launch (or two and cuBLAS for long caches), and at batch 1 a decode token, and a prompt's rows
+    past the window, project only the representatives' Q rows and the slots' K rows (qk_weights, attend_projected)."""
 
     sequence_state = ChaiAttention.sequence_state + ("members", "cluster_start")
 
@@ -157,6 +169,48 @@ class FastChaiAttention(ChaiAttention):
         if self.rows is not None and self.ready and n_tokens == 1 and input_pos is not None:
             return self.rows
         return self.wq, self.wk
+
+    def prefill_window_rows(self, S: int, input_pos, mask):
+        """For a batch-1 prompt chunk that reaches past the window: how many of its first rows lie inside the window
+        (they project whole Q and K and decide the membership); the rows after them project only the representatives'
+        Q rows and the slots' K rows (self.rows). None: the chunk projects whole (no row buffers, membership from the
+        prompt, a chunk inside the window, one token)."""
+        if self.rows is None or self.decides_on != "window" or input_pos is None or input_pos.dim() != 1 or S < 2:
+            return None
+        start = mask.shape[-1] - S  # the chunk's keys are 0..start+S-1
+        if start + S <= self.window:
+            return None
+        if start >= self.window:
+            return 0 if self.ready else None  # not ready: attend names the missing window
+        return self.window - start
+
+    def attend_projected(self, project, x, rope, input_pos, mask):
+        """A batch-1 prompt chunk past the window projects its later rows with the representatives' Q rows and the
+        slots' K rows: member heads need neither (6% of a 2048-token 7B prefill's FLOPs, docs/performance.md,
+        "Open gaps"). The attention is ChaiAttention.attend's: window rows dense, then one causal pass over the chunk
+        with each cluster's probabilities, the window rows' output replaced by their dense one."""
+        B, S = x.shape[:2]
+        n_w = self.prefill_window_rows(S, input_pos, mask)
+        if n_w is None or B != 1:  # every head projected (or a decode token's rows, qk_weights)
+            return FastAttention.attend_projected(self, project, x, rope, input_pos, mask)
+        n = mask.shape[-1]
+        q_rep, k_slots, v = [], [], []
+        if n_w:  # the window rows: dense attention over the window, then the membership (and self.rows re-gathered)
+            q, k, v_w = project(x[:, :n_w], self.wq, self.wk)  # [1, H, n_w, D], [1, Hkv, n_w, D] x2
+            q, k = rotate(q, k, rope_rows(rope, 0, n_w))
+            y_w = self.attend(q, k, v_w, input_pos[:n_w], mask[:n_w, :n - S + n_w])  # [1, H, n_w, D]
+            q_rep.append(batched_index(q, self.rep_idx[:1]))  # [1, C, n_w, D]
+            k_slots.append(batched_index(k, self.kv_of_slot[:1]))  # [1, n_slots, n_w, D]
+            v.append(v_w)
+        q, k, v_r = project(x[:, n_w:], *self.rows)  # [1, C, S-n_w, D], [1, n_slots, S-n_w, D], [1, Hkv, S-n_w, D]
+        q, k = rotate(q, k, rope_rows(rope, n_w, S))
+        q_rep, k_slots, v = (torch.cat(parts + [t], dim=2) for parts, t in ((q_rep, q), (k_slots, k), (v, v_r)))
+        k_all, v_all = self.kv_cache.update(input_pos, k_slots, v)  # [1, n_slots, T, D], [1, Hkv, T, D]
+        y = clustered_attention(q_rep, k_all[:, :, :n], v_all[:, :, :n], self.head_to_cluster[:1],
+                                self.slot_of_rep_or_none(1), None, self.scale)  # [1, H, S, D]
+        if n_w:
+            y[:, :, :n_w] = y_w
+        return y
 
     def attend_unrotated(self, q, k, v, rope, input_pos, mask):
         # q [B, H, S, D], k [B, Hkv, S, D], v [B, Hkv, S, D]; a decode token at batch 1 with rows: q [1, C, 1, D] and

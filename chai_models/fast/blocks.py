@@ -79,11 +79,13 @@ class FastLlamaBlock:
             return super().forward(x, rope, input_pos, mask)
         attn, mlp = self.attention, self.feed_forward
         B, S, _ = x.shape
-        wq, wk = attn.qk_weights(B * S, input_pos)  # a CHAI decode token at batch 1: its representatives' rows
-        qkv = group_weights(self, "qkv") if wq is attn.wq else None
-        q, k, v = linear(x, (wq, wk, attn.wv), norm=self.attention_norm, packed=qkv)  # [B, S, n*D] each
-        q, k, v = (t.view(B, S, -1, attn.head_dim).transpose(1, 2) for t in (q, k, v))  # [B, n, S, D]
-        y = attn.attend_unrotated(q, k, v, rope, input_pos, mask)  # [B, H, S, D]
+
+        def project(rows, wq, wk):  # wq, wk: the modules, or a CHAI layer's representatives' rows (fewer heads)
+            qkv = group_weights(self, "qkv") if wq is attn.wq else None
+            q, k, v = linear(rows, (wq, wk, attn.wv), norm=self.attention_norm, packed=qkv)  # [B, s, n*D] each
+            return tuple(t.view(B, rows.shape[1], -1, attn.head_dim).transpose(1, 2) for t in (q, k, v))  # [B, n, s, D]
+
+        y = attn.attend_projected(project, x, rope, input_pos, mask)  # [B, H, S, D]
         x = add_linear(x, attn.wo, y.transpose(1, 2).reshape(B, S, -1))  # x + wo(y)
         h = linear(x, (mlp.w1, mlp.w3), norm=self.ffn_norm, swiglu=True,
                    packed=group_weights(self, "gate_up"))  # silu(w1 norm(x)) * w3 norm(x)
@@ -93,11 +95,13 @@ class FastLlamaBlock:
 class FastOPTAttention:
     def forward(self, x, rope=None, input_pos=None, mask=None):
         B, S, _ = x.shape
-        wq, wk = self.qk_weights(B * S, input_pos)  # a CHAI decode token at batch 1: its representatives' rows
-        q, k, v = linear(x, (wq, wk, self.wv))  # [B, S, n*D] each
-        q = q * self.q_scale  # as OPT's project: q scaled after its projection; OPT has no RoPE
-        q, k, v = (t.view(B, S, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))  # [B, n, S, D]
-        y = self.attend_unrotated(q, k, v, None, input_pos, mask)  # [B, H, S, D]
+
+        def project(rows, wq, wk):  # wq, wk: the modules, or a CHAI layer's representatives' rows (fewer heads)
+            q, k, v = linear(rows, (wq, wk, self.wv))  # [B, s, n*D] each
+            q = q * self.q_scale  # as OPT's project: q scaled after its projection; OPT has no RoPE
+            return tuple(t.view(B, rows.shape[1], -1, self.head_dim).transpose(1, 2) for t in (q, k, v))  # [B, n, s, D]
+
+        y = self.attend_projected(project, x, None, input_pos, mask)  # [B, H, S, D]
         return self.wo(y.transpose(1, 2).reshape(B, S, -1))
 
 
@@ -111,12 +115,14 @@ class FastOPTBlock:
             return super().forward(x, rope, input_pos, mask)
         attn, mlp = self.attention, self.feed_forward
         B, S, _ = x.shape
-        wq, wk = attn.qk_weights(B * S, input_pos)
-        qkv = group_weights(self, "qkv") if wq is attn.wq else None
-        q, k, v = linear(x, (wq, wk, attn.wv), norm=self.attention_norm, packed=qkv)  # [B, S, n*D] each
-        q = q * attn.q_scale
-        q, k, v = (t.view(B, S, -1, attn.head_dim).transpose(1, 2) for t in (q, k, v))  # [B, n, S, D]
-        y = attn.attend_unrotated(q, k, v, None, input_pos, mask)  # [B, H, S, D]
+
+        def project(rows, wq, wk):  # as LLaMA's block, with OPT's q scaling
+            qkv = group_weights(self, "qkv") if wq is attn.wq else None
+            q, k, v = linear(rows, (wq, wk, attn.wv), norm=self.attention_norm, packed=qkv)  # [B, s, n*D] each
+            q = q * attn.q_scale
+            return tuple(t.view(B, rows.shape[1], -1, attn.head_dim).transpose(1, 2) for t in (q, k, v))  # [B, n, s, D]
+
+        y = attn.attend_projected(project, x, None, input_pos, mask)  # [B, H, S, D]
         x = add_linear(x, attn.wo, y.transpose(1, 2).reshape(B, S, -1))  # x + wo(y)
         h = linear(x, (mlp.fc1,), norm=self.ffn_norm, relu=True)  # relu(fc1 norm(x))
         return add_linear(x, mlp.fc2, h)
