@@ -89,6 +89,11 @@ def random_model(shape: str, device, dtype, tp=None) -> torch.nn.Module:
     return model.eval()
 
 
+def chai_config(model, spec: str) -> ChaiConfig | None:
+    """A --chai spec for this model: None for 'dense'."""
+    return None if spec == "dense" else ChaiConfig.from_spec(spec, model.config.n_layers, model.config.n_heads)
+
+
 def weight_bytes(model) -> int:
     """Bytes of weights a decode step reads: all parameters but the embedding table (only B rows of it are
     read), unless the table is also the (tied) output projection."""
@@ -571,10 +576,8 @@ def _main(argv=None) -> int:
         return _process_per_config(argv, a, device, dtype)
     model = random_model(a.shape, device, dtype, tp)
     if a.warm_child:  # a --warm-jobs process: one configuration, one cell; its compiled step stays in the caches
-        spec = a.chai[0]
         set_backend(model, a.backend[0])
-        set_chai(model, None if spec == "dense" else
-                 ChaiConfig.from_spec(spec, model.config.n_layers, model.config.n_heads))
+        set_chai(model, chai_config(model, a.chai[0]))
         try:
             bench_decode(model, a.batch[0], a.context[0], compiled=True, steps=2, repeats=1)
         except torch.OutOfMemoryError:
@@ -595,7 +598,7 @@ def _main(argv=None) -> int:
     print(hdr)
     dense_ref = {} if a.child is None else {tuple(json.loads(k)): r for k, r in json.loads(a.child).items()}
     for backend, spec in ((b, s) for b in a.backend for s in a.chai):
-        cfg = None if spec == "dense" else ChaiConfig.from_spec(spec, model.config.n_layers, model.config.n_heads)
+        cfg = chai_config(model, spec)
         backend = set_backend(model, backend)
         set_chai(model, cfg)
         name = f"{backend} {spec}"

@@ -310,8 +310,14 @@ class ChaiAttention:
         B = q.shape[0]
         q_rep = batched_index(q, self.rep_idx[:B])  # [B, C, S, D]
         k_slots = batched_index(k, self.kv_of_slot[:B])  # [B, n_slots, S, D]
+        return self.attend_representatives(q_rep, k_slots, v, input_pos, mask)
+
+    def attend_representatives(self, q_rep, k_slots, v, input_pos, mask):
+        """q_rep [B, C, S, D], k_slots [B, n_slots, S, D], v [B, Hkv, S, D] -> [B, H, S, D]: the slots' K and all V
+        into the cache, then attention with each cluster's probabilities."""
+        B = q_rep.shape[0]
         k_all, v_all = self.kv_cache.update(input_pos, k_slots, v)  # [B, n_slots, T, D], [B, Hkv, T, D]
-        if q.shape[2] > 1:  # a prefill chunk reads keys 0..start+S-1, causally
+        if q_rep.shape[2] > 1:  # a prefill chunk reads keys 0..start+S-1, causally
             n = mask.shape[-1]
             k_all, v_all, mask = k_all[:, :, :n], v_all[:, :, :n], None
         return clustered_attention(q_rep, k_all, v_all, self.head_to_cluster[:B], self.slot_of_rep_or_none(B), mask,

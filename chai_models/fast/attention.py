@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ..chai.attention import ChaiAttention, batched_index, clustered_attention
+from ..chai.attention import ChaiAttention, batched_index
 from ..models.llama import apply_rope
 from ..models.shared import attention
 from .kernels import available
@@ -193,21 +193,19 @@ class FastChaiAttention(ChaiAttention):
         n_w = self.prefill_window_rows(S, input_pos, mask)
         if n_w is None or B != 1:  # every head projected (or a decode token's rows, qk_weights)
             return FastAttention.attend_projected(self, project, x, rope, input_pos, mask)
-        n = mask.shape[-1]
+        start = mask.shape[-1] - S  # the chunk's keys are 0..start+S-1
         q_rep, k_slots, v = [], [], []
         if n_w:  # the window rows: dense attention over the window, then the membership (and self.rows re-gathered)
             q, k, v_w = project(x[:, :n_w], self.wq, self.wk)  # [1, H, n_w, D], [1, Hkv, n_w, D] x2
             q, k = rotate(q, k, rope_rows(rope, 0, n_w))
-            y_w = self.attend(q, k, v_w, input_pos[:n_w], mask[:n_w, :n - S + n_w])  # [1, H, n_w, D]
+            y_w = self.attend(q, k, v_w, input_pos[:n_w], mask[:n_w, :start + n_w])  # [1, H, n_w, D]
             q_rep.append(batched_index(q, self.rep_idx[:1]))  # [1, C, n_w, D]
             k_slots.append(batched_index(k, self.kv_of_slot[:1]))  # [1, n_slots, n_w, D]
             v.append(v_w)
         q, k, v_r = project(x[:, n_w:], *self.rows)  # [1, C, S-n_w, D], [1, n_slots, S-n_w, D], [1, Hkv, S-n_w, D]
         q, k = rotate(q, k, rope_rows(rope, n_w, S))
         q_rep, k_slots, v = (torch.cat(parts + [t], dim=2) for parts, t in ((q_rep, q), (k_slots, k), (v, v_r)))
-        k_all, v_all = self.kv_cache.update(input_pos, k_slots, v)  # [1, n_slots, T, D], [1, Hkv, T, D]
-        y = clustered_attention(q_rep, k_all[:, :, :n], v_all[:, :, :n], self.head_to_cluster[:1],
-                                self.slot_of_rep_or_none(1), None, self.scale)  # [1, H, S, D]
+        y = self.attend_representatives(q_rep, k_slots, v, input_pos, mask)  # [1, H, S, D]
         if n_w:
             y[:, :, :n_w] = y_w
         return y
