@@ -1,6 +1,5 @@
-"""Projections of a few rows (decode tokens) with the norm before them (LLaMA's RMSNorm, OPT's LayerNorm) and SwiGLU,
-ReLU or the residual add after them folded in, and `linear`, which uses them inside torch.compile: a one-row GEMV for
-batch 1, a small-M GEMM for 2..32 rows (batched decode)."""
+"""One-row GEMV with the norm before it (LLaMA's RMSNorm, OPT's LayerNorm) and SwiGLU, ReLU or the residual add
+after it folded in, and `linear`, which uses it for a decode token at batch 1 inside torch.compile."""
 from __future__ import annotations
 
 import torch
@@ -113,111 +112,6 @@ if triton is not None:
         tl.store(out_ptr + out0 + rows, y.to(odt), mask=r_ok)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Small-M GEMM: Y = X W^T for 2..MAX_ROWS rows (batched decode), with the one-row GEMV's fusions.
-#
-# At 8 rows cuBLAS reads LLaMA-2-7B's weights at 2.4-4.0 TB/s (wo and down the slowest); this kernel reads them at
-# 2.9-4.2 TB/s (docs/performance.md, "small-M GEMM"). Each program owns BLOCK_N weight rows and walks all of K: a
-# tile of W [BLOCK_N, BLOCK_K] times the rows' tile of x, transposed [BLOCK_K, BLOCK_M], on the tensor cores (the
-# rows padded to BLOCK_M >= 16, masked), so every weight byte is read once and the accumulator stays [BLOCK_N,
-# BLOCK_M]. No split over K: the epilogue (SwiGLU, ReLU) needs whole sums. The norm's per-row statistics come
-# from a first pass over x (M x K, from L2).
-
-if triton is not None:
-
-    @triton.jit
-    def _rows_kernel(x_ptr, g_ptr, gb_ptr, w0_ptr, w1_ptr, w2_ptr, b0_ptr, b1_ptr, b2_ptr, res_ptr, out_ptr, M, N0,
-                     N1, N2, eps, K: tl.constexpr, NORM: tl.constexpr, LAYER_NORM: tl.constexpr, SWIGLU: tl.constexpr,
-                     RELU: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, IEEE: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAT_K: tl.constexpr,
-                     PDL: tl.constexpr):
-        # programs 0..nb0-1 take weight 0, then weight 1, then weight 2; output columns concatenated in that order
-        pid = tl.program_id(0)
-        nb0 = tl.cdiv(N0, BLOCK_N)
-        nb1 = tl.cdiv(N1, BLOCK_N)
-        if pid < nb0:
-            w_ptr, b_ptr, n_rows, row0, out0 = w0_ptr, b0_ptr, N0, pid * BLOCK_N, 0
-        elif pid < nb0 + nb1:
-            w_ptr, b_ptr, n_rows, row0, out0 = w1_ptr, b1_ptr, N1, (pid - nb0) * BLOCK_N, N0
-        else:
-            w_ptr, b_ptr, n_rows, row0, out0 = w2_ptr, b2_ptr, N2, (pid - nb0 - nb1) * BLOCK_N, N0 + N1
-        n_out = N0 + N1 + N2
-        rows = row0 + tl.arange(0, BLOCK_N)  # weight rows = output columns
-        r_ok = rows < n_rows
-        ms = tl.arange(0, BLOCK_M)  # the token rows
-        m_ok = ms < M
-        ks = tl.arange(0, BLOCK_K)
-        if PDL:
-            tl.extra.cuda.gdc_wait()  # x and the residual are the previous kernel's output
-            tl.extra.cuda.gdc_launch_dependents()
-        mean = tl.zeros([BLOCK_M], dtype=tl.float32)
-        inv_rms = tl.zeros([BLOCK_M], dtype=tl.float32)
-        ss = tl.arange(0, STAT_K)  # the statistics' tiles: [BLOCK_M, STAT_K] in registers
-        if NORM and LAYER_NORM:  # per row, one pass for both moments, shifted by the row's first element
-            shift = tl.load(x_ptr + ms * K, mask=m_ok, other=0.0).to(tl.float32)
-            sx = tl.zeros([BLOCK_M, STAT_K], dtype=tl.float32)
-            sq = tl.zeros([BLOCK_M, STAT_K], dtype=tl.float32)
-            for k0 in range(0, K, STAT_K):
-                ok = m_ok[:, None] & (k0 + ss[None, :] < K)
-                xk = tl.load(x_ptr + ms[:, None] * K + k0 + ss[None, :], mask=ok, other=0.0).to(tl.float32)
-                xk = tl.where(ok, xk - shift[:, None], 0.0)
-                sx += xk
-                sq += xk * xk
-            m = tl.sum(sx, 1) / K
-            mean = m + shift
-            inv_rms = 1.0 / tl.sqrt(tl.maximum(tl.sum(sq, 1) / K - m * m, 0.0) + eps)  # 1/std, biased variance
-        elif NORM:  # 1/rms per row
-            sq = tl.zeros([BLOCK_M, STAT_K], dtype=tl.float32)
-            for k0 in range(0, K, STAT_K):
-                ok = m_ok[:, None] & (k0 + ss[None, :] < K)
-                xk = tl.load(x_ptr + ms[:, None] * K + k0 + ss[None, :], mask=ok, other=0.0).to(tl.float32)
-                sq += xk * xk
-            inv_rms = 1.0 / tl.sqrt(tl.sum(sq, 1) / K + eps)
-        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-        acc_u = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-        w_ptrs = w_ptr + rows[:, None].to(tl.int64) * K + ks[None, :]  # [BLOCK_N, BLOCK_K]
-        u_ptrs = w1_ptr + rows[:, None].to(tl.int64) * K + ks[None, :]  # SWIGLU: the same rows of up
-        for k0 in range(0, K, BLOCK_K):
-            k_ok = k0 + ks < K
-            xt = tl.load(x_ptr + ms[None, :] * K + k0 + ks[:, None], mask=m_ok[None, :] & k_ok[:, None],
-                         other=0.0)  # [BLOCK_K, BLOCK_M]
-            if NORM and LAYER_NORM:  # as nn.LayerNorm: fp32, one rounding
-                gk = tl.load(g_ptr + k0 + ks, mask=k_ok, other=0.0).to(tl.float32)[:, None]
-                bk = tl.load(gb_ptr + k0 + ks, mask=k_ok, other=0.0).to(tl.float32)[:, None]
-                xt = ((xt.to(tl.float32) - mean[None, :]) * inv_rms[None, :] * gk + bk).to(xt.dtype)
-            elif NORM:  # weight * (x * inv_rms).to(dtype), rounded as llama.RMSNorm rounds it
-                gk = tl.load(g_ptr + k0 + ks, mask=k_ok, other=0.0).to(tl.float32)[:, None]
-                xt = (gk * (xt.to(tl.float32) * inv_rms[None, :]).to(xt.dtype).to(tl.float32)).to(xt.dtype)
-            w = tl.load(w_ptrs + k0, mask=r_ok[:, None] & k_ok[None, :], other=0.0)
-            if IEEE:  # fp32 weights: full-precision products, not TF32
-                acc = tl.dot(w, xt, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(w, xt, acc)
-            if SWIGLU:
-                u = tl.load(u_ptrs + k0, mask=r_ok[:, None] & k_ok[None, :], other=0.0)
-                if IEEE:
-                    acc_u = tl.dot(u, xt, acc_u, input_precision="ieee")
-                else:
-                    acc_u = tl.dot(u, xt, acc_u)
-        odt = out_ptr.dtype.element_ty
-        y = acc  # [BLOCK_N, BLOCK_M], fp32
-        if HAS_BIAS:
-            y += tl.load(b_ptr + rows, mask=r_ok, other=0.0).to(tl.float32)[:, None]
-        if SWIGLU:  # F.silu(gate x) * (up x), each product rounded to the output dtype as the torch path does
-            u = acc_u
-            if HAS_BIAS:
-                u += tl.load(b1_ptr + rows, mask=r_ok, other=0.0).to(tl.float32)[:, None]
-            g = y.to(odt).to(tl.float32)
-            y = (g / (1.0 + tl.exp(-g))).to(odt).to(tl.float32) * u.to(odt).to(tl.float32)
-        if RELU:
-            y = tl.maximum(y, 0.0)
-        ok = r_ok[:, None] & m_ok[None, :]
-        if HAS_RES:  # residual + (W x).to(dtype)
-            res = tl.load(res_ptr + ms[None, :] * n_out + rows[:, None], mask=ok, other=0.0)
-            y = res.to(tl.float32) + y.to(odt).to(tl.float32)
-        tl.store(out_ptr + ms[None, :] * n_out + out0 + rows[:, None], y.to(odt), mask=ok)
-
-
 def gemv_config(n_rows: int, K: int, swiglu: bool, layer_norm: bool = False) -> dict:
     """BLOCK_N, BLOCK_K, num_warps of _gemv_kernel for weights of n_rows (all segments) x K.
 
@@ -243,31 +137,8 @@ def gemv_config(n_rows: int, K: int, swiglu: bool, layer_norm: bool = False) -> 
     return dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
 
 
-MAX_ROWS = 32  # rows up to which `linear` takes the kernels inside torch.compile; more go to cuBLAS
-
-
-def rows_config(n_rows: int, K: int, M: int, swiglu: bool, itemsize: int) -> dict:
-    """BLOCK_M, BLOCK_N, BLOCK_K, STAT_K, num_warps, num_stages of _rows_kernel for M rows through weights of n_rows
-    x K: the winners of a sweep over LLaMA-2-7B's projections at M = 8 and 32 (docs/performance.md, "small-M GEMM").
-    Stages are cut to what fits in shared memory for wider dtypes (fp32)."""
-    bm = max(16, triton.next_power_of_2(M))
-    if swiglu:  # 32 gate rows and the 32 matching up rows per program: the bytes of the 64-row winner
-        bn, bk, stages = 32, 128, 3
-    elif K >= 8192:  # down
-        bn, bk, stages = (64, 256, 5) if bm <= 16 else (32, 256, 5)
-    elif n_rows <= 4096:  # wo
-        bn, bk, stages = 32, 512, 3
-    else:  # Q/K/V, the head
-        bn, bk, stages = 64, 128, 3
-    bk = min(bk, max(16, triton.next_power_of_2(K)))
-    stage_bytes = (bn * (2 if swiglu else 1) + bm) * bk * itemsize
-    stages = max(1, min(stages, (200 * 1024) // stage_bytes))
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAT_K=min(bk, 4096 // bm), num_warps=4, num_stages=stages)
-
-
 def gemv_launch(x, weights, biases, norm_weight, norm_bias, eps, residual, swiglu, relu):
     K = x.shape[-1]
-    M = x.numel() // K
     x = x.contiguous()
     ns = [w.shape[0] for w in weights]
     if swiglu:
@@ -277,18 +148,12 @@ def gemv_launch(x, weights, biases, norm_weight, norm_bias, eps, residual, swigl
     ws = list(weights) + [weights[0]] * (3 - len(weights))
     bs = list(biases) + [ws[0]] * (3 - len(biases))  # unused pointers where there is no bias
     ns = ns + [0] * (3 - len(ns))
-    args = (x, norm_weight if norm_weight is not None else x, norm_bias if norm_bias is not None else x, *ws, *bs,
-            residual.contiguous() if residual is not None else x, out)
-    flags = dict(K=K, NORM=norm_weight is not None, LAYER_NORM=norm_bias is not None, SWIGLU=swiglu, RELU=relu,
-                 HAS_BIAS=bool(biases), HAS_RES=residual is not None, **_pdl_kwargs(x.device))
-    if M == 1:
-        cfg = gemv_config(n_out, K, swiglu, norm_bias is not None)
-        grid = (sum(triton.cdiv(n, cfg["BLOCK_N"]) for n in ns),)
-        _gemv_kernel[grid](*args, ns[0], ns[1], ns[2], eps, **flags, **cfg)
-    else:
-        cfg = rows_config(n_out, K, M, swiglu, x.element_size())
-        grid = (sum(triton.cdiv(n, cfg["BLOCK_N"]) for n in ns),)
-        _rows_kernel[grid](*args, M, ns[0], ns[1], ns[2], eps, IEEE=x.dtype == torch.float32, **flags, **cfg)
+    cfg = gemv_config(n_out, K, swiglu, norm_bias is not None)
+    grid = (sum(triton.cdiv(n, cfg["BLOCK_N"]) for n in ns),)
+    _gemv_kernel[grid](x, norm_weight if norm_weight is not None else x, norm_bias if norm_bias is not None else x,
+                       *ws, *bs, residual.contiguous() if residual is not None else x, out, ns[0], ns[1], ns[2], eps,
+                       K=K, NORM=norm_weight is not None, LAYER_NORM=norm_bias is not None, SWIGLU=swiglu, RELU=relu,
+                       HAS_BIAS=bool(biases), HAS_RES=residual is not None, **cfg, **_pdl_kwargs(x.device))
     return out
 
 
@@ -296,8 +161,7 @@ def gemv_launch(x, weights, biases, norm_weight, norm_bias, eps, residual, swigl
 def gemv(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor], norm_weight: torch.Tensor | None,
          norm_bias: torch.Tensor | None, eps: float, residual: torch.Tensor | None, swiglu: bool,
          relu: bool) -> torch.Tensor:
-    """x [..., K] (1..MAX_ROWS rows in the leading dims) through up to three weights [N_i, K] -> [..., sum N_i]: one
-    row by the GEMV kernel, more by the small-M GEMM.
+    """One row x [..., K] (one element in the leading dims) through up to three weights [N_i, K] -> [..., sum N_i].
 
     biases: one per weight, or empty. norm_weight alone: RMSNorm x first (llama.RMSNorm, eps); with norm_bias:
     LayerNorm (nn.LayerNorm, eps). swiglu: two weights of one shape, out = silu(W0 x) * (W1 x) [..., N_0]. relu:
@@ -328,12 +192,11 @@ def norm_in_kernel(norm, K: int) -> bool:
 
 
 def gemv_applies(x: torch.Tensor, weights, biases=(), norm=None, residual=None, swiglu=False, relu=False) -> bool:
-    """Whether `linear` runs this call as one kernel launch (_gemv_kernel for one row, _rows_kernel for up to
-    MAX_ROWS): inside torch.compile (where CUDA graphs make its launch free; in eager decode cuBLAS's launches cost
-    less host time than a Triton launch)."""
+    """Whether `linear` runs this call as one _gemv_kernel launch: one row, inside torch.compile (where CUDA graphs
+    make its launch free; in eager decode cuBLAS's launches cost less host time than a Triton launch)."""
     if not torch.compiler.is_compiling():
         return False
-    if not available(x) or not 1 <= x.numel() // max(x.shape[-1], 1) <= MAX_ROWS or not 1 <= len(weights) <= 3:
+    if not available(x) or x.numel() != x.shape[-1] or not 1 <= len(weights) <= 3:
         return False
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, residual, *weights, *biases)):
         return False  # no backward
@@ -346,7 +209,7 @@ def gemv_applies(x: torch.Tensor, weights, biases=(), norm=None, residual=None, 
         return False
     if swiglu and (relu or len(weights) != 2 or weights[0].shape != weights[1].shape):
         return False
-    return residual is None or (residual.shape == (*x.shape[:-1], weights[0].shape[0]) and residual.dtype == dt)
+    return residual is None or (residual.numel() == weights[0].shape[0] and residual.dtype == dt)
 
 
 def linear(x: torch.Tensor, linears, norm=None, residual=None, swiglu=False, relu=False, packed=None):
@@ -356,8 +219,9 @@ def linear(x: torch.Tensor, linears, norm=None, residual=None, swiglu=False, rel
     module applied to x first; swiglu: out = silu(l0(x)) * l1(x); relu: out = relu(l(x)) for each linear; residual:
     out = residual + l0(x); packed: (weight, bias or None) holding the linears' weights (and biases) stacked in
     order, which the torch path multiplies by as one GEMM (fast.blocks.pack). Returns one tensor,
-    or with several linears and no swiglu a tuple, one per linear. Up to MAX_ROWS tokens on CUDA (decode) in a
-    compiled graph: one kernel launch (gemv_applies); otherwise the plain torch ops, which are also the reference.
+    or with several linears and no swiglu a tuple, one per linear. One token on CUDA (decode at batch 1) in a
+    compiled graph: one _gemv_kernel launch (gemv_applies); otherwise the plain torch ops, which are also the
+    reference.
     """
     if residual is not None and (swiglu or relu or len(linears) != 1):
         raise ValueError("linear: a residual goes with exactly one linear and no swiglu or relu")
