@@ -377,15 +377,22 @@ def tp_step_model(shape: str, world: int, B: int, T: int, dtype: torch.dtype, ba
 RESULT = "# dense timings: "
 
 
+def dense_kv_bytes(shape: str, B: int, T: int, dtype: torch.dtype) -> int:
+    """The dense KV cache of B sequences of T positions (CHAI's is smaller)."""
+    cfg = meta_model(shape).config
+    return 2 * cfg.n_layers * B * cfg.n_kv_heads * T * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
+
+
 def cell_bytes(shape: str, B: int, T: int, dtype: torch.dtype) -> int:
-    """Device memory a process timing one cell needs, estimated from the shape alone: weights and the dense KV cache
-    (CHAI's is smaller), plus a tenth and 2 GiB for activations, the prefill and the CUDA-graph pool."""
-    model = meta_model(shape)
-    es = torch.empty((), dtype=dtype).element_size()
-    cfg = model.config
-    weights = sum(p.numel() for p in model.parameters()) * es
-    kv = 2 * cfg.n_layers * B * cfg.n_kv_heads * T * cfg.head_dim * es
-    return int(1.1 * (weights + kv)) + 2 * 2**30
+    """Device memory a process timing one cell needs, estimated from the shape alone: weights and the dense KV cache,
+    plus a tenth and 2 GiB for activations, the prefill and the CUDA-graph pool."""
+    weights = sum(p.numel() for p in meta_model(shape).parameters()) * torch.empty((), dtype=dtype).element_size()
+    return int(1.1 * (weights + dense_kv_bytes(shape, B, T, dtype))) + 2 * 2**30
+
+
+def over_max_kv(a, B: int, T: int, dtype: torch.dtype) -> bool:
+    """Whether --max-kv-gb leaves the cell (B, T) out."""
+    return bool(a.max_kv_gb) and dense_kv_bytes(a.shape, B, T, dtype) > a.max_kv_gb * 1e9
 
 
 def _memory_budget(device) -> int:
@@ -401,7 +408,8 @@ def _warm_up(argv, a, device, dtype, env) -> None:
     7B step on an H200 (docs/performance.md, "Commands"). The warm-up processes print nothing; one that fails says
     so. Compiling in parallel lets coordinate-descent tuning time its candidates while another process uses the
     device; the tuned choices are cached and reused by the timed run."""
-    cells = [(b, s, B, T) for b in a.backend for s in a.chai for B in a.batch for T in a.context]
+    cells = [(b, s, B, T) for b in a.backend for s in a.chai for B in a.batch for T in a.context
+             if not over_max_kv(a, B, T, dtype)]
     budget = a.warm_gb * 2**30 if a.warm_gb else _memory_budget(device)
     need = {c: cell_bytes(a.shape, c[2], c[3], dtype) for c in cells}
     pending = sorted((c for c in cells if need[c] <= budget), key=lambda c: -need[c])
@@ -527,6 +535,9 @@ def _main(argv=None) -> int:
                                                              "the device's free memory; on CPU half the RAM)")
     p.add_argument("--warm-only", action="store_true",
                    help="with --warm-jobs: compile every step into the caches and time nothing (a later run times them)")
+    p.add_argument("--max-kv-gb", type=float, default=0, metavar="G",
+                   help="leave out the cells whose dense KV cache is over G GB (dense and CHAI alike, so every timed "
+                        "CHAI cell has its dense pair)")
     p.add_argument("--warm-child", action="store_true", help=argparse.SUPPRESS)  # internal: one step, compiled
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: the parent's dense timings (json)
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -608,6 +619,10 @@ def _main(argv=None) -> int:
         model.__dict__.pop("_compiled_decode", None)
         for B in a.batch:
             for T in a.context:
+                if over_max_kv(a, B, T, dtype):
+                    print(f"{name:<22}{B:>4}{T:>7}  left out: dense KV cache "
+                          f"{dense_kv_bytes(a.shape, B, T, dtype) / 1e9:.0f} GB > --max-kv-gb {a.max_kv_gb:g}")
+                    continue
                 for mode in a.mode:
                     try:
                         r = bench_decode(model, B, T, mode == "compiled", steps=a.steps)

@@ -70,3 +70,24 @@ def test_bench_warm_up_flags_need_their_setting(args, words):
     run = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "--shape", "tiny", "--device", "cpu",
                           *args], capture_output=True, text=True)
     assert run.returncode == 2 and all(w in run.stderr for w in words), run.stderr
+
+
+def test_bench_max_kv_gb_leaves_out_the_big_cells(tmp_path):
+    """--max-kv-gb: a cell whose dense KV cache is over the limit is left out, dense and CHAI alike, and the warm-up
+    does not compile it."""
+    import torch
+    from chai_models.bench import dense_kv_bytes
+    limit = (dense_kv_bytes("tiny", 1, 64, torch.float32) + 1) / 1e9  # T=64 fits, T=128 does not
+    base = [sys.executable, str(ROOT / "tools" / "bench.py"), "--shape", "tiny", "--device", "cpu", "--dtype",
+            "float32", "--steps", "2", "--context", "64", "128", "--max-kv-gb", repr(limit)]
+    run = subprocess.run([*base, "--chai", "dense", "2", "--processes", "one"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = {(line.split()[1], line.split()[3]): line for line in run.stdout.splitlines()
+            if line.startswith("torch ")}
+    for spec in ("dense", "2"):
+        assert "eager" in rows[(spec, "64")] and "left out: dense KV cache" in rows[(spec, "128")], rows
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    warm = subprocess.run([*base, "--chai", "dense", "--mode", "compiled", "--backend", "torch", "--processes",
+                           "per-config", "--warm-jobs", "1", "--warm-only"], capture_output=True, text=True, env=env)
+    assert warm.returncode == 0, warm.stderr[-2000:]
+    assert warm.stdout.startswith("# warm-up: 1 compiled steps"), warm.stdout
