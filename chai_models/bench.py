@@ -12,6 +12,7 @@ caches, activations, CUDA-graph pools; "-" on CPU).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -377,16 +378,23 @@ def tp_step_model(shape: str, world: int, B: int, T: int, dtype: torch.dtype, ba
 RESULT = "# dense timings: "
 
 
+@functools.lru_cache(maxsize=None)
+def _shape_sizes(shape: str) -> tuple[int, int]:
+    """(parameters, dense KV cache elements per sequence position) of a shape, from one meta model per shape."""
+    model = meta_model(shape)
+    cfg = model.config
+    return sum(p.numel() for p in model.parameters()), 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim
+
+
 def dense_kv_bytes(shape: str, B: int, T: int, dtype: torch.dtype) -> int:
     """The dense KV cache of B sequences of T positions (CHAI's is smaller)."""
-    cfg = meta_model(shape).config
-    return 2 * cfg.n_layers * B * cfg.n_kv_heads * T * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
+    return _shape_sizes(shape)[1] * B * T * torch.empty((), dtype=dtype).element_size()
 
 
 def cell_bytes(shape: str, B: int, T: int, dtype: torch.dtype) -> int:
     """Device memory a process timing one cell needs, estimated from the shape alone: weights and the dense KV cache,
     plus a tenth and 2 GiB for activations, the prefill and the CUDA-graph pool."""
-    weights = sum(p.numel() for p in meta_model(shape).parameters()) * torch.empty((), dtype=dtype).element_size()
+    weights = _shape_sizes(shape)[0] * torch.empty((), dtype=dtype).element_size()
     return int(1.1 * (weights + dense_kv_bytes(shape, B, T, dtype))) + 2 * 2**30
 
 
@@ -534,7 +542,8 @@ def _main(argv=None) -> int:
     p.add_argument("--warm-gb", type=float, default=0, help="memory budget of --warm-jobs in GiB (default: 90%% of "
                                                              "the device's free memory; on CPU half the RAM)")
     p.add_argument("--warm-only", action="store_true",
-                   help="with --warm-jobs: compile every step into the caches and time nothing (a later run times them)")
+                   help="with --warm-jobs: compile every step into the caches and time nothing (a later run times "
+                        "them)")
     p.add_argument("--max-kv-gb", type=float, default=0, metavar="G",
                    help="leave out the cells whose dense KV cache is over G GB (dense and CHAI alike, so every timed "
                         "CHAI cell has its dense pair)")

@@ -10,16 +10,17 @@
 #   opt    OPT-6.7B shape, dense, B=1 T=512                        (STEP_LIMIT, default 300 s)
 #   ttft   time to first token, 2048 tokens, dense vs CHAI         (STEP_LIMIT)
 #   grid   the speed grid: dense and CHAI llama-7b at B = 1, 8, 32 and T = 512, 2048, 8192 but B=32 T=8192 (its dense
-#          cache, 137 GB, does not fit one H200: cells over GRID_MAX_KV_GB, default 100, are left out, CHAI's too, so
-#          the timing phase fits one 10-minute call), one process per configuration, and gpt-fast beside them when PEERS
-#          names a folder holding ../shared/peers/gptfast_decode.py and gpt-fast's model.py as gf_model.py (never
-#          committed here). Compiling its 24 steps one after another takes ~16 minutes, so the step has two phases:
+#          cache, 137 GB, does not fit one H200: cells over GRID_MAX_KV_GB, default 100, are left out, CHAI's too),
+#          one process per configuration, and gpt-fast beside them when PEERS names a folder holding
+#          ../shared/peers/gptfast_decode.py and gpt-fast's model.py as gf_model.py (never committed here).
+#          Compiling its 24 steps one after another takes ~16 minutes, so the step has two phases:
 #          GRID_PHASE=compile compiles every step into the compile caches and times nothing (ours through
 #          bench --warm-only, GRID_JOBS processes at a time, default 3, within GRID_GB GiB, default 60; gpt-fast's
-#          cells in two streams beside them), GRID_PHASE=time times every cell, its first call loading the step
-#          from the caches; default both; each phase of ours under GRID_LIMIT seconds (default 570). GRID_SHAPE, GRID_CHAI, GRID_BATCH, GRID_CONTEXT and GRID_PEER_STREAMS
-#          change the grid. On a device whose calls end after 10 minutes: compile in one call and
-#          time in the next while the machine is still warm (the caches live on its disk).
+#          cells in two streams beside them; 424 s on an H200), GRID_PHASE=time times every cell, its first call
+#          loading the step from the caches; default both; each phase of ours under GRID_LIMIT seconds (default
+#          570). GRID_SHAPE, GRID_CHAI, GRID_BATCH, GRID_CONTEXT and GRID_PEER_STREAMS change the grid. On a device
+#          whose calls end after 10 minutes: compile in one call and time in the next while the machine is still
+#          warm (the caches live on its disk).
 # Each step runs under its own timeout, so a slow one cannot eat the others' time (on a device whose calls end
 # after 10 minutes, run one step per call). Logs go to ${OUT:-/tmp/chai-gpu}/<step>.log line by line as they
 # come (no buffering filter in the pipe), so a step cut short still leaves what it printed. Exit status: the

@@ -3,8 +3,9 @@ before a model's attention class (fast/__init__.py).
 
 Both mixins add `attend_unrotated(q, k, v, rope, input_pos, mask)`: attention from projections made before RoPE, so
 that a decode token's RoPE, its cache writes and its attention are one launch; and `attend_projected`, which the
-blocks call with their projection, so that a CHAI layer chooses which Q/K rows each part of a call projects. Everything that is not a decode token
-on a device the kernels serve goes through the plain `attend` (prefill runs SDPA, as the plain path does).
+blocks call with their projection, so that a CHAI layer chooses which Q/K rows each part of a call projects.
+Everything that is not a decode token on a device the kernels serve goes through the plain `attend` (prefill runs
+SDPA, as the plain path does).
 
 Which kernel serves a decode token, from the measurements in docs/performance.md: with every row at one position
 (generate, the bench), a rule on the cache's size (B x T positions): the split-T decode kernel while it beats cuDNN's
