@@ -451,18 +451,26 @@ def _warm_up(argv, a, device, dtype, env) -> None:
           f"a time; {then}", flush=True)
 
 
-def _process_per_config(argv, a, device, dtype) -> int:
-    """Each configuration (backend, CHAI spec) in its own process (dense first, as main ordered them), one table."""
+def _child_processes(argv, a, device, dtype) -> int:
+    """Each configuration (backend, CHAI spec) in its own process, dense first as main ordered them, or with
+    --processes per-cell each (configuration, B, T); one table."""
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     if a.warm_jobs and "compiled" in a.mode:
         _warm_up(argv, a, device, dtype, env)
     if a.warm_only:
         return 0
+    jobs = [((b, s), []) for b in a.backend for s in a.chai]
+    if a.processes == "per-cell":
+        jobs = [(c, ["--batch", str(B), "--context", str(T)]) for c, _ in jobs for B in a.batch for T in a.context]
     dense_ref, header_done = {}, False
-    for backend, spec in ((b, s) for b in a.backend for s in a.chai):
-        cmd = [sys.executable, "-m", "chai_models.bench", *argv, "--backend", backend, "--chai", spec, "--child",
-               json.dumps(dense_ref)]
+    for (backend, spec), cell in jobs:
+        name = f"{backend} {spec}"
+        if cell and over_max_kv(a, int(cell[1]), int(cell[3]), dtype):
+            print(left_out(name, a, int(cell[1]), int(cell[3]), dtype), flush=True)
+            continue
+        cmd = [sys.executable, "-m", "chai_models.bench", *argv, "--backend", backend, "--chai", spec, *cell,
+               "--child", json.dumps(dense_ref)]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
         for line in proc.stdout:
             if line.startswith(RESULT):
@@ -473,10 +481,16 @@ def _process_per_config(argv, a, device, dtype) -> int:
                 header_done |= line.startswith("config")
                 print(line, end="", flush=True)
         if proc.wait() != 0:
-            print(f"{backend + ' ' + spec:<22} failed (exit status {proc.returncode})", flush=True)
+            print(f"{name:<22}{' '.join(cell)} failed (exit status {proc.returncode})", flush=True)
     if a.hf:
         _print_hf(a, device, dtype)
     return 0
+
+
+def left_out(name: str, a, B: int, T: int, dtype: torch.dtype) -> str:
+    """The table's line for a cell that --max-kv-gb leaves out."""
+    return (f"{name:<22}{B:>4}{T:>7}  left out: dense KV cache {dense_kv_bytes(a.shape, B, T, dtype) / 1e9:.0f} GB > "
+            f"--max-kv-gb {a.max_kv_gb:g}")
 
 
 def _mb(n) -> str:
@@ -522,10 +536,12 @@ def _main(argv=None) -> int:
     p.add_argument("--calibrate", type=int, default=0, metavar="N",
                    help="instead: time the offline calibration on N random sequences of --calibrate-len tokens")
     p.add_argument("--calibrate-len", type=int, default=512)
-    p.add_argument("--processes", default="auto", choices=["auto", "one", "per-config"],
-                   help="time each configuration (dense, a CHAI spec) in its own process (per-config; auto: on CUDA) "
-                        "or all in this one (in one process a second compiled configuration can measure slower, "
-                        "whichever it is: docs/performance.md)")
+    p.add_argument("--processes", default="auto", choices=["auto", "one", "per-config", "per-cell"],
+                   help="time each configuration (dense, a CHAI spec) in its own process (per-config; auto: on CUDA), "
+                        "each (configuration, B, T) in its own (per-cell: a fresh process loads each compiled step in "
+                        "~5 s, where a later cell of a shared process took up to 30 s) or all in this one (in one "
+                        "process a second compiled configuration can measure slower, whichever it is: "
+                        "docs/performance.md)")
     p.add_argument("--tp-model", type=int, default=0, metavar="N",
                    help="instead: print the per-rank bytes and all-reduces of a decode step at tensor parallelism N "
                         "(from the shape alone; --copy-bw and --allreduce-us set the floor's constants)")
@@ -583,17 +599,22 @@ def _main(argv=None) -> int:
         if tp is not None:
             torch.distributed.destroy_process_group()
         return 0
-    per_config = a.processes == "per-config" or (a.processes == "auto" and device.type == "cuda" and tp is None)
-    if per_config and tp is not None:
-        p.error("--processes per-config cannot run under torchrun (each configuration runs in the ranks' processes)")
-    if a.warm_jobs and not per_config:
+    children = a.processes in ("per-config", "per-cell") or (a.processes == "auto" and device.type == "cuda"
+                                                               and tp is None)
+    if children and tp is not None:
+        p.error(f"--processes {a.processes} cannot run under torchrun (each configuration runs in the ranks' "
+                "processes)")
+    if a.warm_jobs and not children:
         p.error("--warm-jobs compiles in processes of their own: it needs one process per configuration "
-                "(--processes per-config, the default on CUDA)")
+                "(--processes per-config, the default on CUDA, or per-cell)")
+    if a.processes == "per-cell" and (a.ttft or a.capacity_gb or a.hf):
+        p.error("--processes per-cell times decode cells only: --ttft, --capacity-gb and --hf go with per-config or "
+                "one")
     if a.warm_only and not (a.warm_jobs and "compiled" in a.mode):
         p.error("--warm-only goes with --warm-jobs N and --mode compiled (it compiles the steps and times nothing)")
-    if (per_config and (len(a.chai) * len(a.backend) > 1 or a.warm_jobs) and a.child is None and not a.calibrate
-            and not a.warm_child):
-        return _process_per_config(argv, a, device, dtype)
+    several = len(a.chai) * len(a.backend) > 1 or (a.processes == "per-cell" and len(a.batch) * len(a.context) > 1)
+    if children and (several or a.warm_jobs) and a.child is None and not a.calibrate and not a.warm_child:
+        return _child_processes(argv, a, device, dtype)
     model = random_model(a.shape, device, dtype, tp)
     if a.warm_child:  # a --warm-jobs process: one configuration, one cell; its compiled step stays in the caches
         set_backend(model, a.backend[0])
@@ -629,8 +650,7 @@ def _main(argv=None) -> int:
         for B in a.batch:
             for T in a.context:
                 if over_max_kv(a, B, T, dtype):
-                    print(f"{name:<22}{B:>4}{T:>7}  left out: dense KV cache "
-                          f"{dense_kv_bytes(a.shape, B, T, dtype) / 1e9:.0f} GB > --max-kv-gb {a.max_kv_gb:g}")
+                    print(left_out(name, a, B, T, dtype))
                     continue
                 for mode in a.mode:
                     try:

@@ -33,6 +33,31 @@ def test_bench_table(processes, backends):
     assert sum("time to first token at 16" in line for line in lines) == 2 * len(backends)
 
 
+def test_bench_process_per_cell(tmp_path):
+    """--processes per-cell: each (configuration, B, T) in a process of its own, still one table; CHAI's rows get
+    their ratios from dense's processes; a cell that --max-kv-gb leaves out is not started, and says so."""
+    import torch
+    from chai_models.bench import dense_kv_bytes
+    limit = (dense_kv_bytes("tiny", 2, 32, torch.float32) + 1) / 1e9  # B=2 T=64 is over it, the rest fit
+    run = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "--shape", "tiny", "--device", "cpu",
+                          "--dtype", "float32", "--chai", "2", "dense", "--steps", "2", "--batch", "1", "2",
+                          "--context", "32", "64", "--backend", "torch", "--processes", "per-cell", "--max-kv-gb",
+                          repr(limit)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.splitlines()
+    assert sum(line.startswith("config") for line in lines) == 1, lines
+    rows = {tuple(line.split()[1:4]): line.split() for line in lines if line.startswith("torch ")}
+    cells = [("1", "32"), ("1", "64"), ("2", "32")]
+    assert set(rows) == {(spec, *c) for spec in ("dense", "2") for c in cells + [("2", "64")]}, lines
+    for spec in ("dense", "2"):
+        assert "left out: dense KV cache" in " ".join(rows[(spec, "2", "64")])
+        assert all(rows[(spec, *c)][4] == "eager" for c in cells)
+    assert all(rows[("2", *c)][-1].endswith("x") and rows[("2", *c)][-2].endswith("x") for c in cells)
+    bad = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "--shape", "tiny", "--device", "cpu",
+                          "--processes", "per-cell", "--ttft", "16"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--ttft" in bad.stderr and "per-cell" in bad.stderr, bad.stderr
+
+
 def test_bench_warm_up_compiles_first_then_times_from_the_compile_cache(tmp_path):
     """--warm-jobs: every (configuration, cell) step compiles in a process of its own before anything is timed, and
     the timed process then loads its graph from the compile cache on disk (a fresh cache here, so the hit is the

@@ -478,15 +478,16 @@ GEMV_SHAPES = {  # name: (rows per weight, K, norm, residual, activation, bias);
 }
 
 
+@pytest.mark.parametrize("tokens", [1, 8, 32])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape", list(GEMV_SHAPES))
-def test_gemv_matches_torch(shape, dtype, monkeypatch):
-    """kernels.linear's one-row GEMV (used inside torch.compile: forced here in eager) against its torch path: fp32
-    to rounding, bf16 to one rounding of the output."""
+def test_gemv_matches_torch(shape, dtype, tokens, monkeypatch):
+    """kernels.linear's one-row GEMV and small-M GEMM (used inside torch.compile: forced here in eager) against its
+    torch path: fp32 to rounding, bf16 to one rounding of the output."""
     rows, K, norm, residual, act, bias = GEMV_SHAPES[shape]
     swiglu, relu = act == "swiglu", act == "relu"
     gen = torch.Generator("cuda").manual_seed(0)
-    x = torch.randn(1, 1, K, device="cuda", generator=gen).to(dtype)
+    x = torch.randn(tokens, 1, K, device="cuda", generator=gen).to(dtype)
     linears = [(torch.randn(n, K, device="cuda", generator=gen).to(dtype) / K**0.5,
                 torch.randn(n, device="cuda", generator=gen).to(dtype) if bias else None) for n in rows]
     nrm = {"rms": lambda: RMSNorm(K, 1e-5), "layer": lambda: torch.nn.LayerNorm(K), None: lambda: None}[norm]()
@@ -497,7 +498,7 @@ def test_gemv_matches_torch(shape, dtype, monkeypatch):
             nrm.bias.data.normal_()
             x = x + 2.0  # a mean away from 0
     n_out = rows[0] if swiglu else sum(rows)
-    res = torch.randn(1, 1, n_out, device="cuda", generator=gen).to(dtype) if residual else None
+    res = torch.randn(tokens, 1, n_out, device="cuda", generator=gen).to(dtype) if residual else None
     args = dict(norm=nrm, residual=res, swiglu=swiglu, relu=relu)
     weights, biases = [w for w, _ in linears], [b for _, b in linears] if bias else []
     assert not gemv_applies(x, weights, biases, **args)  # eager: the torch path

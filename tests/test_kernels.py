@@ -389,7 +389,8 @@ def test_silu_mul(name, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------------
-# gemv.py: linear's one-row GEMV (inside torch.compile only; here torch.compiler.is_compiling is patched)
+# gemv.py: linear's one-row GEMV and small-M GEMM (inside torch.compile only; here torch.compiler.is_compiling is
+# patched)
 
 GEMV_CASES = {
     # name: (rows per weight, K, extra); BLOCK_K = 512 at K = 333..512: a partial tile; rows not a multiple of BLOCK_N
@@ -405,6 +406,8 @@ GEMV_CASES = {
     "opcheck": ((24, 8), 64, dict(norm=True, op="opcheck")),
     "opcheck_layer_norm_relu": ((24,), 64, dict(norm="layer", bias=True, relu=True, op="opcheck")),
     "grad": ((24,), 64, dict(op="grad")),  # a weight that needs a gradient: the torch path, and it flows
+    "max_rows_swiglu_norm": ((40, 40), 200, dict(norm=True, swiglu=True, rows=gemv.MAX_ROWS)),  # BLOCK_M = 32
+    "max_rows_layer_norm": ((40, 40, 40), 333, dict(norm="layer", bias=True, rows=gemv.MAX_ROWS)),
 }
 
 
@@ -416,13 +419,18 @@ def compiling(monkeypatch):
     return state
 
 
+# each case with one token (the GEMV kernel) and three (the small-M GEMM), or the token count the case names
+GEMV_TOKENS = [(name, n) for name, (_, _, extra) in GEMV_CASES.items() for n in ([extra["rows"]] if "rows" in extra
+                                                                                 else [1, 3])]
+
+
 @needs_kernels
-@ids(GEMV_CASES)
-def test_gemv(name, compiling):
+@pytest.mark.parametrize("name, n_tokens", GEMV_TOKENS, ids=[f"{name}-{n}" for name, n in GEMV_TOKENS])
+def test_gemv(name, n_tokens, compiling):
     rows, K, extra = GEMV_CASES[name]
     dt, op = extra.get("dtype", torch.float32), extra.get("op")
     gen = torch.Generator().manual_seed(0)
-    x = randn(gen, 1, 1, K).to(dt)
+    x = randn(gen, n_tokens, 1, K).to(dt)
     linears = [((randn(gen, n, K) / K**0.5).to(dt), randn(gen, n).to(dt) if extra.get("bias") else None)
                for n in rows]
     nrm = None
@@ -432,17 +440,24 @@ def test_gemv(name, compiling):
         if extra["norm"] == "layer":
             nrm.bias.data = randn(gen, K).to(dt)
             x = x + 3.0  # a mean far from 0: the kernel must subtract it
-    res = randn(gen, 1, 1, rows[0]).to(dt) if extra.get("residual") else None
+    res = randn(gen, n_tokens, 1, rows[0]).to(dt) if extra.get("residual") else None
     args = dict(norm=nrm, residual=res, swiglu=extra.get("swiglu", False), relu=extra.get("relu", False))
     weights = [w for w, _ in linears]
     biases = [b for _, b in linears] if extra.get("bias") else []
     assert gemv.gemv_applies(x, weights, biases, **args)
-    assert not gemv.gemv_applies(x.expand(2, 1, K), weights, biases, **args)  # two rows: the torch path
+    many = x[:1].expand(gemv.MAX_ROWS + 1, 1, K)
+    assert not gemv.gemv_applies(many, weights, biases, **{**args, "residual": None})  # too many rows: cuBLAS
     if op == "opcheck":
         compiling["on"] = False
         layer = isinstance(nrm, torch.nn.LayerNorm)
-        opcheck(torch.ops.chai_models.gemv.default, (x, weights, biases, nrm.weight, nrm.bias if layer else None,
-                                                     nrm.eps, res, args["swiglu"], args["relu"]))
+        norm_args = (nrm.weight, nrm.bias if layer else None, nrm.eps)
+        if n_tokens > 1:  # the norm is folded in for one row only: several rows come normalized
+            with pytest.raises(ValueError, match="normalize several rows first"):
+                gemv.gemv(x, weights, biases, *norm_args, res, args["swiglu"], args["relu"])
+            norm_args = (None, None, 0.0)
+        x_in = x if n_tokens == 1 else nrm(x).detach()
+        opcheck(torch.ops.chai_models.gemv.default, (x_in, weights, biases, *norm_args, res, args["swiglu"],
+                                                     args["relu"]))
         compiling["on"] = True
     if op == "grad":
         w = weights[0].clone().requires_grad_()
@@ -572,9 +587,10 @@ def test_window(name):
 MODEL_CASES = {
     # name: (family, n_kv_heads, CHAI spec or "dense", T, batch, extra); 4 heads of 16 in 3 layers. CHAI's prefill is
     # W + 1 tokens, so its last row is already clustered; each row of a batch has its own membership; spec "4,1,3":
-    # layer 0 dense, then one cluster and three (with 2 KV heads: K slots, then K whole). extra: gemv (batch 1: the
-    # projections through gemv's kernel, as inside torch.compile); long (both decode-position limits at 0: CHAI layers
-    # take clustered_probs + probs_times_v, dense layers rope_and_cache + SDPA)
+    # layer 0 dense, then one cluster and three (with 2 KV heads: K slots, then K whole). extra: gemv (the
+    # projections through gemv's kernels, as inside torch.compile: the GEMV at batch 1, else the small-M GEMM); long
+    # (both decode-position limits at 0: CHAI layers take clustered_probs + probs_times_v, dense layers
+    # rope_and_cache + SDPA)
     "llama_dense_gqa": ("llama", 2, "dense", 128, 2, {}),  # two splits, the second past pos
     "llama_chai_gqa": ("llama", 2, "4,1,3", 128, 2, {}),
     "llama_chai_mha_b1_gemv": ("llama", 4, "4,1,3", 64, 1, dict(gemv=True)),  # the representatives' Q/K rows
@@ -584,6 +600,8 @@ MODEL_CASES = {
     "llama_chai_mha_b1_long": ("llama", 4, "4,1,3", 64, 1, dict(long=True)),
     "opt_chai_b1": ("opt", None, "4,1,3", 64, 1, {}),
     "opt_chai_b1_gemv": ("opt", None, "4,1,3", 64, 1, dict(gemv=True)),  # LayerNorm and ReLU in the GEMV
+    "llama_chai_gqa_gemv": ("llama", 2, "4,1,3", 64, 2, dict(gemv=True)),  # batch 2: the small-M GEMM
+    "opt_dense_gemv": ("opt", None, "dense", 64, 2, dict(gemv=True)),
     # per_row: row 1's prompt length (row 0's is n0; generation.prefill's calls), then each row decodes at its own
     # position; 2 < W: row 1 finishes its window while decoding (those steps eager, through the window kernel)
     "llama_dense_per_row": ("llama", 2, "dense", 128, 2, dict(per_row=3)),
@@ -690,10 +708,11 @@ def test_model_backends_agree(name, monkeypatch):
             "window_attention": 0 if extra.get("prompt") else n_chai,
             "membership_kernel": n_chai}
     assert {op: calls.get(op, 0) for op in want} == want
-    if extra.get("gemv"):  # per decode step and layer: Q/K/V, wo, gate/up, down; and at batch 1 with window
-        # membership, each clustered layer's one prompt row past the window (its representatives' Q/K rows)
+    if extra.get("gemv"):  # per call (the prompt's n0 rows, then each decode step) and layer: Q/K/V, wo, gate/up,
+        # down; and at batch 1 with window membership, each clustered layer's prompt row past the window (its
+        # representatives' Q/K rows)
         past_window = n_chai if batch == 1 and spec != "dense" and not extra.get("prompt") else 0
-        assert len(count_gemv) == 4 * 3 * steps + past_window
+        assert len(count_gemv) == 4 * 3 * (steps + 1) + past_window
     assert rel_err(fast, ref) < TOL
 
 
@@ -893,6 +912,14 @@ def gemv_variant(norm, swiglu, bias, res, pdl, layer_norm=False, relu=False):
                  PDL=pdl, **cfg))
 
 
+def rows_variant(M, n_rows, K, swiglu, bias, res, fp32=False):
+    cfg = {n: v for n, v in gemv.rows_config(n_rows, K, M, swiglu, 4 if fp32 else 2).items()
+           if n not in ("num_warps", "num_stages")}
+    ptrs = {n: "*fp32" for n in gemv._rows_kernel.arg_names if n.endswith("_ptr")} if fp32 else {}
+    return (gemv, "_rows_kernel", ptrs, dict(K=K, SWIGLU=swiglu, RELU=False, HAS_BIAS=bias, HAS_RES=res, IEEE=fp32,
+                                             PDL=True, **cfg))
+
+
 def membership_variant(H, K, group, slots_are_reps, medoid):
     return (membership, "_membership_kernel",
             dict(feat_ptr="*fp32", **{n: "*i64" for n in ("rep_ptr", "h2c_ptr", "kv_of_slot_ptr", "slot_of_rep_ptr",
@@ -915,6 +942,10 @@ COMPILE_CASES = {
     "gemv_swiglu_norm_bias": gemv_variant(True, True, True, False, True),
     "gemv_bias_residual": gemv_variant(False, False, True, True, False),
     "gemv_layer_norm_relu_pdl": gemv_variant(True, False, True, False, True, layer_norm=True, relu=True),
+    "rows_qkv_m8": rows_variant(8, 3 * 4096, 4096, False, False, False),
+    "rows_swiglu_m32": rows_variant(32, 2 * 11008, 4096, True, False, False),
+    "rows_down_residual_bias_m8": rows_variant(8, 4096, 11008, False, True, True),
+    "rows_fp32_ieee": rows_variant(8, 4096, 4096, False, False, True, fp32=True),
     "silu_mul": (silu_mul, "_silu_mul_kernel", {}, dict(BLOCK=1024, PDL=True)),
     "membership_medoid_slots": membership_variant(32, 4, 1, True, True),
     "membership_first_gqa": membership_variant(32, 3, 4, True, False),

@@ -11,7 +11,7 @@
 #   ttft   time to first token, 2048 tokens, dense vs CHAI         (STEP_LIMIT)
 #   grid   the speed grid: dense and CHAI llama-7b at B = 1, 8, 32 and T = 512, 2048, 8192 but B=32 T=8192 (its dense
 #          cache, 137 GB, does not fit one H200: cells over GRID_MAX_KV_GB, default 100, are left out, CHAI's too),
-#          one process per configuration, and gpt-fast beside them when PEERS names a folder holding
+#          one process per cell (bench --processes per-cell), and gpt-fast beside them when PEERS names a folder holding
 #          ../shared/peers/gptfast_decode.py and gpt-fast's model.py as gf_model.py (never committed here).
 #          Compiling its 24 steps one after another takes ~16 minutes, so the step has two phases:
 #          GRID_PHASE=compile compiles every step into the compile caches and times nothing (ours through
@@ -52,7 +52,7 @@ for step in "${steps[@]}"; do
     ttft) run "$LIMIT" python tools/profile_prefill.py --shape llama-2-7b --chai llama-7b --tokens 2048 ;;
     grid) G="python tools/bench.py --shape ${GRID_SHAPE:-llama-2-7b} --steps 64 --mode compiled \
              --chai dense ${GRID_CHAI:-llama-7b} --backend triton --batch ${GRID_BATCH:-1 8 32} \
-             --context ${GRID_CONTEXT:-512 2048 8192} --max-kv-gb ${GRID_MAX_KV_GB:-100} --processes per-config"
+             --context ${GRID_CONTEXT:-512 2048 8192} --max-kv-gb ${GRID_MAX_KV_GB:-100} --processes per-cell"
           # gpt-fast's cells, BxT, in streams separated by ';' that compile side by side: two, so that its two
           # big cells (46 GB each) never overlap
           IFS=';' read -ra peer_cells <<< "${GRID_PEER_STREAMS:-1x512 1x2048 1x8192 8x512;8x2048 32x512 8x8192 32x2048}"

@@ -1,5 +1,7 @@
-"""One-row GEMV with the norm before it (LLaMA's RMSNorm, OPT's LayerNorm) and SwiGLU, ReLU or the residual add
-after it folded in, and `linear`, which uses it for a decode token at batch 1 inside torch.compile."""
+"""Projections of a few rows (decode tokens): a one-row GEMV with the norm before it (LLaMA's RMSNorm, OPT's
+LayerNorm) and SwiGLU, ReLU or the residual add after it folded in (batch 1); a small-M GEMM for 2..32 rows with the
+same epilogues, its norm left to inductor's kernel before it (batched decode); and `linear`, which uses them inside
+torch.compile."""
 from __future__ import annotations
 
 import torch
@@ -112,6 +114,81 @@ if triton is not None:
         tl.store(out_ptr + out0 + rows, y.to(odt), mask=r_ok)
 
 
+# ----------------------------------------------------------------------------------------------------
+# Small-M GEMM: Y = X W^T for 2..MAX_ROWS rows (batched decode), with the one-row GEMV's epilogues.
+#
+# At 8 rows cuBLAS reads LLaMA-2-7B's weights at 2.4-4.0 TB/s (wo and down the slowest); this kernel reads them at
+# 2.9-4.2 TB/s (docs/performance.md, "small-M GEMM"). Each program owns BLOCK_N weight rows and walks all of K: a
+# tile of W [BLOCK_N, BLOCK_K] times the rows' tile of x, transposed [BLOCK_K, BLOCK_M], on the tensor cores (the
+# rows padded to BLOCK_M >= 16, masked), so every weight byte is read once and the accumulator stays [BLOCK_N,
+# BLOCK_M]. No split over K: the epilogue (SwiGLU, ReLU) needs whole sums. The norm before it is not folded in
+# (`linear` applies it first): its per-row statistics would be a serial pass over x in every program, which cost
+# more than the separate norm kernel saves (docs/performance.md, "small-M GEMM").
+
+if triton is not None:
+
+    @triton.jit
+    def _rows_kernel(x_ptr, w0_ptr, w1_ptr, w2_ptr, b0_ptr, b1_ptr, b2_ptr, res_ptr, out_ptr, M, N0, N1, N2,
+                     K: tl.constexpr, SWIGLU: tl.constexpr, RELU: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     HAS_RES: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+        # programs 0..nb0-1 take weight 0, then weight 1, then weight 2; output columns concatenated in that order
+        pid = tl.program_id(0)
+        nb0 = tl.cdiv(N0, BLOCK_N)
+        nb1 = tl.cdiv(N1, BLOCK_N)
+        if pid < nb0:
+            w_ptr, b_ptr, n_rows, row0, out0 = w0_ptr, b0_ptr, N0, pid * BLOCK_N, 0
+        elif pid < nb0 + nb1:
+            w_ptr, b_ptr, n_rows, row0, out0 = w1_ptr, b1_ptr, N1, (pid - nb0) * BLOCK_N, N0
+        else:
+            w_ptr, b_ptr, n_rows, row0, out0 = w2_ptr, b2_ptr, N2, (pid - nb0 - nb1) * BLOCK_N, N0 + N1
+        n_out = N0 + N1 + N2
+        rows = row0 + tl.arange(0, BLOCK_N)  # weight rows = output columns
+        r_ok = rows < n_rows
+        ms = tl.arange(0, BLOCK_M)  # the token rows
+        m_ok = ms < M
+        ks = tl.arange(0, BLOCK_K)
+        if PDL:
+            tl.extra.cuda.gdc_wait()  # x and the residual are the previous kernel's output
+            tl.extra.cuda.gdc_launch_dependents()
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        w_ptrs = w_ptr + rows[:, None].to(tl.int64) * K + ks[None, :]  # [BLOCK_N, BLOCK_K]
+        u_ptrs = w1_ptr + rows[:, None].to(tl.int64) * K + ks[None, :]  # SWIGLU: the same rows of up
+        for k0 in range(0, K, BLOCK_K):
+            k_ok = k0 + ks < K
+            xt = tl.load(x_ptr + ms[None, :] * K + k0 + ks[:, None], mask=m_ok[None, :] & k_ok[:, None],
+                         other=0.0)  # [BLOCK_K, BLOCK_M]
+            w = tl.load(w_ptrs + k0, mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+            if IEEE:  # fp32 weights: full-precision products, not TF32
+                acc = tl.dot(w, xt, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(w, xt, acc)
+            if SWIGLU:
+                u = tl.load(u_ptrs + k0, mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+                if IEEE:
+                    acc_u = tl.dot(u, xt, acc_u, input_precision="ieee")
+                else:
+                    acc_u = tl.dot(u, xt, acc_u)
+        odt = out_ptr.dtype.element_ty
+        y = acc  # [BLOCK_N, BLOCK_M], fp32
+        if HAS_BIAS:
+            y += tl.load(b_ptr + rows, mask=r_ok, other=0.0).to(tl.float32)[:, None]
+        if SWIGLU:  # F.silu(gate x) * (up x), each product rounded to the output dtype as the torch path does
+            u = acc_u
+            if HAS_BIAS:
+                u += tl.load(b1_ptr + rows, mask=r_ok, other=0.0).to(tl.float32)[:, None]
+            g = y.to(odt).to(tl.float32)
+            y = (g / (1.0 + tl.exp(-g))).to(odt).to(tl.float32) * u.to(odt).to(tl.float32)
+        if RELU:
+            y = tl.maximum(y, 0.0)
+        ok = r_ok[:, None] & m_ok[None, :]
+        if HAS_RES:  # residual + (W x).to(dtype)
+            res = tl.load(res_ptr + ms[None, :] * n_out + rows[:, None], mask=ok, other=0.0)
+            y = res.to(tl.float32) + y.to(odt).to(tl.float32)
+        tl.store(out_ptr + ms[None, :] * n_out + out0 + rows[:, None], y.to(odt), mask=ok)
+
+
 def gemv_config(n_rows: int, K: int, swiglu: bool, layer_norm: bool = False) -> dict:
     """BLOCK_N, BLOCK_K, num_warps of _gemv_kernel for weights of n_rows (all segments) x K.
 
@@ -137,8 +214,31 @@ def gemv_config(n_rows: int, K: int, swiglu: bool, layer_norm: bool = False) -> 
     return dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
 
 
+MAX_ROWS = 32  # rows up to which `linear` takes the kernels inside torch.compile; more go to cuBLAS
+
+
+def rows_config(n_rows: int, K: int, M: int, swiglu: bool, itemsize: int) -> dict:
+    """BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages of _rows_kernel for M rows through weights of n_rows
+    x K: the winners of a sweep over LLaMA-2-7B's projections at M = 8 and 32 (docs/performance.md, "small-M GEMM").
+    Stages are cut to what fits in shared memory for wider dtypes (fp32)."""
+    bm = max(16, triton.next_power_of_2(M))
+    if swiglu:  # 32 gate rows and the 32 matching up rows per program: the bytes of the 64-row winner
+        bn, bk, stages = 32, 128, 3
+    elif K >= 8192:  # down
+        bn, bk, stages = (64, 256, 5) if bm <= 16 else (32, 256, 5)
+    elif n_rows <= 4096:  # wo
+        bn, bk, stages = 32, 512, 3
+    else:  # Q/K/V, the head
+        bn, bk, stages = 64, 128, 3
+    bk = min(bk, max(16, triton.next_power_of_2(K)))
+    stage_bytes = (bn * (2 if swiglu else 1) + bm) * bk * itemsize
+    stages = max(1, min(stages, (200 * 1024) // stage_bytes))
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=stages)
+
+
 def gemv_launch(x, weights, biases, norm_weight, norm_bias, eps, residual, swiglu, relu):
     K = x.shape[-1]
+    M = x.numel() // K
     x = x.contiguous()
     ns = [w.shape[0] for w in weights]
     if swiglu:
@@ -148,12 +248,23 @@ def gemv_launch(x, weights, biases, norm_weight, norm_bias, eps, residual, swigl
     ws = list(weights) + [weights[0]] * (3 - len(weights))
     bs = list(biases) + [ws[0]] * (3 - len(biases))  # unused pointers where there is no bias
     ns = ns + [0] * (3 - len(ns))
-    cfg = gemv_config(n_out, K, swiglu, norm_bias is not None)
-    grid = (sum(triton.cdiv(n, cfg["BLOCK_N"]) for n in ns),)
-    _gemv_kernel[grid](x, norm_weight if norm_weight is not None else x, norm_bias if norm_bias is not None else x,
-                       *ws, *bs, residual.contiguous() if residual is not None else x, out, ns[0], ns[1], ns[2], eps,
-                       K=K, NORM=norm_weight is not None, LAYER_NORM=norm_bias is not None, SWIGLU=swiglu, RELU=relu,
-                       HAS_BIAS=bool(biases), HAS_RES=residual is not None, **cfg, **_pdl_kwargs(x.device))
+    res = residual.contiguous() if residual is not None else x
+    if M == 1:
+        cfg = gemv_config(n_out, K, swiglu, norm_bias is not None)
+        grid = (sum(triton.cdiv(n, cfg["BLOCK_N"]) for n in ns),)
+        _gemv_kernel[grid](x, norm_weight if norm_weight is not None else x,
+                           norm_bias if norm_bias is not None else x, *ws, *bs, res, out, ns[0], ns[1], ns[2], eps,
+                           K=K, NORM=norm_weight is not None, LAYER_NORM=norm_bias is not None, SWIGLU=swiglu,
+                           RELU=relu, HAS_BIAS=bool(biases), HAS_RES=residual is not None, **cfg,
+                           **_pdl_kwargs(x.device))
+    else:
+        if norm_weight is not None:
+            raise ValueError("gemv: the norm is folded in for one row only; normalize several rows first")
+        cfg = rows_config(n_out, K, M, swiglu, x.element_size())
+        grid = (sum(triton.cdiv(n, cfg["BLOCK_N"]) for n in ns),)
+        _rows_kernel[grid](x, *ws, *bs, res, out, M, ns[0], ns[1], ns[2], K=K, SWIGLU=swiglu, RELU=relu,
+                           HAS_BIAS=bool(biases), HAS_RES=residual is not None, IEEE=x.dtype == torch.float32, **cfg,
+                           **_pdl_kwargs(x.device))
     return out
 
 
@@ -161,12 +272,13 @@ def gemv_launch(x, weights, biases, norm_weight, norm_bias, eps, residual, swigl
 def gemv(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor], norm_weight: torch.Tensor | None,
          norm_bias: torch.Tensor | None, eps: float, residual: torch.Tensor | None, swiglu: bool,
          relu: bool) -> torch.Tensor:
-    """One row x [..., K] (one element in the leading dims) through up to three weights [N_i, K] -> [..., sum N_i].
+    """x [..., K] (1..MAX_ROWS rows in the leading dims) through up to three weights [N_i, K] -> [..., sum N_i]: one
+    row by the GEMV kernel, more by the small-M GEMM.
 
     biases: one per weight, or empty. norm_weight alone: RMSNorm x first (llama.RMSNorm, eps); with norm_bias:
-    LayerNorm (nn.LayerNorm, eps). swiglu: two weights of one shape, out = silu(W0 x) * (W1 x) [..., N_0]. relu:
-    out = relu(W x + b). residual [..., N]: out = residual + W x. An opaque op, so torch.compile keeps it one
-    launch. The contract and the checks live in kernels.linear.
+    LayerNorm (nn.LayerNorm, eps); one row only. swiglu: two weights of one shape, out = silu(W0 x) * (W1 x)
+    [..., N_0]. relu: out = relu(W x + b). residual [..., N]: out = residual + W x. An opaque op, so torch.compile
+    keeps it one launch. The contract and the checks live in kernels.linear.
     """
     return gemv_launch(x, weights, biases, norm_weight, norm_bias, eps, residual, swiglu, relu)
 
@@ -192,11 +304,12 @@ def norm_in_kernel(norm, K: int) -> bool:
 
 
 def gemv_applies(x: torch.Tensor, weights, biases=(), norm=None, residual=None, swiglu=False, relu=False) -> bool:
-    """Whether `linear` runs this call as one _gemv_kernel launch: one row, inside torch.compile (where CUDA graphs
-    make its launch free; in eager decode cuBLAS's launches cost less host time than a Triton launch)."""
+    """Whether `linear` runs this call as one kernel launch (_gemv_kernel for one row, _rows_kernel for up to
+    MAX_ROWS): inside torch.compile (where CUDA graphs make its launch free; in eager decode cuBLAS's launches cost
+    less host time than a Triton launch)."""
     if not torch.compiler.is_compiling():
         return False
-    if not available(x) or x.numel() != x.shape[-1] or not 1 <= len(weights) <= 3:
+    if not available(x) or not 1 <= x.numel() // max(x.shape[-1], 1) <= MAX_ROWS or not 1 <= len(weights) <= 3:
         return False
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, residual, *weights, *biases)):
         return False  # no backward
@@ -209,7 +322,7 @@ def gemv_applies(x: torch.Tensor, weights, biases=(), norm=None, residual=None, 
         return False
     if swiglu and (relu or len(weights) != 2 or weights[0].shape != weights[1].shape):
         return False
-    return residual is None or (residual.numel() == weights[0].shape[0] and residual.dtype == dt)
+    return residual is None or (residual.shape == (*x.shape[:-1], weights[0].shape[0]) and residual.dtype == dt)
 
 
 def linear(x: torch.Tensor, linears, norm=None, residual=None, swiglu=False, relu=False, packed=None):
@@ -219,9 +332,9 @@ def linear(x: torch.Tensor, linears, norm=None, residual=None, swiglu=False, rel
     module applied to x first; swiglu: out = silu(l0(x)) * l1(x); relu: out = relu(l(x)) for each linear; residual:
     out = residual + l0(x); packed: (weight, bias or None) holding the linears' weights (and biases) stacked in
     order, which the torch path multiplies by as one GEMM (fast.blocks.pack). Returns one tensor,
-    or with several linears and no swiglu a tuple, one per linear. One token on CUDA (decode at batch 1) in a
-    compiled graph: one _gemv_kernel launch (gemv_applies); otherwise the plain torch ops, which are also the
-    reference.
+    or with several linears and no swiglu a tuple, one per linear. Up to MAX_ROWS tokens on CUDA (decode) in a
+    compiled graph: one kernel launch (gemv_applies), the norm folded in for one token and applied first for more;
+    otherwise the plain torch ops, which are also the reference.
     """
     if residual is not None and (swiglu or relu or len(linears) != 1):
         raise ValueError("linear: a residual goes with exactly one linear and no swiglu or relu")
@@ -231,6 +344,8 @@ def linear(x: torch.Tensor, linears, norm=None, residual=None, swiglu=False, rel
     weights = [w for w, _ in wb]
     biases = [b for _, b in wb] if any(b is not None for _, b in wb) else []
     if gemv_applies(x, weights, biases, norm, residual, swiglu, relu):
+        if norm is not None and x.numel() != x.shape[-1]:  # several rows: the norm is inductor's kernel, not folded in
+            x, norm = norm(x), None
         layer_norm = isinstance(norm, torch.nn.LayerNorm)
         out = gemv(x, weights, biases, norm.weight if norm is not None else None, norm.bias if layer_norm else None,
                    float(norm.eps) if norm is not None else 0.0, residual, swiglu, relu)
