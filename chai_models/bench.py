@@ -403,6 +403,16 @@ def over_max_kv(a, B: int, T: int, dtype: torch.dtype) -> bool:
     return bool(a.max_kv_gb) and dense_kv_bytes(a.shape, B, T, dtype) > a.max_kv_gb * 1e9
 
 
+def process_age() -> float | None:
+    """Seconds since this process started (imports included), from /proc; None where there is no /proc."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+
+
 def _memory_budget(device) -> int:
     if device.type == "cuda":
         return int(0.9 * torch.cuda.mem_get_info(device)[0])
@@ -675,7 +685,9 @@ def _main(argv=None) -> int:
                         t_ar = bench_allreduce(model, B, mode == "compiled", steps=a.steps)
                         line += f"{t_ar * 1000:>8.3f}{100 * t_ar / t:>6.1f}"
                     if mode == "compiled":
-                        line += f"   (first call {r['first_call_s']:.1f} s{', from the compile cache' * r['cached']})"
+                        age = process_age()
+                        line += (f"   (first call {r['first_call_s']:.1f} s{', from the compile cache' * r['cached']}"
+                                 + ("" if age is None else f"; {age:.0f} s into its process") + ")")
                     print(line, flush=True)
         if a.ttft:
             print(f"{name:<22} time to first token at {a.ttft}: {bench_prefill(model, a.ttft) * 1000:.1f} ms "

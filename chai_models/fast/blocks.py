@@ -1,17 +1,18 @@
 """The triton backend's blocks: the plain blocks' math with the projections fused with what surrounds them.
 
 LLaMA: RMSNorm + Q/K/V, the output projection + the residual add, RMSNorm + gate/up + SwiGLU, down + the residual add
-are one `linear` call each (one GEMV launch for a decode token at batch 1 inside torch.compile), and attention starts
-from the projections before RoPE (the decode kernel applies it). OPT's pre-LN block the same way: LayerNorm + Q/K/V,
-the output projection + the residual add, LayerNorm + fc1 + ReLU, fc2 + the residual add; its attention alone
-(post-LN OPT-350m) starts from its own projections (it has no RoPE), so the decode kernels serve it too. Uncached
-calls (scoring, calibration hooks) take the plain path.
+are one `linear` call each (inside torch.compile one kernel launch for up to 32 decode tokens: the GEMV at batch 1,
+the small-M GEMM beyond, its norm a kernel before it), and attention starts from the projections before RoPE (the
+decode kernel applies it). OPT's pre-LN block the same way: LayerNorm + Q/K/V, the output projection + the residual
+add, LayerNorm + fc1 + ReLU, fc2 + the residual add; its attention alone (post-LN OPT-350m) starts from its own
+projections (it has no RoPE), so the decode kernels serve it too. Uncached calls (scoring, calibration hooks) take
+the plain path.
 
 Packed projections: the linears that share an input (Q/K/V; LLaMA's gate/up) keep their weights as row ranges of one
-tensor, the block's non-persistent buffer `<group>_weight` (and `_bias`), so that several rows (batch > 1, prefill)
-multiply by them in one GEMM: at 8 rows an H200 reads the LLaMA-2-7B Q/K/V weights at 3.6 TB/s as one GEMM and at
-2.5 TB/s as three (docs/performance.md, "packed projections"). The linears' parameters are views of it, so names,
-values and the state dict are those of the plain model.
+tensor, the block's non-persistent buffer `<group>_weight` (and `_bias`), so that several rows (eager batch > 1,
+prefill, compiled past 32 rows) multiply by them in one GEMM: at 8 rows an H200 reads the LLaMA-2-7B Q/K/V weights
+at 3.6 TB/s as one GEMM and at 2.5 TB/s as three (docs/performance.md, "packed projections"). The linears'
+parameters are views of it, so names, values and the state dict are those of the plain model.
 """
 from __future__ import annotations
 

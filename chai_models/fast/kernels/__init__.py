@@ -6,7 +6,8 @@
     rope_cache.py  one decode token's RoPE and K/V row writes alone, before SDPA
     probs.py       CHAI's decode probabilities for long caches, then cuBLAS over V
     silu_mul.py    SwiGLU's silu(gate) * up
-    gemv.py        one-row projections with RMSNorm, SwiGLU and the residual add folded in; `linear`
+    gemv.py        projections of 1..32 decode rows with the norm (one row), SwiGLU and the residual add folded in;
+                   `linear`
 The launchers that sit inside a compiled graph are torch custom ops (opaque to inductor, captured by CUDA graphs).
 """
 import torch
