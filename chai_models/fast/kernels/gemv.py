@@ -31,11 +31,9 @@ if triton is not None:
 if triton is not None:
 
     @triton.jit
-    def _gemv_kernel(x_ptr, g_ptr, gb_ptr, w0_ptr, w1_ptr, w2_ptr, b0_ptr, b1_ptr, b2_ptr, res_ptr, out_ptr, N0, N1,
-                     N2, eps, K: tl.constexpr, NORM: tl.constexpr, LAYER_NORM: tl.constexpr, SWIGLU: tl.constexpr,
-                     RELU: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, PDL: tl.constexpr):
-        # programs 0..nb0-1 take weight 0, then weight 1, then weight 2; outputs are concatenated in that order
+    def _segment(w0_ptr, w1_ptr, w2_ptr, b0_ptr, b1_ptr, b2_ptr, N0, N1, N2, BLOCK_N: tl.constexpr):
+        # programs 0..nb0-1 take weight 0, then weight 1, then weight 2; outputs are concatenated in that order:
+        # this program's weight and bias, their row count, its first row and its first output column
         pid = tl.program_id(0)
         nb0 = tl.cdiv(N0, BLOCK_N)
         nb1 = tl.cdiv(N1, BLOCK_N)
@@ -45,6 +43,14 @@ if triton is not None:
             w_ptr, b_ptr, n_rows, row0, out0 = w1_ptr, b1_ptr, N1, (pid - nb0) * BLOCK_N, N0
         else:
             w_ptr, b_ptr, n_rows, row0, out0 = w2_ptr, b2_ptr, N2, (pid - nb0 - nb1) * BLOCK_N, N0 + N1
+        return w_ptr, b_ptr, n_rows, row0, out0
+
+    @triton.jit
+    def _gemv_kernel(x_ptr, g_ptr, gb_ptr, w0_ptr, w1_ptr, w2_ptr, b0_ptr, b1_ptr, b2_ptr, res_ptr, out_ptr, N0, N1,
+                     N2, eps, K: tl.constexpr, NORM: tl.constexpr, LAYER_NORM: tl.constexpr, SWIGLU: tl.constexpr,
+                     RELU: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+        w_ptr, b_ptr, n_rows, row0, out0 = _segment(w0_ptr, w1_ptr, w2_ptr, b0_ptr, b1_ptr, b2_ptr, N0, N1, N2, BLOCK_N)
         rows = row0 + tl.arange(0, BLOCK_N)
         r_ok = rows < n_rows
         ks = tl.arange(0, BLOCK_K)
@@ -132,16 +138,7 @@ if triton is not None:
                      K: tl.constexpr, SWIGLU: tl.constexpr, RELU: tl.constexpr, HAS_BIAS: tl.constexpr,
                      HAS_RES: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, PDL: tl.constexpr):
-        # programs 0..nb0-1 take weight 0, then weight 1, then weight 2; output columns concatenated in that order
-        pid = tl.program_id(0)
-        nb0 = tl.cdiv(N0, BLOCK_N)
-        nb1 = tl.cdiv(N1, BLOCK_N)
-        if pid < nb0:
-            w_ptr, b_ptr, n_rows, row0, out0 = w0_ptr, b0_ptr, N0, pid * BLOCK_N, 0
-        elif pid < nb0 + nb1:
-            w_ptr, b_ptr, n_rows, row0, out0 = w1_ptr, b1_ptr, N1, (pid - nb0) * BLOCK_N, N0
-        else:
-            w_ptr, b_ptr, n_rows, row0, out0 = w2_ptr, b2_ptr, N2, (pid - nb0 - nb1) * BLOCK_N, N0 + N1
+        w_ptr, b_ptr, n_rows, row0, out0 = _segment(w0_ptr, w1_ptr, w2_ptr, b0_ptr, b1_ptr, b2_ptr, N0, N1, N2, BLOCK_N)
         n_out = N0 + N1 + N2
         rows = row0 + tl.arange(0, BLOCK_N)  # weight rows = output columns
         r_ok = rows < n_rows
