@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import os
 import statistics
@@ -470,16 +471,16 @@ def _child_processes(argv, a, device, dtype) -> int:
         _warm_up(argv, a, device, dtype, env)
     if a.warm_only:
         return 0
-    jobs = [((b, s), []) for b in a.backend for s in a.chai]
-    if a.processes == "per-cell":
-        jobs = [(c, ["--batch", str(B), "--context", str(T)]) for c, _ in jobs for B in a.batch for T in a.context]
+    configs = [(b, s) for b in a.backend for s in a.chai]
+    cells = [(B, T) for B in a.batch for T in a.context] if a.processes == "per-cell" else [None]
     dense_ref, header_done = {}, False
-    for (backend, spec), cell in jobs:
+    for (backend, spec), cell in itertools.product(configs, cells):
         name = f"{backend} {spec}"
-        if cell and over_max_kv(a, int(cell[1]), int(cell[3]), dtype):
-            print(left_out(name, a, int(cell[1]), int(cell[3]), dtype), flush=True)
+        if cell is not None and over_max_kv(a, *cell, dtype):
+            print(left_out(name, a, *cell, dtype), flush=True)
             continue
-        cmd = [sys.executable, "-m", "chai_models.bench", *argv, "--backend", backend, "--chai", spec, *cell,
+        only = [] if cell is None else ["--batch", str(cell[0]), "--context", str(cell[1])]
+        cmd = [sys.executable, "-m", "chai_models.bench", *argv, "--backend", backend, "--chai", spec, *only,
                "--child", json.dumps(dense_ref)]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
         for line in proc.stdout:
@@ -491,7 +492,8 @@ def _child_processes(argv, a, device, dtype) -> int:
                 header_done |= line.startswith("config")
                 print(line, end="", flush=True)
         if proc.wait() != 0:
-            print(f"{name:<22}{' '.join(cell)} failed (exit status {proc.returncode})", flush=True)
+            where = "" if cell is None else f"{cell[0]:>4}{cell[1]:>7}  "
+            print(f"{name:<22}{where}failed (exit status {proc.returncode})", flush=True)
     if a.hf:
         _print_hf(a, device, dtype)
     return 0
