@@ -116,3 +116,18 @@ def test_bench_max_kv_gb_leaves_out_the_big_cells(tmp_path):
                            "per-config", "--warm-jobs", "1", "--warm-only"], capture_output=True, text=True, env=env)
     assert warm.returncode == 0, warm.stderr[-2000:]
     assert warm.stdout.startswith("# warm-up: 1 compiled steps"), warm.stdout
+
+
+def test_bench_projections_table():
+    """tools/bench_projections.py on CPU (the kernels interpreted): a row per projection group and a layer total, each
+    with the torch path beside the kernel (which it checks first); rows past the kernels' reach are refused."""
+    base = [sys.executable, str(ROOT / "tools" / "bench_projections.py"), "--shape", "tiny", "--device", "cpu"]
+    run = subprocess.run([*base, "--dtype", "float32", "--rows", "2", "--copies", "1"], capture_output=True,
+                         text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = [line.split() for line in run.stdout.splitlines() if not line.startswith(("#", "projection"))]
+    assert [r[0] for r in rows] == ["q/k/v", "wo", "gate/up", "down", "head", "layer"], run.stdout
+    ratios = [r[-1] if r[0] != "layer" else r[4] for r in rows]  # torch / kernel
+    assert all(r[1] == "2" for r in rows) and all(float(x[:-1]) >= 0 and x.endswith("x") for x in ratios), run.stdout
+    bad = subprocess.run([*base, "--rows", "33"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "1..32 rows" in bad.stderr, bad.stderr
