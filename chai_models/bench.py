@@ -127,16 +127,17 @@ def copy_bandwidth(device) -> float:
     if device.type != "cuda":
         x = torch.empty(256 * 2**20 // 4, dtype=torch.float32)
         y = torch.empty_like(x)
-        t = _median([_time_cpu(lambda: y.copy_(x)) for _ in range(5)])
+        t = median([time_cpu(lambda: y.copy_(x)) for _ in range(5)])
         return 2 * x.numel() * 4 / t
     x = torch.empty(2 * 2**30, dtype=torch.uint8, device=device)
     y = torch.empty_like(x)
     for _ in range(3):
         y.copy_(x)
-    return 2 * x.numel() / _median([_time_cuda(lambda: y.copy_(x)) for _ in range(10)])
+    return 2 * x.numel() / median([time_cuda(lambda: y.copy_(x)) for _ in range(10)])
 
 
-def _time_cuda(fn) -> float:
+def time_cuda(fn) -> float:
+    """Seconds that fn's device work takes, between two CUDA events."""
     a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     a.record()
     fn()
@@ -145,13 +146,14 @@ def _time_cuda(fn) -> float:
     return a.elapsed_time(b) / 1000
 
 
-def _time_cpu(fn) -> float:
+def time_cpu(fn) -> float:
+    """Seconds that fn takes on the host clock."""
     t = time.perf_counter()
     fn()
     return time.perf_counter() - t
 
 
-def _median(xs):
+def median(xs):
     return statistics.median(xs)
 
 
@@ -159,7 +161,7 @@ def _median(xs):
 def bench_decode(model, B: int, T: int, compiled: bool, steps: int = 32, repeats: int = 5) -> dict:
     """Sets up a cache of T positions, clusters on a short prefill, then times decode steps near position T."""
     device = next(model.parameters()).device
-    timer = _time_cuda if device.type == "cuda" else _time_cpu
+    timer = time_cuda if device.type == "cuda" else time_cpu
     if device.type == "cuda":  # peak over this configuration: weights, caches, activations, CUDA-graph pools
         model.clear_caches()
         torch.cuda.empty_cache()
@@ -187,7 +189,7 @@ def bench_decode(model, B: int, T: int, compiled: bool, steps: int = 32, repeats
             pos.fill_(T - steps + i)
             step(tok, pos)
 
-    t = _median([timer(run) for _ in range(repeats)]) / steps
+    t = median([timer(run) for _ in range(repeats)]) / steps
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return {"s_per_step": t, "first_call_s": first, "cached": cached, "bytes": step_bytes(model, B),
             "kv_bytes": model.kv_cache_bytes()["total"], "peak_bytes": peak}
@@ -202,7 +204,7 @@ def bench_allreduce(model, B: int, compiled: bool, steps: int = 32, repeats: int
 
     tp = model.tensor_parallel
     device = next(model.parameters()).device
-    timer = _time_cuda if device.type == "cuda" else _time_cpu
+    timer = time_cuda if device.type == "cuda" else time_cpu
     n = 2 * len(model.layers)
 
     def reduces(x):
@@ -223,18 +225,18 @@ def bench_allreduce(model, B: int, compiled: bool, steps: int = 32, repeats: int
 
     for _ in range(3):
         run()
-    return _median([timer(run) for _ in range(repeats)]) / steps
+    return median([timer(run) for _ in range(repeats)]) / steps
 
 
 @torch.no_grad()
 def bench_prefill(model, S: int, repeats: int = 5) -> float:
     """Time to first token for one prompt of S tokens (CHAI clustering included), eager: generate's prefill."""
     device = next(model.parameters()).device
-    timer = _time_cuda if device.type == "cuda" else _time_cpu
+    timer = time_cuda if device.type == "cuda" else time_cpu
     model.setup_caches(1, S + 1)
     prompt = torch.randint(0, model.config.vocab_size, (S,)).tolist()
     prefill(model, [prompt])
-    return _median([timer(lambda: prefill(model, [prompt]).argmax(-1)) for _ in range(repeats)])
+    return median([timer(lambda: prefill(model, [prompt]).argmax(-1)) for _ in range(repeats)])
 
 
 @torch.no_grad()
@@ -295,9 +297,9 @@ def hf_decode(shape: str, B: int, T: int, device, dtype, steps: int = 32) -> flo
 
     with torch.no_grad():
         run(steps), run(steps)  # compile and warm up
-        timer = _time_cuda if device.type == "cuda" else _time_cpu
-        t_long = _median([timer(lambda: run(steps)) for _ in range(3)])
-        t_short = _median([timer(lambda: run(1)) for _ in range(3)])
+        timer = time_cuda if device.type == "cuda" else time_cpu
+        t_long = median([timer(lambda: run(steps)) for _ in range(3)])
+        t_short = median([timer(lambda: run(1)) for _ in range(3)])
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return (t_long - t_short) / (steps - 1), peak  # the model is freed with this frame
 

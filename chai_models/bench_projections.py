@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from .bench import _median, _time_cuda, _time_cpu, copy_bandwidth, known_shapes, meta_model
+from .bench import copy_bandwidth, known_shapes, median, meta_model, time_cpu, time_cuda
 from .errors import UserError, run_main
 from .fast.kernels import available, gemv
 from .models.llama import LlamaConfig, RMSNorm
@@ -94,7 +94,7 @@ def time_projection(p: dict, M: int, path: str, copies: int, dtype, device, eps:
 
     if device.type != "cuda":
         run()
-        return _median([_time_cpu(run) for _ in range(3)]) / copies
+        return median([time_cpu(run) for _ in range(3)]) / copies
     run()  # compiles the kernels, warms cuBLAS
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
@@ -102,7 +102,7 @@ def time_projection(p: dict, M: int, path: str, copies: int, dtype, device, eps:
         run()
     for _ in range(3):
         graph.replay()
-    return _median([_time_cuda(graph.replay) for _ in range(repeats)]) / copies
+    return median([time_cuda(graph.replay) for _ in range(repeats)]) / copies
 
 
 def main(argv=None) -> int:
