@@ -60,7 +60,7 @@ def _inputs(p: dict, M: int, copies: int, dtype, device, eps: float):
     return sets, randn(M, 1, K), norm, residual
 
 
-def _call(path: str, p: dict, x, lins, packed, norm, residual):
+def _call(path: str, p: dict, x, lins, packed, norm, residual, config=None):
     args = dict(norm=norm, residual=residual, swiglu=p.get("swiglu", False), relu=p.get("relu", False))
     if path == "torch":
         return gemv.linear(x, lins, packed=packed if len(lins) > 1 else None, **args)  # eager: the torch path
@@ -68,24 +68,26 @@ def _call(path: str, p: dict, x, lins, packed, norm, residual):
     if norm is not None and x.shape[0] > 1:  # as linear does: several rows come normalized (the norm's own kernel)
         x, norm = norm(x), None
     layer = isinstance(norm, torch.nn.LayerNorm)
-    return gemv.gemv(x, weights, biases, None if norm is None else norm.weight, norm.bias if layer else None,
-                     0.0 if norm is None else float(norm.eps), residual, args["swiglu"], args["relu"])
+    return gemv.gemv_launch(x, weights, biases, None if norm is None else norm.weight, norm.bias if layer else None,
+                            0.0 if norm is None else float(norm.eps), residual, args["swiglu"], args["relu"],
+                            config)
 
 
 @torch.no_grad()
 def time_projection(p: dict, M: int, path: str, copies: int, dtype, device, eps: float = 1e-5,
-                    repeats: int = 20) -> float:
-    """Seconds per call of one projection group at M rows on `path` ("kernel" or "torch"): on CUDA a graph of one
-    call per weight copy, replayed; on CPU eager calls (the kernels interpreted)."""
+                    repeats: int = 20, config: dict | None = None) -> float:
+    """Seconds per call of one projection group at M rows on `path` ("kernel" or "torch"; config: the kernel's
+    launch config in place of its own): on CUDA a graph of one call per weight copy, replayed; on CPU eager calls
+    (the kernels interpreted)."""
     sets, x, norm, residual = _inputs(p, M, copies, dtype, device, eps)
 
     def run():
         for lins, packed in sets:
-            _call(path, p, x, lins, packed, norm, residual)
+            _call(path, p, x, lins, packed, norm, residual, config)
 
     if path == "kernel":  # a timing of a wrong result is no timing: the kernel against the torch path first
         lins, packed = sets[0]
-        got, want = (_call(q, p, x, lins, packed, norm, residual) for q in ("kernel", "torch"))
+        got, want = (_call(q, p, x, lins, packed, norm, residual, config) for q in ("kernel", "torch"))
         want = torch.cat(want, -1) if isinstance(want, tuple) else want
         err = ((got.float() - want.float()).norm() / want.float().norm()).item()
         if err > (1e-4 if dtype == torch.float32 else 2e-2):
@@ -105,6 +107,30 @@ def time_projection(p: dict, M: int, path: str, copies: int, dtype, device, eps:
     return median([time_cuda(graph.replay) for _ in range(repeats)]) / copies
 
 
+def candidates(p: dict, M: int, itemsize: int) -> list[dict]:
+    """Launch configs to sweep for one projection group at M rows: _gemv_kernel's (BLOCK_N x BLOCK_K, warps) for one
+    row, _rows_kernel's (BLOCK_N x BLOCK_K, stages) for more, within the shared memory its stages need."""
+    K = p["shapes"][0][1]
+    k_max = max(16, 1 << (K - 1).bit_length())
+    if M == 1:
+        tiles = sorted({min(bk, k_max) for bk in (512, 1024, 2048, 4096)})  # short rows: one whole-row tile
+        return [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w) for bn in (1, 2, 4, 8, 16) for bk in tiles
+                if bn * bk <= 16384 for w in (4, 8)]
+    bm = max(16, 1 << (M - 1).bit_length())
+    per_n = 2 if p.get("swiglu") else 1
+    tiles = sorted({min(bk, k_max) for bk in (64, 128, 256, 512)})
+    return [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=st) for bn in (16, 32, 64, 128)
+            for bk in tiles for st in (2, 3, 4, 5) if (bn * per_n + bm) * bk * itemsize * st <= 200 * 1024]
+
+
+def sweep(p: dict, M: int, copies: int, dtype, device, top: int = 3) -> list[tuple[float, dict]]:
+    """(seconds, config) of every candidate config, fastest first (the `top` best)."""
+    es = torch.empty((), dtype=dtype).element_size()
+    timed = [(time_projection(p, M, "kernel", copies, dtype, device, repeats=10, config=c), c)
+             for c in candidates(p, M, es)]
+    return sorted(timed, key=lambda t: t[0])[:top]
+
+
 def main(argv=None) -> int:
     """tools/bench_projections.py: a UserError (an unknown shape, too many rows) ends in one `error:` line."""
     return run_main(_main, argv)
@@ -117,6 +143,11 @@ def _main(argv=None) -> int:
     p.add_argument("--copies", type=int, default=4, help="weight copies cycled through (more than L2 holds)")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--sweep", action="store_true",
+                   help="also time every candidate launch config of the kernel and print the three fastest (each "
+                        "candidate compiles once: minutes for a whole layer; --only narrows it)")
+    p.add_argument("--only", nargs="+", default=None, metavar="NAME", help="only these projection groups (q/k/v, wo, "
+                                                                            "...)")
     a = p.parse_args(argv)
     from .checkpoint import dtype_from_name
 
@@ -125,11 +156,17 @@ def _main(argv=None) -> int:
     bad = [m for m in a.rows if not 1 <= m <= gemv.MAX_ROWS]
     if bad:
         raise UserError(f"--rows {bad}: the kernels serve 1..{gemv.MAX_ROWS} rows; past that the step runs cuBLAS")
+    groups = projections(meta_model(a.shape).config)
+    if a.only:
+        unknown = sorted(set(a.only) - {g["name"] for g in groups})
+        if unknown:
+            raise UserError(f"--only {unknown}: not a projection group of {a.shape}; its groups: "
+                            f"{', '.join(g['name'] for g in groups)}")
+        groups = [g for g in groups if g["name"] in a.only]
     device, dtype = torch.device(a.device), dtype_from_name(a.dtype)
     if not available(torch.empty(0, device=device, dtype=dtype)):
         raise UserError(f"the Triton kernels cannot run on {device} here: use a CUDA device, or set "
                         "TRITON_INTERPRET=1 to run them interpreted on the CPU")
-    cfg = meta_model(a.shape).config
     bw = copy_bandwidth(device)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"# {a.shape} {a.dtype} on {card}, torch {torch.__version__}, copy bandwidth {bw / 1e12:.2f} TB/s; "
@@ -138,7 +175,7 @@ def _main(argv=None) -> int:
     es = torch.empty((), dtype=dtype).element_size()
     for M in a.rows:
         total = {"kernel": 0.0, "torch": 0.0}
-        for proj in projections(cfg):
+        for proj in groups:
             nbytes = sum(n * k for n, k in proj["shapes"]) * es
             t = {path: time_projection(proj, M, path, a.copies, dtype, device) for path in ("kernel", "torch")}
             if proj["name"] != "head":
@@ -147,8 +184,13 @@ def _main(argv=None) -> int:
             print(f"{proj['name']:<12}{M:>5}{t['kernel'] * 1e6:>11.1f}{nbytes / t['kernel'] / 1e12:>7.2f}"
                   f"{t['torch'] * 1e6:>10.1f}{nbytes / t['torch'] / 1e12:>7.2f}{t['torch'] / t['kernel']:>13.3f}x",
                   flush=True)
-        print(f"{'layer':<12}{M:>5}{total['kernel'] * 1e6:>11.1f}{'':>7}{total['torch'] * 1e6:>10.1f}{'':>7}"
-              f"{total['torch'] / total['kernel']:>13.3f}x   (head not included)", flush=True)
+            if a.sweep:
+                for t_c, c in sweep(proj, M, a.copies, dtype, device):
+                    print(f"{'  sweep':<12}{M:>5}{t_c * 1e6:>11.1f}{nbytes / t_c / 1e12:>7.2f}   "
+                          f"{' '.join(f'{k}={v}' for k, v in c.items())}", flush=True)
+        if not a.only:
+            print(f"{'layer':<12}{M:>5}{total['kernel'] * 1e6:>11.1f}{'':>7}{total['torch'] * 1e6:>10.1f}{'':>7}"
+                  f"{total['torch'] / total['kernel']:>13.3f}x   (head not included)", flush=True)
     return 0
 
 

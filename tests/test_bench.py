@@ -120,7 +120,8 @@ def test_bench_max_kv_gb_leaves_out_the_big_cells(tmp_path):
 
 def test_bench_projections_table():
     """tools/bench_projections.py on CPU (the kernels interpreted): a row per projection group and a layer total, each
-    with the torch path beside the kernel (which it checks first); rows past the kernels' reach are refused."""
+    with the torch path beside the kernel (which it checks first); --sweep lists the three fastest launch configs;
+    rows past the kernels' reach and unknown groups are refused."""
     base = [sys.executable, str(ROOT / "tools" / "bench_projections.py"), "--shape", "tiny", "--device", "cpu"]
     run = subprocess.run([*base, "--dtype", "float32", "--rows", "2", "--copies", "1"], capture_output=True,
                          text=True)
@@ -129,5 +130,12 @@ def test_bench_projections_table():
     assert [r[0] for r in rows] == ["q/k/v", "wo", "gate/up", "down", "head", "layer"], run.stdout
     ratios = [r[-1] if r[0] != "layer" else r[4] for r in rows]  # torch / kernel
     assert all(r[1] == "2" for r in rows) and all(float(x[:-1]) >= 0 and x.endswith("x") for x in ratios), run.stdout
-    bad = subprocess.run([*base, "--rows", "33"], capture_output=True, text=True)
-    assert bad.returncode == 2 and "1..32 rows" in bad.stderr, bad.stderr
+    sweep = subprocess.run([*base, "--dtype", "float32", "--rows", "2", "--copies", "1", "--only", "wo", "--sweep"],
+                           capture_output=True, text=True)
+    assert sweep.returncode == 0, sweep.stderr[-2000:]
+    found = [line.split() for line in sweep.stdout.splitlines() if line.startswith("  sweep")]
+    assert len(found) == 3 and all("BLOCK_N=" in " ".join(r) for r in found), sweep.stdout  # the three fastest
+    assert [float(r[2]) for r in found] == sorted(float(r[2]) for r in found)
+    for args, words in ((["--rows", "33"], "1..32 rows"), (["--only", "wq"], "its groups: q/k/v, wo")):
+        bad = subprocess.run([*base, *args], capture_output=True, text=True)
+        assert bad.returncode == 2 and words in bad.stderr, bad.stderr

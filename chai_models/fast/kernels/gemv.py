@@ -233,7 +233,9 @@ def rows_config(n_rows: int, K: int, M: int, swiglu: bool, itemsize: int) -> dic
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=stages)
 
 
-def gemv_launch(x, weights, biases, norm_weight, norm_bias, eps, residual, swiglu, relu):
+def gemv_launch(x, weights, biases, norm_weight, norm_bias, eps, residual, swiglu, relu, config=None):
+    """The op's launch (the contract is gemv's). config: a launch config in place of gemv_config's or rows_config's,
+    for the sweeps of tools/bench_projections.py."""
     K = x.shape[-1]
     M = x.numel() // K
     x = x.contiguous()
@@ -247,7 +249,7 @@ def gemv_launch(x, weights, biases, norm_weight, norm_bias, eps, residual, swigl
     ns = ns + [0] * (3 - len(ns))
     res = residual.contiguous() if residual is not None else x
     if M == 1:
-        cfg = gemv_config(n_out, K, swiglu, norm_bias is not None)
+        cfg = config or gemv_config(n_out, K, swiglu, norm_bias is not None)
         grid = (sum(triton.cdiv(n, cfg["BLOCK_N"]) for n in ns),)
         _gemv_kernel[grid](x, norm_weight if norm_weight is not None else x,
                            norm_bias if norm_bias is not None else x, *ws, *bs, res, out, ns[0], ns[1], ns[2], eps,
@@ -257,7 +259,7 @@ def gemv_launch(x, weights, biases, norm_weight, norm_bias, eps, residual, swigl
     else:
         if norm_weight is not None:
             raise ValueError("gemv: the norm is folded in for one row only; normalize several rows first")
-        cfg = rows_config(n_out, K, M, swiglu, x.element_size())
+        cfg = config or rows_config(n_out, K, M, swiglu, x.element_size())
         grid = (sum(triton.cdiv(n, cfg["BLOCK_N"]) for n in ns),)
         _rows_kernel[grid](x, *ws, *bs, res, out, M, ns[0], ns[1], ns[2], K=K, SWIGLU=swiglu, RELU=relu,
                            HAS_BIAS=bool(biases), HAS_RES=residual is not None, IEEE=x.dtype == torch.float32, **cfg,
