@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check: the GPU tests and the benchmark grid behind docs/performance.md, on one CUDA machine.
-#   bash tools/gpu_check.sh [STEP...]      STEP: tests bench opt ttft grid (default: the first four, in that order)
-#   tests  pytest -m gpu tests/test_gpu.py                         (TESTS_LIMIT, default 590 s: 95 tests, compiled
+#   bash tools/gpu_check.sh [STEP...]      STEP: tests bench opt ttft proj grid (default: the first four, in order)
+#   tests  pytest -m gpu tests/test_gpu.py                         (TESTS_LIMIT, default 590 s: 139 tests, compiled
 #          untuned but for the `tuned` ones; tuned everywhere they take ~20 s each, more than one device call, so
 #          TESTS_SHARD=I/N runs the I-th of N parts;
 #          the 2-GPU tests are in tests/test_parallel.py, run on a 2-GPU kind)
@@ -9,6 +9,7 @@
 #          B=8 T=2048; torch: dense B=1 T=512), three runs of STEP_LIMIT each
 #   opt    OPT-6.7B shape, dense, B=1 T=512                        (STEP_LIMIT, default 300 s)
 #   ttft   time to first token, 2048 tokens, dense vs CHAI         (STEP_LIMIT)
+#   proj   one layer's projections alone, kernel vs cuBLAS, LLaMA-2-7B and OPT-6.7B at 1, 8, 32 rows (STEP_LIMIT)
 #   grid   the speed grid: dense and CHAI llama-7b at B = 1, 8, 32 and T = 512, 2048, 8192 but B=32 T=8192 (its dense
 #          cache, 137 GB, does not fit one H200: cells over GRID_MAX_KV_GB, default 100, are left out, CHAI's too),
 #          one process per configuration (GRID_PROCESSES=per-cell: one per cell), and gpt-fast beside them when
@@ -34,7 +35,8 @@ OUT=${OUT:-/tmp/chai-gpu}; mkdir -p "$OUT"
 LIMIT=${STEP_LIMIT:-300}
 steps=("$@"); [ $# -gt 0 ] || steps=(tests bench opt ttft)
 for step in "${steps[@]}"; do
-  case $step in tests|bench|opt|ttft|grid) ;; *) echo "unknown step '$step' (steps: tests bench opt ttft grid)"; exit 2 ;; esac
+  case $step in tests|bench|opt|ttft|proj|grid) ;;
+    *) echo "unknown step '$step' (steps: tests bench opt ttft proj grid)"; exit 2 ;; esac
 done
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
@@ -52,6 +54,9 @@ for step in "${steps[@]}"; do
            run "$LIMIT" $B --chai dense --batch 1 --context 512 --backend torch ;;
     opt) run "$LIMIT" python tools/bench.py --shape opt-6.7b --chai dense --batch 1 --context 512 --mode compiled ;;
     ttft) run "$LIMIT" python tools/profile_prefill.py --shape llama-2-7b --chai llama-7b --tokens 2048 ;;
+    proj) for shape in llama-2-7b opt-6.7b; do
+            run "$LIMIT" python tools/bench_projections.py --shape "$shape" --rows 1 8 32
+          done ;;
     grid) G="python tools/bench.py --shape ${GRID_SHAPE:-llama-2-7b} --steps 64 --mode compiled \
              --chai dense ${GRID_CHAI:-llama-7b} --backend triton --batch ${GRID_BATCH:-1 8 32} \
              --context ${GRID_CONTEXT:-512 2048 8192} --max-kv-gb ${GRID_MAX_KV_GB:-100} --processes ${GRID_PROCESSES:-per-config}"
