@@ -14,7 +14,7 @@ import torch
 
 from .bench import copy_bandwidth, known_shapes, median, meta_model, time_cpu, time_cuda
 from .errors import UserError, run_main
-from .fast.kernels import available, gemv
+from .fast.kernels import available, gemv, triton
 from .models.llama import LlamaConfig, RMSNorm
 
 
@@ -65,11 +65,8 @@ def _call(path: str, p: dict, x, lins, packed, norm, residual, config=None):
     if path == "torch":
         return gemv.linear(x, lins, packed=packed if len(lins) > 1 else None, **args)  # eager: the torch path
     weights, biases = [w for w, _ in lins], [b for _, b in lins] if p.get("bias") else []
-    if norm is not None and x.shape[0] > 1:  # as linear does: several rows come normalized (the norm's own kernel)
-        x, norm = norm(x), None
-    layer = isinstance(norm, torch.nn.LayerNorm)
-    return gemv.gemv_launch(x, weights, biases, None if norm is None else norm.weight, norm.bias if layer else None,
-                            0.0 if norm is None else float(norm.eps), residual, args["swiglu"], args["relu"],
+    x, norm_weight, norm_bias, eps = gemv.fold_norm(x, norm)  # as linear hands them to the kernels
+    return gemv.gemv_launch(x, weights, biases, norm_weight, norm_bias, eps, residual, args["swiglu"], args["relu"],
                             config)
 
 
@@ -111,16 +108,16 @@ def candidates(p: dict, M: int, itemsize: int) -> list[dict]:
     """Launch configs to sweep for one projection group at M rows: _gemv_kernel's (BLOCK_N x BLOCK_K, warps) for one
     row, _rows_kernel's (BLOCK_N x BLOCK_K, stages) for more, within the shared memory its stages need."""
     K = p["shapes"][0][1]
-    k_max = max(16, 1 << (K - 1).bit_length())
+    k_max = max(16, triton.next_power_of_2(K))
     if M == 1:
         tiles = sorted({min(bk, k_max) for bk in (512, 1024, 2048, 4096)})  # short rows: one whole-row tile
         return [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w) for bn in (1, 2, 4, 8, 16) for bk in tiles
                 if bn * bk <= 16384 for w in (4, 8)]
-    bm = max(16, 1 << (M - 1).bit_length())
-    per_n = 2 if p.get("swiglu") else 1
+    bm = max(16, triton.next_power_of_2(M))
     tiles = sorted({min(bk, k_max) for bk in (64, 128, 256, 512)})
     return [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=st) for bn in (16, 32, 64, 128)
-            for bk in tiles for st in (2, 3, 4, 5) if (bn * per_n + bm) * bk * itemsize * st <= 200 * 1024]
+            for bk in tiles for st in (2, 3, 4, 5)
+            if gemv.rows_stage_bytes(bm, bn, bk, p.get("swiglu", False), itemsize) * st <= gemv.ROWS_SHARED_BYTES]
 
 
 def sweep(p: dict, M: int, copies: int, dtype, device, top: int = 3) -> list[tuple[float, dict]]:

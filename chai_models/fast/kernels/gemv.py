@@ -228,9 +228,16 @@ def rows_config(n_rows: int, K: int, M: int, swiglu: bool, itemsize: int) -> dic
     else:  # Q/K/V, the head
         bn, bk, stages = 64, 128, 3
     bk = min(bk, max(16, triton.next_power_of_2(K)))
-    stage_bytes = (bn * (2 if swiglu else 1) + bm) * bk * itemsize
-    stages = max(1, min(stages, (200 * 1024) // stage_bytes))
+    stages = max(1, min(stages, ROWS_SHARED_BYTES // rows_stage_bytes(bm, bn, bk, swiglu, itemsize)))
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=stages)
+
+
+ROWS_SHARED_BYTES = 200 * 1024  # the shared memory _rows_kernel's pipeline stages may take (an H100/H200 SM: 227 KB)
+
+
+def rows_stage_bytes(bm: int, bn: int, bk: int, swiglu: bool, itemsize: int) -> int:
+    """Shared memory of one pipeline stage of _rows_kernel: a tile of x and one (SwiGLU: two) tile of weight rows."""
+    return (bn * (2 if swiglu else 1) + bm) * bk * itemsize
 
 
 def gemv_launch(x, weights, biases, norm_weight, norm_bias, eps, residual, swiglu, relu, config=None):
@@ -302,6 +309,16 @@ def norm_in_kernel(norm, K: int) -> bool:
             and norm.bias is not None)
 
 
+def fold_norm(x: torch.Tensor, norm):
+    """(x, norm_weight, norm_bias, eps) as the kernels take a norm module: folded into the GEMV for one row; applied
+    first for several (inductor's kernel inside a compiled graph), which the small-M GEMM then reads normalized."""
+    if norm is not None and x.numel() != x.shape[-1]:
+        x, norm = norm(x), None
+    if norm is None:
+        return x, None, None, 0.0
+    return x, norm.weight, norm.bias if isinstance(norm, torch.nn.LayerNorm) else None, float(norm.eps)
+
+
 def gemv_applies(x: torch.Tensor, weights, biases=(), norm=None, residual=None, swiglu=False, relu=False) -> bool:
     """Whether `linear` runs this call as one kernel launch (_gemv_kernel for one row, _rows_kernel for up to
     MAX_ROWS): inside torch.compile (where CUDA graphs make its launch free; in eager decode cuBLAS's launches cost
@@ -343,11 +360,8 @@ def linear(x: torch.Tensor, linears, norm=None, residual=None, swiglu=False, rel
     weights = [w for w, _ in wb]
     biases = [b for _, b in wb] if any(b is not None for _, b in wb) else []
     if gemv_applies(x, weights, biases, norm, residual, swiglu, relu):
-        if norm is not None and x.numel() != x.shape[-1]:  # several rows: the norm is inductor's kernel, not folded in
-            x, norm = norm(x), None
-        layer_norm = isinstance(norm, torch.nn.LayerNorm)
-        out = gemv(x, weights, biases, norm.weight if norm is not None else None, norm.bias if layer_norm else None,
-                   float(norm.eps) if norm is not None else 0.0, residual, swiglu, relu)
+        x, norm_weight, norm_bias, eps = fold_norm(x, norm)
+        out = gemv(x, weights, biases, norm_weight, norm_bias, eps, residual, swiglu, relu)
         if len(weights) == 1 or swiglu:
             return out
         return out.split([w.shape[0] for w in weights], dim=-1)
