@@ -16,6 +16,7 @@ import functools
 import itertools
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 from torch._dynamo.utils import counters
 
-from . import set_backend, set_chai
+from . import gate, set_backend, set_chai
 from .chai import ChaiConfig, reset
 from .errors import UserError, run_main
 from .fast.compile import decode_step
@@ -158,8 +159,10 @@ def median(xs):
 
 
 @torch.no_grad()
-def bench_decode(model, B: int, T: int, compiled: bool, steps: int = 32, repeats: int = 5) -> dict:
-    """Sets up a cache of T positions, clusters on a short prefill, then times decode steps near position T."""
+def bench_decode(model, B: int, T: int, compiled: bool, steps: int = 32, repeats: int = 5,
+                 before_timing=None) -> dict:
+    """Sets up a cache of T positions, clusters on a short prefill, then times decode steps near position T.
+    before_timing() runs between the first call (which compiles the step) and the rest."""
     device = next(model.parameters()).device
     timer = time_cuda if device.type == "cuda" else time_cpu
     if device.type == "cuda":  # peak over this configuration: weights, caches, activations, CUDA-graph pools
@@ -181,6 +184,8 @@ def bench_decode(model, B: int, T: int, compiled: bool, steps: int = 32, repeats
         torch.cuda.synchronize()
     first = time.perf_counter() - t0
     cached = counters["inductor"]["fxgraph_cache_hit"] > hits  # the graph came from the compile cache on disk
+    if before_timing is not None:
+        before_timing()
     for _ in range(3):
         step(tok, pos)
 
@@ -464,9 +469,15 @@ def _warm_up(argv, a, device, dtype, env) -> None:
           f"a time; {then}", flush=True)
 
 
+def _read_dense(path: str) -> dict:
+    """The dense timings the parent has gathered so far, {(backend, B, T, mode): {s_per_step, bytes}}."""
+    return {tuple(json.loads(k)): r for k, r in json.loads(Path(path).read_text()).items()}
+
+
 def _child_processes(argv, a, device, dtype) -> int:
     """Each configuration (backend, CHAI spec) in its own process, dense first as main ordered them, or with
-    --processes per-cell each (configuration, B, T); one table."""
+    --processes per-cell each (configuration, B, T), and each --peer cell, run in turns (gate.run_in_turns:
+    --load-jobs processes load side by side, one times at a time); one table."""
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     if a.warm_jobs and "compiled" in a.mode:
@@ -474,28 +485,60 @@ def _child_processes(argv, a, device, dtype) -> int:
     if a.warm_only:
         return 0
     configs = [(b, s) for b in a.backend for s in a.chai]
-    cells = [(B, T) for B in a.batch for T in a.context] if a.processes == "per-cell" else [None]
     dense_ref, header_done = {}, False
-    for (backend, spec), cell in itertools.product(configs, cells):
-        name = f"{backend} {spec}"
-        if cell is not None and over_max_kv(a, *cell, dtype):
-            print(left_out(name, a, *cell, dtype), flush=True)
-            continue
-        only = [] if cell is None else ["--batch", str(cell[0]), "--context", str(cell[1])]
-        cmd = [sys.executable, "-m", "chai_models.bench", *argv, "--backend", backend, "--chai", spec, *only,
-               "--child", json.dumps(dense_ref)]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
-        for line in proc.stdout:
-            if line.startswith(RESULT):
-                dense_ref.update(json.loads(line[len(RESULT):]))
-            elif line.startswith("config") and header_done:
-                continue
-            else:
-                header_done |= line.startswith("config")
-                print(line, end="", flush=True)
-        if proc.wait() != 0:
-            where = "" if cell is None else f"{cell[0]:>4}{cell[1]:>7}  "
-            print(f"{name:<22}{where}failed (exit status {proc.returncode})", flush=True)
+    with tempfile.TemporaryDirectory(prefix="chai-bench-") as tmp:
+        dense_file = Path(tmp, "dense.json")  # rewritten as dense timings come in; a CHAI process reads it per row
+        dense_file.write_text("{}")
+
+        def show(lines):
+            nonlocal header_done
+            for line in lines:
+                if line.startswith(RESULT):
+                    dense_ref.update(json.loads(line[len(RESULT):]))
+                    dense_file.with_suffix(".tmp").write_text(json.dumps(dense_ref))
+                    dense_file.with_suffix(".tmp").replace(dense_file)
+                elif not (line.startswith("config") and header_done):
+                    header_done |= line.startswith("config")
+                    print(line, end="", flush=True)
+
+        def command(backend, spec, only):
+            return [sys.executable, "-m", "chai_models.bench", *argv, "--backend", backend, "--chai", spec, *only,
+                    "--child", str(dense_file)]
+
+        if a.processes != "per-cell":
+            for backend, spec in configs:
+                proc = subprocess.Popen(command(backend, spec, []), stdout=subprocess.PIPE, text=True, env=env)
+                show(proc.stdout)
+                if proc.wait() != 0:
+                    print(f"{backend + ' ' + spec:<22}failed (exit status {proc.returncode})", flush=True)
+        else:
+            jobs, what = [], {}
+            for (backend, spec), B, T in itertools.product(configs, a.batch, a.context):
+                name = f"{backend} {spec}"
+                if over_max_kv(a, B, T, dtype):
+                    print(left_out(name, a, B, T, dtype), flush=True)
+                    continue
+                job = gate.Job(command(backend, spec, ["--batch", str(B), "--context", str(T)]),
+                               cell_bytes(a.shape, B, T, dtype), env)
+                jobs.append(job)
+                what[id(job)] = f"{name:<22}{B:>4}{T:>7}  "
+            for B, T in itertools.product(a.batch, a.context) if a.peer else ():
+                if over_max_kv(a, B, T, dtype):
+                    continue
+                peer = shlex.split(a.peer.format(B=B, T=T))
+                # a peer may build its weights in float32 first, then convert them to the dtype
+                need = cell_bytes(a.shape, B, T, dtype) + _shape_sizes(a.shape)[0] * max(0, 4 - dtype.itemsize)
+                job = gate.Job([sys.executable, "-m", "chai_models.gate", *peer], need, env)
+                jobs.append(job)
+                what[id(job)] = f"peer {' '.join(peer)}: "
+
+            def done(job, returncode, out):
+                show(out.splitlines(keepends=True))
+                if returncode != 0:
+                    print(f"{what[id(job)]}failed (exit status {returncode})", flush=True)
+
+            budget = a.warm_gb * 2**30 if a.warm_gb else _memory_budget(device)
+            gate.run_in_turns(jobs, budget, a.load_jobs or 1, done)
     if a.hf:
         _print_hf(a, device, dtype)
     return 0
@@ -569,8 +612,17 @@ def _main(argv=None) -> int:
                    help="with one process per configuration: first compile every (configuration, B, T) step in up to "
                         "N parallel processes within the free device memory (--warm-gb), so the timed processes load "
                         "their graphs from the compile caches")
-    p.add_argument("--warm-gb", type=float, default=0, help="memory budget of --warm-jobs in GiB (default: 90%% of "
-                                                             "the device's free memory; on CPU half the RAM)")
+    p.add_argument("--warm-gb", type=float, default=0, help="memory budget of --warm-jobs and --load-jobs in GiB "
+                                                             "(default: 90%% of the device's free memory; on CPU half "
+                                                             "the RAM)")
+    p.add_argument("--load-jobs", type=int, default=0, metavar="N",
+                   help="with --processes per-cell: start up to N processes at once (within --warm-gb) that load "
+                        "their steps side by side, then time one at a time with nothing else running "
+                        "(chai_models/gate.py); a grid's minutes are mostly process starts and loads")
+    p.add_argument("--peer", default=None, metavar="'SCRIPT ARG...'",
+                   help="with --processes per-cell: also run another project's decode timer script for each cell, "
+                        "{B} and {T} in its arguments standing for the cell's batch and context, in turns with ours "
+                        "(e.g. 'peers/gptfast_decode.py --batch {B} --context {T}'); its lines print as it prints them")
     p.add_argument("--warm-only", action="store_true",
                    help="with --warm-jobs: compile every step into the caches and time nothing (a later run times "
                         "them)")
@@ -578,7 +630,7 @@ def _main(argv=None) -> int:
                    help="leave out the cells whose dense KV cache is over G GB (dense and CHAI alike, so every timed "
                         "CHAI cell has its dense pair)")
     p.add_argument("--warm-child", action="store_true", help=argparse.SUPPRESS)  # internal: one step, compiled
-    p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: the parent's dense timings (json)
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: the parent's dense timings (a file)
     argv = sys.argv[1:] if argv is None else list(argv)
     a = p.parse_args(argv)
     if a.shape not in known_shapes():
@@ -624,6 +676,10 @@ def _main(argv=None) -> int:
     if a.processes == "per-cell" and (a.ttft or a.capacity_gb or a.hf):
         p.error("--processes per-cell times decode cells only: --ttft, --capacity-gb and --hf go with per-config or "
                 "one")
+    if (a.load_jobs or a.peer) and a.processes != "per-cell":
+        p.error("--load-jobs and --peer run one process per cell: add --processes per-cell")
+    if a.peer and not os.path.isfile(shlex.split(a.peer)[0] if a.peer.strip() else ""):
+        p.error(f"--peer {a.peer!r}: its first word must be the path of the peer's timer script (a Python file)")
     if a.warm_only and not (a.warm_jobs and "compiled" in a.mode):
         p.error("--warm-only goes with --warm-jobs N and --mode compiled (it compiles the steps and times nothing)")
     several = len(a.chai) * len(a.backend) > 1 or (a.processes == "per-cell" and len(a.batch) * len(a.context) > 1)
@@ -638,20 +694,29 @@ def _main(argv=None) -> int:
         except torch.OutOfMemoryError:
             pass  # the timed process reports it
         return 0
-    bw = copy_bandwidth(device)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"# {a.shape} {a.dtype} on {card}, torch {torch.__version__}, copy bandwidth {bw / 1e12:.2f} TB/s, "
-          f"weights {weight_bytes(model) / 1e9:.2f} GB" + ("" if tp is None else " per rank"))
-    if tp is not None:
-        print(f"# tensor parallel over {tp.world} ranks ({torch.distributed.get_backend()}): bytes, GB/s and %bw per "
-              "rank; AR: the step's 2 x n_layers all-reduces timed alone, and their share of the step")
-    if a.calibrate:
-        return time_calibration(model, a.calibrate, a.calibrate_len, device)
     hdr = (f"{'config':<22}{'B':>4}{'T':>7}{'mode':>10}{'tok/s':>10}{'ms/tok':>9}{'GB/s':>8}{'%bw':>6}"
            f"{'KV MB':>9}{'peak MB':>9}{'vs dense':>9}{'ideal':>7}")
     hdr += "" if tp is None else f"{'AR ms':>8}{'AR %':>6}"
-    print(hdr)
-    dense_ref = {} if a.child is None else {tuple(json.loads(k)): r for k, r in json.loads(a.child).items()}
+    bw = None
+
+    def measure_bandwidth():  # at the start; in a process that times in turns (gate), once its turn has come
+        nonlocal bw
+        gate.wait_turn()
+        bw = copy_bandwidth(device)
+        print(f"# {a.shape} {a.dtype} on {card}, torch {torch.__version__}, copy bandwidth {bw / 1e12:.2f} TB/s, "
+              f"weights {weight_bytes(model) / 1e9:.2f} GB" + ("" if tp is None else " per rank"))
+        if tp is not None:
+            print(f"# tensor parallel over {tp.world} ranks ({torch.distributed.get_backend()}): bytes, GB/s and %bw "
+                  "per rank; AR: the step's 2 x n_layers all-reduces timed alone, and their share of the step")
+        if not a.calibrate:
+            print(hdr)
+
+    if gate.ENV not in os.environ:
+        measure_bandwidth()
+    if a.calibrate:
+        return time_calibration(model, a.calibrate, a.calibrate_len, device)
+    dense_ref = {}
     for backend, spec in ((b, s) for b in a.backend for s in a.chai):
         cfg = chai_config(model, spec)
         backend = set_backend(model, backend)
@@ -668,7 +733,8 @@ def _main(argv=None) -> int:
                     continue
                 for mode in a.mode:
                     try:
-                        r = bench_decode(model, B, T, mode == "compiled", steps=a.steps)
+                        r = bench_decode(model, B, T, mode == "compiled", steps=a.steps,
+                                         before_timing=measure_bandwidth if bw is None else None)
                     except torch.OutOfMemoryError:
                         print(f"{name:<22}{B:>4}{T:>7}{mode:>10}  out of memory")
                         model.clear_caches()
@@ -679,6 +745,8 @@ def _main(argv=None) -> int:
                     key = (backend, B, T, mode)
                     if cfg is None:
                         dense_ref[key] = r
+                    elif a.child is not None:  # the dense pair may have ended in another process since this began
+                        dense_ref.update(_read_dense(a.child))
                     ref = dense_ref.get(key)
                     speed = f"{ref['s_per_step'] / t:>8.3f}x" if ref and cfg is not None else f"{'':>9}"
                     ideal = f"{ref['bytes'] / r['bytes']:>6.3f}x" if ref and cfg is not None else f"{'':>7}"

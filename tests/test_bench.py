@@ -33,16 +33,21 @@ def test_bench_table(processes, backends):
     assert sum("time to first token at 16" in line for line in lines) == 2 * len(backends)
 
 
-def test_bench_process_per_cell(tmp_path):
-    """--processes per-cell: each (configuration, B, T) in a process of its own, still one table; CHAI's rows get
-    their ratios from dense's processes; a cell that --max-kv-gb leaves out is not started, and says so."""
+def test_bench_process_per_cell_in_turns_with_a_peer(tmp_path):
+    """--processes per-cell: each (configuration, B, T) in a process of its own, still one table; with --load-jobs the
+    processes load two at a time and time in turns, CHAI's rows still getting their ratios from dense's processes;
+    a --peer script runs for each cell and its lines print; a cell that --max-kv-gb leaves out is not started, and
+    says so."""
     import torch
     from chai_models.bench import dense_kv_bytes
     limit = (dense_kv_bytes("tiny", 2, 32, torch.float32) + 1) / 1e9  # B=2 T=64 is over it, the rest fit
+    peer = tmp_path / "peer.py"
+    peer.write_text("import sys\nprint('peer timer', *sys.argv[1:])\n")
     run = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "--shape", "tiny", "--device", "cpu",
                           "--dtype", "float32", "--chai", "2", "dense", "--steps", "2", "--batch", "1", "2",
                           "--context", "32", "64", "--backend", "torch", "--processes", "per-cell", "--max-kv-gb",
-                          repr(limit)], capture_output=True, text=True)
+                          repr(limit), "--load-jobs", "2", "--peer", f"{peer} B={{B}} T={{T}}"],
+                         capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
     lines = run.stdout.splitlines()
     assert sum(line.startswith("config") for line in lines) == 1, lines
@@ -53,9 +58,13 @@ def test_bench_process_per_cell(tmp_path):
         assert "left out: dense KV cache" in " ".join(rows[(spec, "2", "64")])
         assert all(rows[(spec, *c)][4] == "eager" for c in cells)
     assert all(rows[("2", *c)][-1].endswith("x") and rows[("2", *c)][-2].endswith("x") for c in cells)
-    bad = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "--shape", "tiny", "--device", "cpu",
-                          "--processes", "per-cell", "--ttft", "16"], capture_output=True, text=True)
-    assert bad.returncode == 2 and "--ttft" in bad.stderr and "per-cell" in bad.stderr, bad.stderr
+    assert sorted(line for line in lines if line.startswith("peer")) == [f"peer timer B={B} T={T}" for B, T in cells]
+    for bad_args, words in ((["--processes", "per-cell", "--ttft", "16"], ["--ttft", "per-cell"]),
+                            (["--load-jobs", "2"], ["--load-jobs", "per-cell"]),
+                            (["--processes", "per-cell", "--peer", str(tmp_path / "none.py")], ["--peer"])):
+        bad = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "--shape", "tiny", "--device", "cpu",
+                              *bad_args], capture_output=True, text=True)
+        assert bad.returncode == 2 and all(w in bad.stderr for w in words), bad.stderr
 
 
 def test_bench_warm_up_compiles_first_then_times_from_the_compile_cache(tmp_path):

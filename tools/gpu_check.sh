@@ -12,18 +12,16 @@
 #   proj   one layer's projections alone, kernel vs cuBLAS, LLaMA-2-7B and OPT-6.7B at 1, 8, 32 rows (STEP_LIMIT)
 #   grid   the speed grid: dense and CHAI llama-7b at B = 1, 8, 32 and T = 512, 2048, 8192 but B=32 T=8192 (its dense
 #          cache, 137 GB, does not fit one H200: cells over GRID_MAX_KV_GB, default 100, are left out, CHAI's too),
-#          one process per configuration (GRID_PROCESSES=per-cell: one per cell), and gpt-fast beside them when
-#          PEERS names a folder holding ../shared/peers/gptfast_decode.py and gpt-fast's model.py as gf_model.py
-#          (never committed here). Compiling its 24 steps one after another takes ~16 minutes, so the step has two
-#          phases: GRID_PHASE=compile compiles every step into the compile caches and times nothing (ours through
-#          bench --warm-only, GRID_JOBS processes at a time, default 3, within GRID_GB GiB, default 60; gpt-fast's
-#          cells in two streams beside them; 417-424 s on an H200), GRID_PHASE=time times every cell, its first call
-#          loading the step from the caches, then prints the time at each gpt-fast cell; default both; each phase of
-#          ours under GRID_LIMIT seconds (default 570). GRID_SHAPE, GRID_CHAI, GRID_BATCH, GRID_CONTEXT and
+#          one process per cell, and gpt-fast beside them when PEERS names a folder holding
+#          ../shared/peers/gptfast_decode.py and gpt-fast's model.py as gf_model.py (never committed here). Two phases,
+#          each under GRID_LIMIT seconds (default 570): GRID_PHASE=compile compiles every step into the compile caches
+#          and times nothing (ours through bench --warm-only, GRID_JOBS processes at a time, default 3, within GRID_GB
+#          GiB, default 60; gpt-fast's cells in two streams beside them; ~420 s for the 24 steps on an H200);
+#          GRID_PHASE=time times every cell, ours and gpt-fast's, in turns (bench --load-jobs GRID_LOAD_JOBS, default
+#          6: that many processes load their steps from the caches side by side, then time one at a time with nothing
+#          else running; chai_models/gate.py); default both. GRID_SHAPE, GRID_CHAI, GRID_BATCH, GRID_CONTEXT and
 #          GRID_PEER_STREAMS change the grid. On a device whose calls end after 10 minutes: compile in one call and
-#          time in the next while the machine is still warm (the caches live on its disk). The timing phase does not
-#          fit one such call yet: ours and 6 of gpt-fast's 8 cells did in 600 s with one process per configuration,
-#          ours and 3 with one per cell (docs/performance.md, "Open gaps").
+#          time in the next while the machine is still warm (the caches live on its disk).
 # Each step runs under its own timeout, so a slow one cannot eat the others' time (on a device whose calls end
 # after 10 minutes, run one step per call). Logs go to ${OUT:-/tmp/chai-gpu}/<step>.log line by line as they
 # come (no buffering filter in the pipe), so a step cut short still leaves what it printed. Exit status: the
@@ -59,11 +57,13 @@ for step in "${steps[@]}"; do
           done ;;
     grid) G="python tools/bench.py --shape ${GRID_SHAPE:-llama-2-7b} --steps 64 --mode compiled \
              --chai dense ${GRID_CHAI:-llama-7b} --backend triton --batch ${GRID_BATCH:-1 8 32} \
-             --context ${GRID_CONTEXT:-512 2048 8192} --max-kv-gb ${GRID_MAX_KV_GB:-100} --processes ${GRID_PROCESSES:-per-config}"
+             --context ${GRID_CONTEXT:-512 2048 8192} --max-kv-gb ${GRID_MAX_KV_GB:-100} --processes per-cell"
           # gpt-fast's cells, BxT, in streams separated by ';' that compile side by side: two, so that its two
           # big cells (46 GB each) never overlap
           IFS=';' read -ra peer_cells <<< "${GRID_PEER_STREAMS:-1x512 1x2048 1x8192 8x512;8x2048 32x512 8x8192 32x2048}"
-          peer() { (cd "$PEERS" && run "$LIMIT" python gptfast_decode.py --batch "${1%x*}" --context "${1#*x}"); }
+          # as the timing phase runs it (through chai_models.gate, from here), so that its compile-cache entries match
+          peer() { run "$LIMIT" python -m chai_models.gate "$PEERS/gptfast_decode.py" --batch "${1%x*}" \
+                     --context "${1#*x}"; }
           phase=${GRID_PHASE:-both}
           if [ "$phase" != time ]; then
             if [ -n "${PEERS:-}" ]; then
@@ -76,13 +76,9 @@ for step in "${steps[@]}"; do
             wait
           fi
           if [ "$phase" != compile ]; then
-            run "${GRID_LIMIT:-570}" $G || echo "=== grid: our timing phase failed or ran out of time (rc $?)"
-            if [ -n "${PEERS:-}" ]; then
-              for c in ${peer_cells[@]}; do
-                echo "=== grid: gpt-fast $c $(date +%T)"
-                peer "$c" || echo "=== grid: gpt-fast $c failed (rc $?)"
-              done
-            fi
+            peer_arg=(); [ -z "${PEERS:-}" ] || peer_arg=(--peer "$PEERS/gptfast_decode.py --batch {B} --context {T}")
+            run "${GRID_LIMIT:-570}" $G --load-jobs "${GRID_LOAD_JOBS:-6}" "${peer_arg[@]}" \
+              || echo "=== grid: the timing phase failed or ran out of time (rc $?)"
             echo "=== grid: timed $(date +%T)"
           fi ;;
   esac 2>&1 | tee "$OUT/$step.log"
