@@ -906,7 +906,7 @@ def decode_split_variant(dense, one_split, fused, pdl, rope):
 
 
 def gemv_variant(norm, swiglu, bias, res, pdl, layer_norm=False, relu=False):
-    cfg = {n: v for n, v in gemv.gemv_config(4096, 4096, swiglu).items() if n != "num_warps"}
+    cfg = {n: v for n, v in gemv.gemv_config(4096, swiglu).items() if n != "num_warps"}
     return (gemv, "_gemv_kernel", dict(eps="fp32"),
             dict(K=4096, NORM=norm, LAYER_NORM=layer_norm, SWIGLU=swiglu, RELU=relu, HAS_BIAS=bias, HAS_RES=res,
                  PDL=pdl, **cfg))

@@ -186,14 +186,15 @@ if triton is not None:
         tl.store(out_ptr + ms[None, :] * n_out + out0 + rows[:, None], y.to(odt), mask=ok)
 
 
-def gemv_config(n_rows: int, K: int, swiglu: bool, layer_norm: bool = False) -> dict:
-    """BLOCK_N, BLOCK_K, num_warps of _gemv_kernel for weights of n_rows (all segments) x K.
+def gemv_config(K: int, swiglu: bool, layer_norm: bool = False) -> dict:
+    """BLOCK_N, BLOCK_K, num_warps of _gemv_kernel for weights of K columns (the row count never decides it).
 
     The winners of launch-config sweeps over the projections of LLaMA-2-7B (docs/performance.md, "dense decode")
-    and of OPT-6.7B ("OPT decode"): LLaMA's fused Q/K/V and output head, wo, gate+up and down each get their own;
-    OPT's LayerNorm prologue (Q/K/V, fc1) wants more rows per program and shorter tiles, and its 16384-wide fc2 two
-    rows and long tiles. The K rules reach shapes neither sweep timed: K >= 16384 also takes the down projections of
-    LLaMA-33B and larger (intermediate sizes 17920-28672), 8192 <= K < 16384 those of LLaMA-13B (13824).
+    and of OPT-6.7B ("OPT decode"): LLaMA's fused Q/K/V, wo and the output head share one, gate+up and down each
+    get their own; OPT's LayerNorm prologue (Q/K/V, fc1) wants more rows per program and shorter tiles, and its
+    16384-wide fc2 two rows and long tiles. The K rules reach shapes neither sweep timed: K >= 16384 also takes
+    the down projections of LLaMA-33B and larger (intermediate sizes 17920-28672), 8192 <= K < 16384 those of
+    LLaMA-13B (13824).
     """
     if swiglu:
         bn, bk, warps = 4, 1024, 4
@@ -202,9 +203,7 @@ def gemv_config(n_rows: int, K: int, swiglu: bool, layer_norm: bool = False) -> 
     elif K >= 16384:
         bn, bk, warps = 2, 2048, 4
     elif K >= 8192:
-        bn, bk, warps = 16, 512, 8
-    elif n_rows <= 4096:
-        bn, bk, warps = 2, 2048, 4
+        bn, bk, warps = 1, 1024, 8
     else:
         bn, bk, warps = 4, 2048, 8
     bk = min(bk, max(16, triton.next_power_of_2(K)))
@@ -256,7 +255,7 @@ def gemv_launch(x, weights, biases, norm_weight, norm_bias, eps, residual, swigl
     ns = ns + [0] * (3 - len(ns))
     res = residual.contiguous() if residual is not None else x
     if M == 1:
-        cfg = config or gemv_config(n_out, K, swiglu, norm_bias is not None)
+        cfg = config or gemv_config(K, swiglu, norm_bias is not None)
         grid = (sum(triton.cdiv(n, cfg["BLOCK_N"]) for n in ns),)
         _gemv_kernel[grid](x, norm_weight if norm_weight is not None else x,
                            norm_bias if norm_bias is not None else x, *ws, *bs, res, out, ns[0], ns[1], ns[2], eps,
