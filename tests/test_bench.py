@@ -148,3 +148,41 @@ def test_bench_projections_table():
     for args, words in ((["--rows", "33"], "1..32 rows"), (["--only", "wq"], "its groups: q/k/v, wo")):
         bad = subprocess.run([*base, *args], capture_output=True, text=True)
         assert bad.returncode == 2 and words in bad.stderr, bad.stderr
+
+
+def test_bench_attention_table(monkeypatch):
+    """tools/bench_attention.py on CPU (the kernels interpreted): a row per (layer, B, T) with the step's other path
+    beside the decode kernel (which it checks first: a wrong kernel fails the timing); --sweep lists the three
+    fastest launch configs; bad cluster counts and contexts are refused."""
+    from chai_models.fast import attention as fast_attention
+
+    base = [sys.executable, str(ROOT / "tools" / "bench_attention.py"), "--shape", "tiny", "--device", "cpu",
+            "--dtype", "float32", "--copies", "1"]
+    run = subprocess.run([*base, "--clusters", "0", "3", "--batch", "2", "--context", "64", "520"],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = [line.split() for line in run.stdout.splitlines() if not line.startswith(("#", "layer"))]
+    assert [r[:3] for r in rows] == [["dense", "2", "64"], ["dense", "2", "520"], ["k=3", "2", "64"],
+                                     ["k=3", "2", "520"]], run.stdout
+    # the step's path: the decode kernel up to B x T of the layer's limit, then the other
+    limits = {"dense": fast_attention.DENSE_DECODE_MAX_POSITIONS, "k=3": fast_attention.CLUSTERED_DECODE_MAX_POSITIONS}
+    assert [r[8] for r in rows] == ["kernel" if int(r[1]) * int(r[2]) <= limits[r[0]] else "other" for r in rows]
+    assert all(r[7].endswith("x") and "split=" in " ".join(r[9:]) for r in rows), run.stdout
+    sweep = subprocess.run([*base, "--clusters", "0", "--batch", "1", "--context", "64", "--sweep"],
+                           capture_output=True, text=True)
+    assert sweep.returncode == 0, sweep.stderr[-2000:]
+    found = [line.split() for line in sweep.stdout.splitlines() if line.startswith("  sweep")]
+    assert len(found) == 3 and all("block_t=" in " ".join(r) for r in found), sweep.stdout
+    assert [float(r[3]) for r in found] == sorted(float(r[3]) for r in found)
+    for args, words in ((["--clusters", "8"], "1..7 clusters"), (["--context", "40"], "use more")):
+        bad = subprocess.run([*base, *args], capture_output=True, text=True)
+        assert bad.returncode == 2 and words in bad.stderr, bad.stderr
+
+    import torch
+
+    from chai_models import bench_attention
+
+    monkeypatch.setattr(bench_attention, "decode_launch", lambda q, *a, **kw: torch.zeros(q.shape[0], 8, q.shape[2]))
+    with pytest.raises(RuntimeError, match="differs from the other path"):
+        bench_attention.time_attention(bench_attention.layer_shape("tiny"), 0, 1, 64, "kernel", 1, torch.float32,
+                                       torch.device("cpu"))
