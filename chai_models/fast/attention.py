@@ -26,8 +26,11 @@ from .kernels.probs import clustered_probs, probs_times_v
 from .kernels.rope_cache import rope_and_cache
 from .kernels.window import window_attention
 
-DENSE_DECODE_MAX_POSITIONS = 1024  # dense layers: the decode kernel up to B x T = 1024, then RoPE + writes + SDPA
-CLUSTERED_DECODE_MAX_POSITIONS = 16384  # CHAI layers: the decode kernel up to B x T = 16384, then probs + cuBLAS
+# Where the split-T decode kernel serves a decode token with every row at one position, from whole-step timings on
+# the H200 (docs/performance.md, "decode kernel", "CHAI decode"): dense layers up to B x T = 1024 positions, then
+# RoPE + writes + SDPA; CHAI's clustered layers up to 8192, then the probabilities + cuBLAS over V.
+DENSE_DECODE_MAX_POSITIONS = 1024
+CLUSTERED_DECODE_MAX_POSITIONS = 8192
 
 
 def rotate(q, k, rope):
