@@ -215,17 +215,20 @@ MAX_ROWS = 32  # rows up to which `linear` takes the kernels inside torch.compil
 
 def rows_config(n_rows: int, K: int, M: int, swiglu: bool, itemsize: int) -> dict:
     """BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages of _rows_kernel for M rows through weights of n_rows
-    x K: the winners of a sweep over LLaMA-2-7B's projections at M = 8 and 32 (docs/performance.md, "small-M GEMM").
+    x K: the winners of sweeps over LLaMA-2-7B's and OPT-6.7B's projections at M = 8 and 32 (docs/performance.md,
+    "small-M GEMM").
     Stages are cut to what fits in shared memory for wider dtypes (fp32)."""
     bm = max(16, triton.next_power_of_2(M))
     if swiglu:  # 32 gate rows and the 32 matching up rows per program: the bytes of the 64-row winner
         bn, bk, stages = 32, 128, 3
+    elif K >= 16384:  # OPT-6.7B's fc2 (and the down projections of LLaMA-33B and larger)
+        bn, bk, stages = (32, 512, 4) if bm <= 16 else (32, 512, 3)
     elif K >= 8192:  # down
         bn, bk, stages = (64, 256, 5) if bm <= 16 else (32, 256, 5)
     elif n_rows <= 4096:  # wo
         bn, bk, stages = 32, 512, 3
-    else:  # Q/K/V, the head
-        bn, bk, stages = 64, 128, 3
+    else:  # Q/K/V; with 16384 rows or more (OPT's fc1, the output heads) a stage deeper
+        bn, bk, stages = 64, 128, 3 if n_rows < 16384 else 4
     bk = min(bk, max(16, triton.next_power_of_2(K)))
     stages = max(1, min(stages, ROWS_SHARED_BYTES // rows_stage_bytes(bm, bn, bk, swiglu, itemsize)))
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=stages)
