@@ -513,17 +513,17 @@ def _child_processes(argv, a, device, dtype) -> int:
                     print(f"{backend + ' ' + spec:<22}failed (exit status {proc.returncode})", flush=True)
         else:
             jobs, what = [], {}
-            for (backend, spec), B, T in itertools.product(configs, a.batch, a.context):
-                name = f"{backend} {spec}"
-                if over_max_kv(a, B, T, dtype):
-                    print(left_out(name, a, B, T, dtype), flush=True)
-                    continue
-                job = gate.Job(command(backend, spec, ["--batch", str(B), "--context", str(T)]),
-                               cell_bytes(a.shape, B, T, dtype), env)
-                jobs.append(job)
-                what[id(job)] = f"{name:<22}{B:>4}{T:>7}  "
-            for B, T in itertools.product(a.batch, a.context) if a.peer else ():
-                if over_max_kv(a, B, T, dtype):
+            for B, T in itertools.product(a.batch, a.context):  # cell by cell: dense, CHAI, then the peer
+                for backend, spec in configs:
+                    name = f"{backend} {spec}"
+                    if over_max_kv(a, B, T, dtype):
+                        print(left_out(name, a, B, T, dtype), flush=True)
+                        continue
+                    job = gate.Job(command(backend, spec, ["--batch", str(B), "--context", str(T)]),
+                                   cell_bytes(a.shape, B, T, dtype), env)
+                    jobs.append(job)
+                    what[id(job)] = f"{name:<22}{B:>4}{T:>7}  "
+                if not a.peer or over_max_kv(a, B, T, dtype):
                     continue
                 peer = shlex.split(a.peer.format(B=B, T=T))
                 # a peer may build its weights in float32 first, then convert them to the dtype
