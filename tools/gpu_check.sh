@@ -16,12 +16,14 @@
 #          ../shared/peers/gptfast_decode.py and gpt-fast's model.py as gf_model.py (never committed here). Two phases,
 #          each under GRID_LIMIT seconds (default 570): GRID_PHASE=compile compiles every step into the compile caches
 #          and times nothing (ours through bench --warm-only, GRID_JOBS processes at a time, default 3, within GRID_GB
-#          GiB, default 60; gpt-fast's cells in two streams beside them; ~420 s for the 24 steps on an H200);
+#          GiB, default 60; gpt-fast's cells in two streams beside them; 420-500 s for the 24 steps on an H200);
 #          GRID_PHASE=time times every cell, ours and gpt-fast's, in turns (bench --load-jobs GRID_LOAD_JOBS, default
-#          6: that many processes load their steps from the caches side by side, then time one at a time with nothing
-#          else running; chai_models/gate.py); default both. GRID_SHAPE, GRID_CHAI, GRID_BATCH, GRID_CONTEXT and
-#          GRID_PEER_STREAMS change the grid. On a device whose calls end after 10 minutes: compile in one call and
-#          time in the next while the machine is still warm (the caches live on its disk).
+#          6: that many processes load their steps from the caches, or compile them if no compile phase ran, side by
+#          side, then time one at a time with nothing else running; chai_models/gate.py); default both. GRID_SHAPE,
+#          GRID_CHAI, GRID_BATCH, GRID_CONTEXT and GRID_PEER_STREAMS change the grid. On a device whose calls end
+#          after 10 minutes: compile in one call and time in the next while the machine is still warm (the caches live
+#          on its disk): 423 s for the whole grid.
+#          GRID_PHASE=time alone compiles cold in the load groups: GRID_BATCH="8 32" took 415 s, the whole grid more.
 # Each step runs under its own timeout, so a slow one cannot eat the others' time (on a device whose calls end
 # after 10 minutes, run one step per call). Logs go to ${OUT:-/tmp/chai-gpu}/<step>.log line by line as they
 # come (no buffering filter in the pipe), so a step cut short still leaves what it printed. Exit status: the
