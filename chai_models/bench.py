@@ -158,6 +158,22 @@ def median(xs):
     return statistics.median(xs)
 
 
+def time_graph(run, device, repeats: int = 20) -> float:
+    """Seconds that run() takes: on CUDA, after one eager run (it compiles the kernels and warms cuBLAS), its work
+    captured in a CUDA graph and replayed, the median of `repeats`; on the CPU one eager pass (the kernels run
+    interpreted there: a check of a tool, not a timing)."""
+    if device.type != "cuda":
+        return time_cpu(run)
+    run()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    for _ in range(3):
+        graph.replay()
+    return median([time_cuda(graph.replay) for _ in range(repeats)])
+
+
 @torch.no_grad()
 def bench_decode(model, B: int, T: int, compiled: bool, steps: int = 32, repeats: int = 5,
                  before_timing=None) -> dict:

@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from .bench import copy_bandwidth, known_shapes, median, meta_model, time_cpu, time_cuda
+from .bench import copy_bandwidth, known_shapes, meta_model, time_graph
 from .chai.attention import n_k_slots
 from .errors import UserError, run_main
 from .fast.attention import CLUSTERED_DECODE_MAX_POSITIONS, DENSE_DECODE_MAX_POSITIONS
@@ -87,9 +87,8 @@ def _call(path: str, caches, token, cos, sin, pos, lists, scale: float, config: 
 def time_attention(shape: tuple, k: int, B: int, T: int, path: str, copies: int, dtype, device,
                    repeats: int = 20, config: dict | None = None) -> float:
     """Seconds per call of one layer's decode-token attention on `path` ("kernel" or "other"; config: the decode
-    kernel's launch config in place of decode_config's): on CUDA a graph of one call per cache copy, replayed; on
-    CPU one eager pass (the kernels interpreted: a check of the tool, not a timing). The kernel is checked against
-    the other path first."""
+    kernel's launch config in place of decode_config's), one call per cache copy through bench.time_graph. The
+    kernel is checked against the other path first."""
     H, Hkv, D, rope = shape
     caches, token, cos, sin, pos, lists = _inputs(H, Hkv, D, rope, k, B, T, copies, dtype, device)
     scale = D ** -0.5
@@ -104,16 +103,7 @@ def time_attention(shape: tuple, k: int, B: int, T: int, path: str, copies: int,
         if err > (1e-4 if dtype == torch.float32 else 2e-2):
             raise RuntimeError(f"{k or 'dense'} B={B} T={T}: the decode kernel differs from the other path "
                                f"(relative error {err:.2e})")
-    if device.type != "cuda":
-        return time_cpu(run) / copies
-    run()  # compiles the kernels, warms cuBLAS and cuDNN
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run()
-    for _ in range(3):
-        graph.replay()
-    return median([time_cuda(graph.replay) for _ in range(repeats)]) / copies
+    return time_graph(run, device, repeats) / copies
 
 
 def read_bytes(shape: tuple, k: int, B: int, T: int, itemsize: int) -> int:

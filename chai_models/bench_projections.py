@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from .bench import copy_bandwidth, known_shapes, median, meta_model, time_cpu, time_cuda
+from .bench import copy_bandwidth, known_shapes, meta_model, time_graph
 from .errors import UserError, run_main
 from .fast.kernels import available, gemv, triton
 from .models.llama import LlamaConfig, RMSNorm
@@ -75,8 +75,7 @@ def _call(path: str, p: dict, x, lins, packed, norm, residual, config=None):
 def time_projection(p: dict, M: int, path: str, copies: int, dtype, device, eps: float = 1e-5,
                     repeats: int = 20, config: dict | None = None) -> float:
     """Seconds per call of one projection group at M rows on `path` ("kernel" or "torch"; config: the kernel's
-    launch config in place of its own): on CUDA a graph of one call per weight copy, replayed; on CPU eager calls
-    (the kernels interpreted)."""
+    launch config in place of its own), one call per weight copy through bench.time_graph."""
     sets, x, norm, residual = _inputs(p, M, copies, dtype, device, eps)
     if norm is not None and M > 1:  # several rows: the compiled step normalizes them in a kernel of inductor's own
         x, norm = norm(x), None     # before the projection, so neither path's timing holds the norm
@@ -94,17 +93,7 @@ def time_projection(p: dict, M: int, path: str, copies: int, dtype, device, eps:
             raise RuntimeError(f"{p['name']} at {M} rows: the kernel differs from the torch path (relative error "
                                f"{err:.2e})")
 
-    if device.type != "cuda":
-        run()
-        return median([time_cpu(run) for _ in range(3)]) / copies
-    run()  # compiles the kernels, warms cuBLAS
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run()
-    for _ in range(3):
-        graph.replay()
-    return median([time_cuda(graph.replay) for _ in range(repeats)]) / copies
+    return time_graph(run, device, repeats) / copies
 
 
 def candidates(p: dict, M: int, itemsize: int) -> list[dict]:
