@@ -437,12 +437,6 @@ def process_age() -> float | None:
     return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
 
 
-def _memory_budget(device) -> int:
-    if device.type == "cuda":
-        return int(0.9 * torch.cuda.mem_get_info(device)[0])
-    return int(0.5 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-
-
 def _warm_up(argv, a, device, dtype, env) -> None:
     """Compiles every (configuration, cell) in its own process, a.warm_jobs at a time within the device's free
     memory, before anything is timed: the timing processes then load each graph from the compile caches (FX graph,
@@ -452,7 +446,7 @@ def _warm_up(argv, a, device, dtype, env) -> None:
     device; the tuned choices are cached and reused by the timed run."""
     cells = [(b, s, B, T) for b in a.backend for s in a.chai for B in a.batch for T in a.context
              if not over_max_kv(a, B, T, dtype)]
-    budget = a.warm_gb * 2**30 if a.warm_gb else _memory_budget(device)
+    budget = a.warm_gb * 2**30 if a.warm_gb else gate.memory_budget(device)
     need = {c: cell_bytes(a.shape, c[2], c[3], dtype) for c in cells}
     pending = sorted((c for c in cells if need[c] <= budget), key=lambda c: -need[c])
     for c in cells:
@@ -553,7 +547,7 @@ def _child_processes(argv, a, device, dtype) -> int:
                 if returncode != 0:
                     print(f"{what[id(job)]}failed (exit status {returncode})", flush=True)
 
-            budget = a.warm_gb * 2**30 if a.warm_gb else _memory_budget(device)
+            budget = a.warm_gb * 2**30 if a.warm_gb else gate.memory_budget(device)
             gate.run_in_turns(jobs, budget, a.load_jobs or 1, done)
     if a.hf:
         _print_hf(a, device, dtype)

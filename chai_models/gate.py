@@ -10,12 +10,20 @@ lone process's.
 `python -m chai_models.gate SCRIPT [ARG...]` runs another project's timer script (a peer, such as gpt-fast's) under
 the same rule without changing it: each function it compiles with torch.compile waits for its turn before its second
 call (the first call compiles the step or loads it from the compile caches).
+
+`python -m chai_models.gate --turns 'DIR SCRIPT ARG...' ...` runs several such scripts in turns, each from its own
+source tree DIR: two builds of this project timed in one device call, each step in a process of its own.
+
+    python -m chai_models.gate --turns --need-gb 30 '. tools/bench.py --batch 8 --processes one' \
+        '../old tools/bench.py --batch 8 --processes one'
 """
 from __future__ import annotations
 
+import argparse
 import functools
 import os
 import runpy
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -123,5 +131,52 @@ def run_peer(argv: list[str]) -> None:
     runpy.run_path(argv[0], run_name="__main__")
 
 
+def run_trees(argv: list[str]) -> int:
+    """--turns: each job 'DIR SCRIPT ARG...' runs as `python -m chai_models.gate SCRIPT ARG...` from DIR (and
+    DIR's chai_models), in turns; prints '=== DIR SCRIPT ARG...  exit status N' and the job's output as each ends.
+    Exit status: the number of jobs that failed."""
+    p = argparse.ArgumentParser(prog="python -m chai_models.gate --turns", description=run_trees.__doc__)
+    p.add_argument("jobs", nargs="+", metavar="'DIR SCRIPT ARG...'")
+    p.add_argument("--load-jobs", type=int, default=6, metavar="N", help="processes that load at once (default 6)")
+    p.add_argument("--need-gb", type=float, default=30, help="device memory one job holds, GiB (default 30)")
+    p.add_argument("--budget-gb", type=float, default=0, help="memory the jobs of a group share, GiB (default: 90%% "
+                                                               "of the device's free memory, or half the RAM)")
+    a = p.parse_args(argv)
+    jobs, names = [], {}
+    for spec in a.jobs:
+        words = shlex.split(spec)
+        if len(words) < 2 or not os.path.isdir(words[0]) or not os.path.isfile(os.path.join(*words[:2])):
+            p.error(f"{spec!r}: each job is 'DIR SCRIPT ARG...', SCRIPT a file inside the folder DIR")
+        tree = os.path.abspath(words[0])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [tree, os.environ.get("PYTHONPATH")]))}
+        job = Job(["bash", "-c", f"cd {shlex.quote(tree)} && exec {shlex.quote(sys.executable)} -m chai_models.gate "
+                                 f"{shlex.join(words[1:])}"], int(a.need_gb * 2**30), env)
+        jobs.append(job)
+        names[id(job)] = spec
+    failed = 0
+
+    def done(job, returncode, out):
+        nonlocal failed
+        failed += returncode != 0
+        print(f"=== {names[id(job)]}  exit status {returncode}\n{out}", end="" if out.endswith("\n") else "\n",
+              flush=True)
+
+    run_in_turns(jobs, int(a.budget_gb * 2**30) or memory_budget(), a.load_jobs, done)
+    return failed
+
+
+def memory_budget(device=None) -> int:
+    """Bytes that the processes of a group may hold together: 90% of a CUDA device's free memory (the first one by
+    default, if any), or half the RAM."""
+    import torch
+
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        return int(0.9 * torch.cuda.mem_get_info(device)[0])
+    return int(0.5 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--turns"]:
+        sys.exit(run_trees(sys.argv[2:]))
     run_peer(sys.argv[1:])

@@ -86,3 +86,33 @@ def test_a_peer_script_waits_for_its_turn_before_its_second_compiled_call(tmp_pa
     missing = subprocess.run([sys.executable, "-m", "chai_models.gate", str(tmp_path / "nope.py")],
                              capture_output=True, text=True, env=ENV)
     assert missing.returncode != 0 and "no peer timer script" in missing.stderr
+
+
+def test_turns_runs_each_job_from_its_own_tree(tmp_path):
+    """--turns: each 'DIR SCRIPT ARG...' runs from its own folder with that folder's chai_models first on the path (two
+    builds timed in one call); each job's output follows a header with its exit status; a failed job counts in the
+    exit status; a job that is no 'DIR SCRIPT' is refused."""
+    trees = []
+    for name in ("new", "old"):
+        tree = tmp_path / name
+        (tree / "chai_models").mkdir(parents=True)
+        (tree / "chai_models" / "__init__.py").write_text(f"BUILD = {name!r}\n")
+        (tree / "chai_models" / "gate.py").write_text((ROOT / "chai_models" / "gate.py").read_text())
+        (tree / "timer.py").write_text(textwrap.dedent("""
+            import os, sys
+            import chai_models
+            from chai_models.gate import wait_turn
+            wait_turn()
+            print("build", chai_models.BUILD, "in", os.path.basename(os.getcwd()), *sys.argv[1:])
+            sys.exit(int(sys.argv[1]))
+        """))
+        trees.append(tree)
+    run = subprocess.run([sys.executable, "-m", "chai_models.gate", "--turns", "--need-gb", "0.001",
+                          f"{trees[0]} timer.py 0", f"{trees[1]} timer.py 4"], capture_output=True, text=True,
+                         env=ENV, cwd=tmp_path)
+    assert run.returncode == 1, run.stderr[-2000:]  # one job failed
+    assert run.stdout.splitlines() == [f"=== {trees[0]} timer.py 0  exit status 0", "build new in new 0",
+                                       f"=== {trees[1]} timer.py 4  exit status 4", "build old in old 4"], run.stdout
+    bad = subprocess.run([sys.executable, "-m", "chai_models.gate", "--turns", f"{trees[0]} none.py"],
+                         capture_output=True, text=True, env=ENV, cwd=tmp_path)
+    assert bad.returncode == 2 and "'DIR SCRIPT ARG...'" in bad.stderr, bad.stderr
