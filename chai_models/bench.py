@@ -174,6 +174,40 @@ def time_graph(run, device, repeats: int = 20) -> float:
     return median([time_cuda(graph.replay) for _ in range(repeats)])
 
 
+def kernel_device(device_name: str, dtype_name: str) -> tuple[torch.device, torch.dtype]:
+    """The device and dtype of a bench of the Triton kernels alone; a UserError where the kernels cannot run."""
+    from .checkpoint import dtype_from_name
+    from .fast.kernels import available
+
+    device, dtype = torch.device(device_name), dtype_from_name(dtype_name)
+    if not available(torch.empty(0, device=device, dtype=dtype)):
+        raise UserError(f"the Triton kernels cannot run on {device} here: use a CUDA device, or set "
+                        "TRITON_INTERPRET=1 to run them interpreted on the CPU")
+    return device, dtype
+
+
+def check_close(got, want, dtype, what: str) -> None:
+    """Raises `what` with the relative error when a kernel's output is off its reference by more than rounding
+    (1e-4 in fp32, 2e-2 in 16-bit): a timing of a wrong result is no timing."""
+    err = ((got.float() - want.float()).norm() / want.float().norm()).item()
+    if err > (1e-4 if dtype == torch.float32 else 2e-2):
+        raise RuntimeError(f"{what} (relative error {err:.2e})")
+
+
+def fastest(time_config, configs, top: int = 3) -> list[tuple[float, dict]]:
+    """(seconds, config) of the `top` fastest launch configs, time_config(config) timing each; a config whose tiles
+    and stages need more shared memory than an SM has is skipped."""
+    from triton.runtime.errors import OutOfResources
+
+    timed = []
+    for c in configs:
+        try:
+            timed.append((time_config(c), c))
+        except OutOfResources:
+            pass
+    return sorted(timed, key=lambda t: t[0])[:top]
+
+
 @torch.no_grad()
 def bench_decode(model, B: int, T: int, compiled: bool, steps: int = 32, repeats: int = 5,
                  before_timing=None) -> dict:
@@ -488,8 +522,7 @@ def _child_processes(argv, a, device, dtype) -> int:
     """Each configuration (backend, CHAI spec) in its own process, dense first as main ordered them, or with
     --processes per-cell each (configuration, B, T), and each --peer cell, run in turns (gate.run_in_turns:
     --load-jobs processes load side by side, one times at a time); one table."""
-    root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    env = gate.tree_env(str(Path(__file__).resolve().parents[1]))
     if a.warm_jobs and "compiled" in a.mode:
         _warm_up(argv, a, device, dtype, env)
     if a.warm_only:

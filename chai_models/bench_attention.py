@@ -2,8 +2,9 @@
 (new_token_decode: RoPE, the K/V row writes and the attention in one launch) against the step's other path for
 that layer (dense: rope_and_cache, then SDPA over the cache; CHAI: clustered_probs, then cuBLAS over V), each in a
 CUDA graph over several layers' caches so that none stays in L2. Every row of the batch sits at position T - 40,
-as in bench.py. Prints microseconds and TB/s of the cache bytes the layer must read (its K slots and V up to the
-position), and which path the step takes at that size; `--sweep` also times the decode kernel's launch configs.
+among the last positions bench.py's timed steps run over. Prints microseconds and TB/s of the cache bytes the
+layer must read (its K slots and V up to the position), and which path the step takes at that size; `--sweep`
+also times the decode kernel's launch configs.
 
     python tools/bench_attention.py --shape llama-2-7b --clusters 0 4 --batch 1 8 32 --context 512 2048 8192
 """
@@ -15,11 +16,11 @@ import sys
 
 import torch
 
-from .bench import copy_bandwidth, known_shapes, meta_model, time_graph
+from .bench import check_close, copy_bandwidth, fastest, kernel_device, known_shapes, meta_model, time_graph
 from .chai.attention import n_k_slots
 from .errors import UserError, run_main
 from .fast.attention import CLUSTERED_DECODE_MAX_POSITIONS, DENSE_DECODE_MAX_POSITIONS
-from .fast.kernels import available, triton
+from .fast.kernels import triton
 from .fast.kernels.decode import DECODE_MAX_SPLITS, decode_config, decode_launch
 from .fast.kernels.membership import membership
 from .fast.kernels.probs import clustered_probs, probs_times_v
@@ -27,7 +28,7 @@ from .fast.kernels.rope_cache import rope_and_cache
 from .models.llama import LlamaConfig
 from .models.shared import attention
 
-BEFORE_END = 40  # the token sits this many positions before the cache's end (bench.bench_decode's position)
+BEFORE_END = 40  # the token sits this many positions before the cache's end, as in tools/profile_decode.py
 
 
 def layer_shape(shape: str) -> tuple[int, int, int, bool]:
@@ -39,11 +40,12 @@ def layer_shape(shape: str) -> tuple[int, int, int, bool]:
     return H, H, cfg.hidden_size // H, False  # OPT: multi-head attention, learned positions
 
 
-def _inputs(H: int, Hkv: int, D: int, rope: bool, k: int, B: int, T: int, copies: int, dtype, device):
+def layer_inputs(shape: tuple, k: int, B: int, T: int, copies: int, dtype, device):
     """copies x one layer's caches (K [B, n_slots, T, D], V [B, Hkv, T, D]); the token's q [B, C, D] (C = k
     representatives, or H), k [B, n_slots, D], v [B, Hkv, D]; cos, sin [1, D] or None; pos [1]; the membership
     (members, cluster_start, slot_of_rep, head_to_cluster; None for dense) of random head features, so the clusters
     are as uneven as a real request's."""
+    H, Hkv, D, rope = shape
     gen = torch.Generator(device=device).manual_seed(0)
 
     def randn(*shape):
@@ -85,13 +87,13 @@ def _call(path: str, caches, token, cos, sin, pos, lists, scale: float, config: 
 
 @torch.no_grad()
 def time_attention(shape: tuple, k: int, B: int, T: int, path: str, copies: int, dtype, device,
-                   repeats: int = 20, config: dict | None = None) -> float:
+                   repeats: int = 20, config: dict | None = None, inputs: tuple | None = None) -> float:
     """Seconds per call of one layer's decode-token attention on `path` ("kernel" or "other"; config: the decode
     kernel's launch config in place of decode_config's), one call per cache copy through bench.time_graph. The
-    kernel is checked against the other path first."""
-    H, Hkv, D, rope = shape
-    caches, token, cos, sin, pos, lists = _inputs(H, Hkv, D, rope, k, B, T, copies, dtype, device)
-    scale = D ** -0.5
+    kernel is checked against the other path first. inputs: layer_inputs' for this cell, built once for all the
+    timings of a cell (the caches are GBs at B=32)."""
+    caches, token, cos, sin, pos, lists = inputs or layer_inputs(shape, k, B, T, copies, dtype, device)
+    scale = shape[2] ** -0.5
 
     def run():
         for c in caches:
@@ -99,10 +101,7 @@ def time_attention(shape: tuple, k: int, B: int, T: int, path: str, copies: int,
 
     if path == "kernel":  # a timing of a wrong result is no timing
         got, want = (_call(p, caches[0], token, cos, sin, pos, lists, scale, config) for p in ("kernel", "other"))
-        err = ((got.float() - want.float()).norm() / want.float().norm()).item()
-        if err > (1e-4 if dtype == torch.float32 else 2e-2):
-            raise RuntimeError(f"{k or 'dense'} B={B} T={T}: the decode kernel differs from the other path "
-                               f"(relative error {err:.2e})")
+        check_close(got, want, dtype, f"{k or 'dense'} B={B} T={T}: the decode kernel differs from the other path")
     return time_graph(run, device, repeats) / copies
 
 
@@ -123,17 +122,11 @@ def candidates(shape: tuple, k: int, T: int) -> list[dict]:
             for h, bt, s, w, st in itertools.product(hpbs, (32, 64), splits, (4, 8), (2, 3))]
 
 
-def sweep(shape: tuple, k: int, B: int, T: int, copies: int, dtype, device, top: int = 3):
+def sweep(shape: tuple, k: int, B: int, T: int, copies: int, dtype, device, top: int = 3, inputs=None):
     """(seconds, config) of every candidate config, fastest first (the `top` best)."""
-    from triton.runtime.errors import OutOfResources
-
-    timed = []
-    for c in candidates(shape, k, T):
-        try:
-            timed.append((time_attention(shape, k, B, T, "kernel", copies, dtype, device, repeats=10, config=c), c))
-        except OutOfResources:  # its tiles and stages need more shared memory than an SM has
-            pass
-    return sorted(timed, key=lambda t: t[0])[:top]
+    inputs = inputs or layer_inputs(shape, k, B, T, copies, dtype, device)
+    return fastest(lambda c: time_attention(shape, k, B, T, "kernel", copies, dtype, device, repeats=10, config=c,
+                                            inputs=inputs), candidates(shape, k, T), top)
 
 
 def main(argv=None) -> int:
@@ -154,8 +147,6 @@ def _main(argv=None) -> int:
     p.add_argument("--sweep", action="store_true", help="also time every candidate launch config of the decode "
                                                         "kernel and print the three fastest (each compiles once)")
     a = p.parse_args(argv)
-    from .checkpoint import dtype_from_name
-
     if a.shape not in known_shapes():
         raise UserError(f"unknown shape {a.shape!r}; known: {', '.join(known_shapes())}")
     shape = layer_shape(a.shape)
@@ -165,10 +156,7 @@ def _main(argv=None) -> int:
     short = [t for t in a.context if t <= BEFORE_END]
     if short:
         raise UserError(f"--context {short}: the token sits {BEFORE_END} positions before the end; use more")
-    device, dtype = torch.device(a.device), dtype_from_name(a.dtype)
-    if not available(torch.empty(0, device=device, dtype=dtype)):
-        raise UserError(f"the Triton kernels cannot run on {device} here: use a CUDA device, or set "
-                        "TRITON_INTERPRET=1 to run them interpreted on the CPU")
+    device, dtype = kernel_device(a.device, a.dtype)
     bw = copy_bandwidth(device)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     n_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
@@ -179,7 +167,9 @@ def _main(argv=None) -> int:
     es = torch.empty((), dtype=dtype).element_size()
     for k, B, T in itertools.product(a.clusters, a.batch, a.context):
         nbytes = read_bytes(shape, k, B, T, es)
-        t = {path: time_attention(shape, k, B, T, path, a.copies, dtype, device) for path in ("kernel", "other")}
+        inputs = layer_inputs(shape, k, B, T, a.copies, dtype, device)
+        t = {path: time_attention(shape, k, B, T, path, a.copies, dtype, device, inputs=inputs)
+             for path in ("kernel", "other")}
         limit = DENSE_DECODE_MAX_POSITIONS if k == 0 else CLUSTERED_DECODE_MAX_POSITIONS
         name = "dense" if k == 0 else f"k={k}"
         cfg = decode_config(B, shape[0], k or shape[0], shape[2], T, n_sms)
@@ -188,7 +178,7 @@ def _main(argv=None) -> int:
               f"{'kernel' if B * T <= limit else 'other':>8}  {' '.join(f'{n}={v}' for n, v in cfg.items())}",
               flush=True)
         if a.sweep:
-            for t_c, c in sweep(shape, k, B, T, a.copies, dtype, device):
+            for t_c, c in sweep(shape, k, B, T, a.copies, dtype, device, inputs=inputs):
                 print(f"{'  sweep':<8}{B:>4}{T:>7}{t_c * 1e6:>11.1f}{nbytes / t_c / 1e12:>7.2f}   "
                       f"{' '.join(f'{n}={v}' for n, v in c.items())}", flush=True)
     return 0

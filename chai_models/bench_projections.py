@@ -13,9 +13,9 @@ import sys
 
 import torch
 
-from .bench import copy_bandwidth, known_shapes, meta_model, time_graph
+from .bench import check_close, copy_bandwidth, fastest, kernel_device, known_shapes, meta_model, time_graph
 from .errors import UserError, run_main
-from .fast.kernels import available, gemv, triton
+from .fast.kernels import gemv, triton
 from .models.llama import LlamaConfig, RMSNorm
 
 
@@ -88,10 +88,7 @@ def time_projection(p: dict, M: int, path: str, copies: int, dtype, device, eps:
         lins, packed = sets[0]
         got, want = (_call(q, p, x, lins, packed, norm, residual, config) for q in ("kernel", "torch"))
         want = torch.cat(want, -1) if isinstance(want, tuple) else want
-        err = ((got.float() - want.float()).norm() / want.float().norm()).item()
-        if err > (1e-4 if dtype == torch.float32 else 2e-2):
-            raise RuntimeError(f"{p['name']} at {M} rows: the kernel differs from the torch path (relative error "
-                               f"{err:.2e})")
+        check_close(got, want, dtype, f"{p['name']} at {M} rows: the kernel differs from the torch path")
 
     return time_graph(run, device, repeats) / copies
 
@@ -115,9 +112,8 @@ def candidates(p: dict, M: int, itemsize: int) -> list[dict]:
 def sweep(p: dict, M: int, copies: int, dtype, device, top: int = 3) -> list[tuple[float, dict]]:
     """(seconds, config) of every candidate config, fastest first (the `top` best)."""
     es = torch.empty((), dtype=dtype).element_size()
-    timed = [(time_projection(p, M, "kernel", copies, dtype, device, repeats=10, config=c), c)
-             for c in candidates(p, M, es)]
-    return sorted(timed, key=lambda t: t[0])[:top]
+    return fastest(lambda c: time_projection(p, M, "kernel", copies, dtype, device, repeats=10, config=c),
+                   candidates(p, M, es), top)
 
 
 def main(argv=None) -> int:
@@ -138,8 +134,6 @@ def _main(argv=None) -> int:
     p.add_argument("--only", nargs="+", default=None, metavar="NAME", help="only these projection groups (q/k/v, wo, "
                                                                             "...)")
     a = p.parse_args(argv)
-    from .checkpoint import dtype_from_name
-
     if a.shape not in known_shapes():
         raise UserError(f"unknown shape {a.shape!r}; known: {', '.join(known_shapes())}")
     bad = [m for m in a.rows if not 1 <= m <= gemv.MAX_ROWS]
@@ -152,10 +146,7 @@ def _main(argv=None) -> int:
             raise UserError(f"--only {unknown}: not a projection group of {a.shape}; its groups: "
                             f"{', '.join(g['name'] for g in groups)}")
         groups = [g for g in groups if g["name"] in a.only]
-    device, dtype = torch.device(a.device), dtype_from_name(a.dtype)
-    if not available(torch.empty(0, device=device, dtype=dtype)):
-        raise UserError(f"the Triton kernels cannot run on {device} here: use a CUDA device, or set "
-                        "TRITON_INTERPRET=1 to run them interpreted on the CPU")
+    device, dtype = kernel_device(a.device, a.dtype)
     bw = copy_bandwidth(device)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"# {a.shape} {a.dtype} on {card}, torch {torch.__version__}, copy bandwidth {bw / 1e12:.2f} TB/s; "

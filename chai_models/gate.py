@@ -55,6 +55,12 @@ class Job:
     env: dict = field(default_factory=lambda: dict(os.environ))
 
 
+def tree_env(tree: str) -> dict:
+    """This process's environment with the source tree `tree` first on PYTHONPATH, so that a child imports that
+    tree's chai_models."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [tree, os.environ.get("PYTHONPATH")]))}
+
+
 def groups(jobs: list[Job], budget: int, max_jobs: int) -> list[list[Job]]:
     """Consecutive jobs, in order, grouped while they fit: at most max_jobs, and needs within budget (a job that
     needs more than the budget runs alone)."""
@@ -148,9 +154,8 @@ def run_trees(argv: list[str]) -> int:
         if len(words) < 2 or not os.path.isdir(words[0]) or not os.path.isfile(os.path.join(*words[:2])):
             p.error(f"{spec!r}: each job is 'DIR SCRIPT ARG...', SCRIPT a file inside the folder DIR")
         tree = os.path.abspath(words[0])
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [tree, os.environ.get("PYTHONPATH")]))}
         job = Job(["bash", "-c", f"cd {shlex.quote(tree)} && exec {shlex.quote(sys.executable)} -m chai_models.gate "
-                                 f"{shlex.join(words[1:])}"], int(a.need_gb * 2**30), env)
+                                 f"{shlex.join(words[1:])}"], int(a.need_gb * 2**30), tree_env(tree))
         jobs.append(job)
         names[id(job)] = spec
     failed = 0
